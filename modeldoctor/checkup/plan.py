@@ -1,0 +1,100 @@
+"""What a checkup will probe: modifications x targets x scan modes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from modeldoctor.errors import PlanError
+from modeldoctor.model import Anatomy
+from modeldoctor.modifications.base import SCOPES, create, expand
+from modeldoctor.report.results import ProbeSpec
+
+MODES = ("isolated", "cumulative", "sweep")
+DEFAULT_THRESHOLD = 0.01  # nats of mean KL
+
+
+@dataclass
+class CheckupPlan:
+    modifications: list[str] = field(default_factory=lambda: ["int8-dynamic", "int4", "prune-wanda-50", "remove"])
+    scope: str = "blocks"  # blocks | linears
+    modes: tuple[str, ...] = ("isolated",)
+    threshold: float = DEFAULT_THRESHOLD  # bleeding above this mean KL
+    outlier_k: float = 5.0  # ... or above median + k * MAD of the same modification's probes
+    knowledge: bool = True  # score the knowledge probes on every probe
+    attention: bool = True  # attention disruption for structural probes
+    prefix_cache: bool = True
+    targets: list[str] | None = None  # restrict to these blocks / linears
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["modes"] = list(self.modes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CheckupPlan":
+        return cls(**{**data, "modes": tuple(data["modes"])})
+
+    def validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise PlanError(f"Scope must be one of {', '.join(SCOPES)} (got '{self.scope}').")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise PlanError(f"Scan modes must be among {', '.join(MODES)} (got {', '.join(bad) or 'none'}).")
+        if not self.modifications:
+            raise PlanError("Choose at least one modification.")
+        if not self.threshold > 0:
+            raise PlanError("The bleeding threshold must be a positive number of nats.")
+        for name in expand(self.modifications):
+            create(name)
+
+
+def scope_targets(anatomy: Anatomy, scope: str, only: list[str] | None = None) -> list[str]:
+    every = [str(b.index) for b in anatomy.blocks] if scope == "blocks" else anatomy.linear_names()
+    if only is None:
+        return every
+    unknown = [t for t in only if t not in every]
+    if unknown:
+        raise PlanError(f"No {scope[:-1]} named {', '.join(unknown)} in this model.")
+    return [t for t in every if t in set(only)]
+
+
+def build_probes(plan: CheckupPlan, anatomy: Anatomy) -> tuple[list[ProbeSpec], list[str]]:
+    """The ordered probe list, and notes on pairs that were skipped."""
+    plan.validate()
+    probes: list[ProbeSpec] = []
+    skipped: list[str] = []
+
+    def add(name, family, mode, targets, step=None, strength=None):
+        block = min((anatomy.block_of(t) for t in targets), default=0)
+        probes.append(ProbeSpec(len(probes), name, family, mode, tuple(targets), block, step, strength))
+
+    for name in expand(plan.modifications):
+        mod = create(name)
+        if mod.family == "decoding":
+            add(name, mod.family, "decoding", ())
+            continue
+        scope = plan.scope if plan.scope in mod.scopes else mod.scopes[0]
+        if scope != plan.scope:
+            skipped.append(f"{name} works on {scope} only; probed per {scope[:-1]}.")
+        targets = [t for t in scope_targets(anatomy, scope, plan.targets if scope == plan.scope else None)
+                   if mod.applies_to(anatomy, t)]
+        if not targets:
+            skipped.append(f"{name} applies to no {scope[:-1]} of this model.")
+            continue
+        if "isolated" in plan.modes:
+            for target in targets:
+                add(name, mod.family, "isolated", [target])
+        if "cumulative" in plan.modes:
+            for k in range(1, len(targets) + 1):
+                add(name, mod.family, "cumulative", targets[:k], step=k)
+        if "sweep" in plan.modes:
+            if mod.sweep_group is None:
+                skipped.append(f"{name} has no strength to sweep.")
+                continue
+            blocks = [str(b.index) for b in anatomy.blocks if mod.applies_to(anatomy, str(b.index))]
+            add(name, mod.family, "sweep-model", blocks, strength=mod.sweep_strength)
+            for block in blocks:
+                add(name, mod.family, "sweep-block", [block], strength=mod.sweep_strength)
+    if not probes:
+        raise PlanError("The plan has nothing to probe: " + " ".join(skipped))
+    return probes, skipped

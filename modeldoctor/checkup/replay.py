@@ -1,0 +1,111 @@
+"""Run a model from any block onward, reusing what the unmodified model computed before it.
+
+One traced forward pass records, per block, the arguments the model passes to it (masks,
+position embeddings, ...) and the hidden state entering it. Probing a modification in block
+i then only reruns blocks i..N-1, the final norm and the head: the prefix cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modeldoctor.data import Batch
+from modeldoctor.errors import UnsupportedModelError
+from modeldoctor.model import Anatomy
+
+
+@dataclass
+class BlockCall:
+    args: tuple  # positional arguments after the hidden state
+    kwargs: dict  # keyword arguments, without the hidden state
+    hidden_as_kwarg: bool
+
+
+@dataclass
+class Trace:
+    """What the unmodified model did on one batch."""
+
+    calls: list[BlockCall]
+    states: list[torch.Tensor]  # states[j]: hidden entering block j; states[N]: after the last block
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states)
+
+
+@dataclass
+class Run:
+    logits: torch.Tensor
+    states: dict[int, torch.Tensor]  # block j -> hidden entering it (j >= start), N -> final
+
+
+class Replayer:
+    def __init__(self, model, anatomy: Anatomy) -> None:
+        self.model = model
+        self.anatomy = anatomy
+
+    def trace(self, batch: Batch) -> tuple[Trace, torch.Tensor]:
+        """Run the whole model once, recording each block's call; returns the trace and logits."""
+        blocks = self.anatomy.block_list
+        calls: list[BlockCall | None] = [None] * len(blocks)
+        states: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+
+        def pre_hook(index):
+            def hook(module, args, kwargs):
+                kwargs = dict(kwargs)
+                if args:
+                    hidden, rest, as_kwarg = args[0], args[1:], False
+                else:
+                    hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
+                calls[index] = BlockCall(rest, kwargs, as_kwarg)
+                states[index] = hidden
+            return hook
+
+        def last_hook(module, args, output):
+            states[len(blocks)] = output[0] if isinstance(output, tuple) else output
+
+        handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        handles.append(blocks[len(blocks) - 1].register_forward_hook(last_hook))
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(c is None for c in calls) or any(s is None for s in states):
+            raise UnsupportedModelError("Not every block ran during a forward pass; the model cannot be probed.")
+        return Trace(calls, states), out.logits
+
+    def run_from(self, trace: Trace, start: int, hidden: torch.Tensor | None = None,
+                 keep_states: bool = True) -> Run:
+        """Run blocks start..N-1, the final norm and the head, as they are now (modified or not)."""
+        blocks = self.anatomy.block_list
+        h = trace.states[start] if hidden is None else hidden
+        states: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for j in range(start, len(blocks)):
+                if keep_states:
+                    states[j] = h
+                call = trace.calls[j]
+                if call.hidden_as_kwarg:
+                    out = blocks[j](*call.args, hidden_states=h, **call.kwargs)
+                else:
+                    out = blocks[j](h, *call.args, **call.kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+            states[len(blocks)] = h
+            for module in self.anatomy.tail:
+                h = module(h)
+            logits = self.anatomy.head(h)
+        return Run(logits, states)
+
+    def verify(self, trace: Trace, full_logits: torch.Tensor) -> None:
+        """Replaying from block 0 must give the model's own logits, or probing is unsound."""
+        replayed = self.run_from(trace, 0, keep_states=False).logits
+        scale = float(full_logits.abs().max()) or 1.0
+        error = float((replayed - full_logits).abs().max())
+        if error > 1e-3 * scale:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} does work after its LM head that Model Doctor cannot "
+                f"reproduce block by block (difference {error:.3g}); this architecture is not supported."
+            )

@@ -1,0 +1,1 @@
+"""Divergence of a modified model from its unmodified reference, on the same tokens."""

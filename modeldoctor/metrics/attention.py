@@ -1,0 +1,66 @@
+"""Attention disruption: how a structural change alters the attention maps of each layer."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from modeldoctor.model import Anatomy
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Attention weights exist only in the eager implementation; switch to it for a while."""
+    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for config, value in zip(configs, saved):
+            config._attn_implementation = value
+
+
+def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Attention probabilities (heads, T, T) of each block's last call, for one sequence."""
+    maps: dict[int, torch.Tensor] = {}
+    handles = []
+    for part in anatomy.blocks:
+        if part.attention_name is None:
+            continue
+        module = part.module.get_submodule(part.attention_name)
+
+        def hook(m, args, output, index=part.index):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if isinstance(weights, torch.Tensor) and weights.dim() == 4:
+                maps[index] = weights[0].float()
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with eager_attention(model), torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maps
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp(min=1e-12).log()).sum(-1)
+
+
+def disruption(ref: dict[int, torch.Tensor], mod: dict[int, torch.Tensor], num_blocks: int) -> dict[str, list[float]]:
+    """Per block: change in mean attention entropy (nats) and mean Jensen-Shannon divergence.
+    NaN where a block has no attention map in either model (e.g. the removed block)."""
+    entropy_change = np.full(num_blocks, np.nan)
+    js = np.full(num_blocks, np.nan)
+    for j in range(num_blocks):
+        if j not in ref or j not in mod:
+            continue
+        p, q = ref[j], mod[j]
+        entropy_change[j] = float(_entropy(q).mean() - _entropy(p).mean())
+        m = 0.5 * (p + q)
+        js[j] = float((0.5 * (_entropy(m) * 2 - _entropy(p) - _entropy(q))).mean())
+    return {"entropy_change": entropy_change.tolist(), "js": js.tolist()}

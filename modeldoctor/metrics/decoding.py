@@ -1,0 +1,109 @@
+"""How far generations under other decoding settings drift from greedy decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from modeldoctor.modifications.decoding import DecodingSettings
+
+NEW_TOKENS = 32
+
+
+@dataclass
+class Continuation:
+    prompt_ids: list[int]
+    tokens: list[int]
+
+
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+
+
+def generate(model, tokenizer, prompt_ids: list[int], settings: DecodingSettings,
+             new_tokens: int = NEW_TOKENS, seed: int = 0) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            pad_token_id=_pad_id(tokenizer), **settings.generate_kwargs(),
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def reference_continuations(model, tokenizer, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[Continuation]:
+    greedy = DecodingSettings()
+    result = []
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        result.append(Continuation(prompt_ids, generate(model, tokenizer, prompt_ids, greedy, new_tokens)))
+    return result
+
+
+def processors(settings: DecodingSettings) -> LogitsProcessorList:
+    items = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        items.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.do_sample:
+        if settings.temperature != 1.0:
+            items.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            items.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            items.append(TopPLogitsWarper(settings.top_p))
+    return items
+
+
+def trajectory_kl(model, continuation: Continuation, settings: DecodingSettings) -> list[float]:
+    """KL(decoding distribution || model distribution) at each step of the greedy trajectory.
+    This direction stays finite when top-k / top-p remove tokens."""
+    ids = torch.tensor([continuation.prompt_ids + continuation.tokens])
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    chain = processors(settings)
+    start = len(continuation.prompt_ids) - 1
+    values = []
+    for step in range(len(continuation.tokens)):
+        position = start + step
+        raw = logits[position][None]
+        logp_ref = torch.log_softmax(raw, -1)
+        logp_mod = torch.log_softmax(chain(ids[:, : position + 1], raw.clone()), -1)
+        p_mod = logp_mod.exp()
+        terms = torch.where(p_mod > 0, p_mod * (logp_mod - logp_ref), torch.zeros_like(p_mod))
+        values.append(float(terms.sum()))
+    return values
+
+
+def compare(model, tokenizer, references: list[Continuation], settings: DecodingSettings, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Metrics over all prompts, and the continuations side by side."""
+    agreement, first, identical, kls, samples = [], [], [], [], []
+    for number, ref in enumerate(references):
+        tokens = generate(model, tokenizer, ref.prompt_ids, settings, len(ref.tokens), seed + number)
+        same = [a == b for a, b in zip(tokens, ref.tokens)]
+        agreement.append(np.mean(same))
+        first.append(same.index(False) if False in same else len(same))
+        identical.append(all(same))
+        kls.extend(trajectory_kl(model, ref, settings))
+        samples.append({
+            "prompt": tokenizer.decode(ref.prompt_ids, skip_special_tokens=True),
+            "reference": tokenizer.decode(ref.tokens, skip_special_tokens=True),
+            "modified": tokenizer.decode(tokens, skip_special_tokens=True),
+        })
+    metrics = {
+        "token_agreement": float(np.mean(agreement)),
+        "first_divergence": float(np.mean(first)),
+        "identical": float(np.mean(identical)),
+        "kl_trajectory": float(np.mean(kls)),
+        "tokens": float(len(kls)),
+    }
+    return metrics, samples

@@ -1,0 +1,122 @@
+"""Per-token divergence statistics against stored reference log-probabilities.
+
+The reference is kept as full float32 log-probabilities while tokens x vocabulary fits the
+memory budget; past it, as the top-k log-probabilities plus the probability mass of the
+rest, so that KL is computed on the coarsened distribution (a lower bound of the full KL).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FULL_REFERENCE_BYTES = 1 << 30
+TOP_K = 256
+
+
+@dataclass
+class RefLogProbs:
+    """Reference log-probabilities of one batch, full or top-k."""
+
+    full: torch.Tensor | None = None  # (B, T, V) float32
+    top_values: torch.Tensor | None = None  # (B, T, K) log-probs of the top-k tokens
+    top_indices: torch.Tensor | None = None  # (B, T, K)
+    rest_log_mass: torch.Tensor | None = None  # (B, T) log of 1 - sum(top-k probs)
+    argmax: torch.Tensor | None = None  # (B, T)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, keep_full: bool) -> "RefLogProbs":
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        argmax = logp.argmax(-1)
+        if keep_full:
+            return cls(full=logp, argmax=argmax)
+        values, indices = logp.topk(TOP_K, dim=-1)
+        rest = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7))
+        return cls(top_values=values, top_indices=indices, rest_log_mass=rest, argmax=argmax)
+
+    def kl_to(self, logits_mod: torch.Tensor) -> torch.Tensor:
+        """KL(ref || mod) per token, in nats: (B, T)."""
+        logq = torch.log_softmax(logits_mod.float(), dim=-1)
+        if self.full is not None:
+            p = self.full.exp()
+            return (p * (self.full - logq)).sum(-1).clamp(min=0)
+        q_top = logq.gather(-1, self.top_indices)
+        q_rest = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-7))
+        p_top = self.top_values.exp()
+        kl = (p_top * (self.top_values - q_top)).sum(-1)
+        kl = kl + self.rest_log_mass.exp() * (self.rest_log_mass - q_rest)
+        return kl.clamp(min=0)
+
+
+def keep_full_reference(tokens: int, vocab: int) -> bool:
+    return tokens * vocab * 4 <= FULL_REFERENCE_BYTES
+
+
+def next_token_logprob(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(actual next token) at positions 0..T-2: (B, T-1)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+@dataclass
+class DivergenceAccumulator:
+    """Collects per-token values over batches, then summarises them."""
+
+    kl: list[np.ndarray] = field(default_factory=list)
+    same_top: list[np.ndarray] = field(default_factory=list)
+    nll_mod: list[np.ndarray] = field(default_factory=list)
+    nll_ref: list[np.ndarray] = field(default_factory=list)
+    delta_p: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ref: RefLogProbs, ref_next_logprob: torch.Tensor, logits_mod: torch.Tensor,
+            input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        mask = attention_mask.bool()
+        self.kl.append(ref.kl_to(logits_mod)[mask].numpy())
+        self.same_top.append((logits_mod.argmax(-1) == ref.argmax)[mask].numpy())
+        next_mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+        mod_next = next_token_logprob(logits_mod, input_ids)
+        self.nll_mod.append((-mod_next)[next_mask].numpy())
+        self.nll_ref.append((-ref_next_logprob)[next_mask].numpy())
+        self.delta_p.append((mod_next.exp() - ref_next_logprob.exp())[next_mask].numpy())
+
+    def summary(self) -> dict[str, float]:
+        kl = np.concatenate(self.kl).astype(np.float64)
+        nll_mod = np.concatenate(self.nll_mod).astype(np.float64)
+        nll_ref = np.concatenate(self.nll_ref).astype(np.float64)
+        delta = np.concatenate(self.delta_p).astype(np.float64)
+        return summarise(kl, np.concatenate(self.same_top), nll_mod, nll_ref, delta)
+
+
+def summarise(kl: np.ndarray, same_top: np.ndarray, nll_mod: np.ndarray, nll_ref: np.ndarray,
+              delta_p: np.ndarray) -> dict[str, float]:
+    n = len(kl)
+    ppl = _exp(nll_mod.mean())
+    ppl_ref = _exp(nll_ref.mean())
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_stderr": float(kl.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "kl_median": float(np.median(kl)),
+        "kl_p90": float(np.percentile(kl, 90)),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "same_top": float(np.mean(same_top)),
+        "delta_p_rms": float(np.sqrt(np.mean(delta_p ** 2))),
+        "ppl": ppl,
+        "ppl_ref": ppl_ref,
+        "ppl_ratio": ppl / ppl_ref if ppl_ref else float("inf"),
+        "tokens": float(n),
+    }
+
+
+def _exp(x: float) -> float:
+    return float(math.exp(min(x, 700.0)))
+
+
+def knowledge_correct(logits: torch.Tensor, positions: list[list[int]], answers: list[list[int]]) -> list[bool]:
+    """A probe is answered when every answer token is the model's top prediction."""
+    top = logits.argmax(-1)
+    return [bool(all(int(top[row, p]) == t for p, t in zip(pos, ans)))
+            for row, (pos, ans) in enumerate(zip(positions, answers))]

@@ -1,0 +1,181 @@
+"""Find a causal LM's blocks, linears, norms and head from its structure, not from names per family.
+
+Blocks are the ModuleList of identical layers; the head and embeddings come from the
+transformers API; the final norm(s) and each block's output projections are found by
+watching the order in which modules run during one tiny forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modeldoctor.errors import UnsupportedModelError
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2 style Conv1D (a linear with its weight stored transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
+    weight = module.weight
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def _is_attention(name: str, module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return "attention" in cls or leaf in {"attn", "self_attn", "attention", "self_attention"}
+
+
+def _is_mlp(name: str, module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return "mlp" in cls or leaf in {"mlp", "feed_forward", "ffn", "ff"}
+
+
+@dataclass
+class BlockParts:
+    index: int
+    module: nn.Module
+    linears: dict[str, nn.Module]  # relative name ("mlp.down_proj") -> module, in run order
+    attention_name: str | None
+    mlp_name: str | None
+    attention_out: str | None  # relative name of the attention output projection
+    mlp_down: str | None  # relative name of the MLP down projection
+    norms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Anatomy:
+    blocks_path: str
+    blocks: list[BlockParts]
+    embedding: nn.Module
+    head: nn.Module
+    tail: list[nn.Module]  # modules between the last block and the head (the final norm)
+    tail_names: list[str]
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    block_list: nn.ModuleList  # the live list: structural modifications swap entries in it
+    block_returns_tuple: bool  # GPT-2 style blocks return (hidden, ...); Llama style a tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def linear_names(self) -> list[str]:
+        """All block linears as "block.relative.name", in depth then run order."""
+        return [f"{b.index}.{rel}" for b in self.blocks for rel in b.linears]
+
+    def linear(self, name: str) -> nn.Module:
+        index, rel = split_linear_name(name)
+        try:
+            return self.blocks[index].linears[rel]
+        except (IndexError, KeyError):
+            raise KeyError(f"no linear named {name}") from None
+
+    def block_of(self, target: str) -> int:
+        return split_linear_name(target)[0] if "." in target else int(target)
+
+    def qualified_name(self, name: str) -> str:
+        """The module's full name in the model, e.g. model.layers.3.mlp.down_proj."""
+        index, rel = split_linear_name(name)
+        return f"{self.blocks_path}.{index}.{rel}"
+
+
+def split_linear_name(name: str) -> tuple[int, str]:
+    head, _, rel = name.partition(".")
+    return int(head), rel
+
+
+def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    expected = getattr(model.config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                params = sum(p.numel() for p in module.parameters())
+                candidates.append((len(module) == expected, params, name, module))
+    if not candidates:
+        raise UnsupportedModelError(
+            f"Could not find the repeated transformer blocks of {type(model).__name__}; "
+            "this architecture is not supported."
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    _, _, name, module = candidates[0]
+    return name, module
+
+
+def find_anatomy(model: nn.Module) -> Anatomy:
+    blocks_path, block_list = _find_block_list(model)
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if embedding is None or head is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no token embedding or LM head.")
+    order, returns_tuple = _trace_call_order(model, block_list)
+
+    blocks = []
+    for index, block in enumerate(block_list):
+        prefix = f"{blocks_path}.{index}."
+        named = {n: m for n, m in block.named_modules() if n}
+        linears = {n: m for n, m in named.items() if is_linear(m)}
+        ran = [q[len(prefix):] for q in order if q.startswith(prefix) and q[len(prefix):] in linears]
+        linears = {n: linears[n] for n in ran + [n for n in linears if n not in ran]}
+        attention = next((n for n, m in named.items() if _is_attention(n, m)), None)
+        mlp = next((n for n, m in named.items() if _is_mlp(n, m)), None)
+        attn_lin = [n for n in linears if attention and n.startswith(attention + ".")]
+        mlp_lin = [n for n in linears if mlp and n.startswith(mlp + ".")]
+        norms = [n for n, m in named.items() if "norm" in type(m).__name__.lower()]
+        blocks.append(BlockParts(
+            index=index, module=block, linears=linears, attention_name=attention, mlp_name=mlp,
+            attention_out=attn_lin[-1] if attn_lin else None, mlp_down=mlp_lin[-1] if mlp_lin else None,
+            norms=norms,
+        ))
+    if not any(b.linears for b in blocks):
+        raise UnsupportedModelError(f"The blocks of {type(model).__name__} contain no linear layers.")
+
+    modules = dict(model.named_modules())
+    head_name = next(n for n, m in modules.items() if m is head)
+    last_block = f"{blocks_path}.{len(block_list) - 1}"
+    after = order[order.index(last_block) + 1: order.index(head_name)]
+    # Keep leaves only: containers such as the base model finish after their children.
+    after = [n for n in after if not n.startswith(blocks_path) and not blocks_path.startswith(n + ".")
+             and n != "" and not any(o.startswith(n + ".") for o in after)]
+    config = model.config
+    hidden = int(getattr(config, "hidden_size", 0) or embedding.weight.shape[1])
+    heads = int(getattr(config, "num_attention_heads", 1))
+    head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+    anatomy = Anatomy(
+        blocks_path=blocks_path, blocks=blocks, embedding=embedding, head=head,
+        tail=[modules[n] for n in after], tail_names=after, hidden_size=hidden,
+        num_heads=heads, head_dim=head_dim, block_list=block_list, block_returns_tuple=returns_tuple,
+    )
+    return anatomy
+
+
+def _trace_call_order(model: nn.Module, block_list: nn.ModuleList) -> tuple[list[str], bool]:
+    """Names of modules in the order their forward finished during a 2-token forward pass,
+    and whether a block returns a tuple."""
+    order: list[str] = []
+    outputs: list[object] = []
+    handles = [block_list[0].register_forward_hook(lambda m, a, o: outputs.append(o))]
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_hook(lambda m, a, o, name=name: order.append(name)))
+    try:
+        ids = torch.tensor([[1, 2]], dtype=torch.long)
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"A test forward pass of {type(model).__name__} failed ({exc}); not supported."
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, isinstance(outputs[0], tuple)

@@ -1,0 +1,190 @@
+"""Load a local causal LM safely: safetensors or GGUF by default, pickle only on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from modeldoctor.errors import ModelLoadError, UnsafeModelError, UnsupportedModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Model Doctor never fetches weights at run time.
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT_HINT = (
+    "Convert it to safetensors first (for example with transformers: "
+    "model.save_pretrained(folder, safe_serialization=True)), or opt in to pickle loading "
+    "with --allow-pickle if you trust where the file came from."
+)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel, in eval mode, float32
+    tokenizer: object
+    path: Path
+    format: str  # safetensors | gguf | pickle
+    stored_dtype: str  # what the weights are stored as on disk
+
+
+def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> LoadedModel:
+    """Load a Hugging Face folder or a single .gguf file without writing to it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"No model at {path}: the path does not exist.")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _load_gguf(path)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeModelError(
+                f"{path.name} is a pickle checkpoint without a config. Model Doctor opens a "
+                "model folder (config.json + weights) or a .gguf file. " + CONVERT_HINT
+            )
+        raise ModelLoadError(
+            f"{path.name} is not a model Model Doctor can open: choose a model folder "
+            "(config.json + *.safetensors) or a .gguf file."
+        )
+    return _load_folder(path, allow_pickle)
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        hint = f" It holds {ggufs[0].name}: open that file instead." if ggufs else ""
+        raise ModelLoadError(f"{folder} has no config.json, so it is not a model folder.{hint}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path} does not hold a JSON object.")
+    return config
+
+
+def check_architecture(config: dict) -> None:
+    """Refuse models that need their own code, and model types that are not causal LMs."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("auto_map"):
+        raise UnsafeModelError(
+            "This model asks to run its own code (config.json has auto_map); Model Doctor never "
+            "runs code shipped with a model. Use a model whose architecture transformers "
+            "implements itself."
+        )
+    model_type = config.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError("config.json names no model_type, so the architecture is unknown.")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"Architecture '{model_type}' is not a causal language model that transformers "
+            "knows, so Model Doctor cannot check it up. Supported families include llama, "
+            "mistral, qwen2, phi3, gemma, gpt2 and gpt_neox."
+        )
+
+
+def _check_safetensors(files: list[Path]) -> str:
+    """Read each header and check the file holds all the bytes it announces."""
+    dtypes: set[str] = set()
+    for file in files:
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                raw = handle.read(8)
+                if len(raw) < 8:
+                    raise ValueError("shorter than a safetensors header")
+                (header_len,) = struct.unpack("<Q", raw)
+                if header_len > min(size - 8, 100_000_000):
+                    raise ValueError("header length is beyond the end of the file")
+                header = json.loads(handle.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{file.name} is not a valid safetensors file ({exc}).") from None
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtypes.add(str(info.get("dtype", "?")))
+            end = max(end, int(info["data_offsets"][1]))
+        if 8 + header_len + end > size:
+            raise ModelLoadError(
+                f"{file.name} is truncated: it announces {8 + header_len + end:,} bytes but "
+                f"holds {size:,}. Copy or download it again."
+            )
+    return "/".join(sorted(dtypes)) or "unknown"
+
+
+def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
+    config = _read_config(folder)
+    check_architecture(config)
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if safetensors:
+        stored = _check_safetensors(safetensors)
+        fmt = "safetensors"
+    elif pickles:
+        if not allow_pickle:
+            raise UnsafeModelError(
+                f"{folder.name} holds only pickle weights ({pickles[0].name}); unpickling can run "
+                "arbitrary code, so Model Doctor refuses it by default. " + CONVERT_HINT
+            )
+        stored, fmt = str(config.get("torch_dtype") or config.get("dtype") or "unknown"), "pickle"
+    else:
+        raise ModelLoadError(f"{folder} has a config.json but no weights (*.safetensors).")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        # transformers 4.57 unpickles with torch.load(weights_only=True) when use_safetensors=False.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=(fmt == "safetensors"),
+            local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"Could not load the weights in {folder}: {_first_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"{folder} has no usable tokenizer (tokenizer.json or tokenizer_config.json): "
+            f"{_first_line(exc)}"
+        ) from None
+    model.eval()
+    return LoadedModel(model, tokenizer, folder, fmt, stored)
+
+
+def _load_gguf(file: Path) -> LoadedModel:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(file)
+        arch_field = reader.fields.get("general.architecture")
+        arch = bytes(arch_field.parts[-1]).decode("utf-8") if arch_field else "?"
+        types = {t.tensor_type.name for t in reader.tensors}
+    except Exception as exc:  # gguf raises bare ValueError/struct/numpy errors on corrupt files
+        raise ModelLoadError(f"{file.name} is not a valid GGUF file ({_first_line(exc)}).") from None
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise UnsupportedModelError(
+            f"{file.name} holds a '{arch}' model; transformers cannot dequantize that GGUF "
+            f"architecture. Supported: {', '.join(sorted(GGUF_CONFIG_MAPPING))}."
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            file.parent, gguf_file=file.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"Could not dequantize {file.name}: {_first_line(exc)}") from None
+    model.eval()
+    return LoadedModel(model, tokenizer, file, "gguf", "/".join(sorted(types)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

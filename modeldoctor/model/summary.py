@@ -1,0 +1,60 @@
+"""A model's identity card: what the user loaded, in figures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from modeldoctor.model.anatomy import Anatomy
+from modeldoctor.model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    path: str
+    format: str
+    family: str
+    architecture: str
+    blocks: int
+    linears: int
+    parameters: int
+    hidden_size: int
+    heads: int
+    vocab_size: int
+    stored_dtype: str
+    compute_dtype: str
+    memory_bytes: int
+    tokenizer: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[tuple[str, str]]:
+        return [
+            ("Model", self.name), ("Format", self.format), ("Family", self.family),
+            ("Architecture", self.architecture), ("Blocks", str(self.blocks)),
+            ("Linear layers", str(self.linears)), ("Parameters", f"{self.parameters / 1e6:,.1f} M"),
+            ("Hidden size / heads", f"{self.hidden_size} / {self.heads}"),
+            ("Stored as", self.stored_dtype), ("Runs in", self.compute_dtype),
+            ("Memory", f"{self.memory_bytes / 2**20:,.0f} MiB"),
+            ("Tokenizer", f"{self.tokenizer}, {self.vocab_size:,} tokens"), ("Path", self.path),
+        ]
+
+
+def summarize(loaded: LoadedModel, anatomy: Anatomy) -> ModelSummary:
+    model = loaded.model
+    params = list(model.parameters())
+    # Tied embeddings appear once in parameters(); count unique storage.
+    unique = {p.data_ptr(): p for p in params}.values()
+    count = sum(p.numel() for p in unique)
+    memory = sum(p.numel() * p.element_size() for p in unique)
+    dtype = str(next(iter(unique)).dtype).replace("torch.", "")
+    name = loaded.path.stem if loaded.path.is_file() else loaded.path.name
+    return ModelSummary(
+        name=name, path=str(loaded.path), format=loaded.format,
+        family=str(getattr(model.config, "model_type", "?")), architecture=type(model).__name__,
+        blocks=anatomy.num_blocks, linears=len(anatomy.linear_names()), parameters=count,
+        hidden_size=anatomy.hidden_size, heads=anatomy.num_heads,
+        vocab_size=int(anatomy.head.weight.shape[0]), stored_dtype=loaded.stored_dtype,
+        compute_dtype=dtype, memory_bytes=memory, tokenizer=type(loaded.tokenizer).__name__,
+    )

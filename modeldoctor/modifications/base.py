@@ -1,0 +1,171 @@
+"""Reversible modifications and the registry that names them.
+
+A modification is applied to a list of targets (block indices as "3", or linears as
+"3.mlp.down_proj") inside a context manager that restores the model exactly on exit,
+also when the body raises or is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from modeldoctor.errors import PlanError
+from modeldoctor.model import Anatomy
+from modeldoctor.model.anatomy import weight_matrix
+
+SCOPES = ("blocks", "linears")
+
+
+@dataclass
+class ModContext:
+    """What a modification may need besides the model: its anatomy and calibration statistics."""
+
+    model: torch.nn.Module
+    anatomy: Anatomy
+    # Linear name -> L2 norm of each input feature over the calibration split (Wanda, AWQ...).
+    input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Modification:
+    """Base class. Subclasses set the class attributes and implement `applied`."""
+
+    family: str = ""  # quantize | prune | structure | decoding
+    scopes: tuple[str, ...] = SCOPES
+    needs_input_norms: bool = False
+    sweep_strength: float | None = None  # bits or sparsity, for robustness curves
+    sweep_group: str | None = None  # modifications on one robustness curve share this
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def applies_to(self, anatomy: Anatomy, target: str) -> bool:
+        return True
+
+    def applied(self, ctx: ModContext, targets: list[str]) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def target_linears(anatomy: Anatomy, target: str) -> list[str]:
+    """A block target expands to all its linears; a linear target is itself."""
+    if "." in target:
+        return [target]
+    index = int(target)
+    return [f"{index}.{rel}" for rel in anatomy.blocks[index].linears]
+
+
+class WeightModification(Modification):
+    """Rewrites linear weights in place; the originals are copied back on exit."""
+
+    def new_weight(self, ctx: ModContext, linear: str, weight: torch.Tensor) -> torch.Tensor:
+        """Return the modified (out, in) weight."""
+        raise NotImplementedError
+
+    def linears_for(self, ctx: ModContext, target: str) -> list[str]:
+        return target_linears(ctx.anatomy, target)
+
+    def extra_hooks(self, ctx: ModContext, linear: str, module: torch.nn.Module) -> list:
+        return []
+
+    @contextlib.contextmanager
+    def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
+        names = [n for t in targets for n in self.linears_for(ctx, t)]
+        with preserved_weights(ctx.anatomy, names), temporary_hooks() as hooks:
+            with torch.no_grad():
+                for name in names:
+                    module = ctx.anatomy.linear(name)
+                    view = weight_matrix(module)
+                    view.copy_(self.new_weight(ctx, name, view.detach().clone()))
+                    hooks.extend(self.extra_hooks(ctx, name, module))
+            yield
+
+
+@contextlib.contextmanager
+def preserved_weights(anatomy: Anatomy, linears: list[str]) -> Iterator[None]:
+    """Copy weights and biases of the named linears, and write them back bit-exact on exit."""
+    saved = []
+    for name in dict.fromkeys(linears):
+        module = anatomy.linear(name)
+        for param in (module.weight, getattr(module, "bias", None)):
+            if param is not None:
+                saved.append((param, param.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)
+
+
+@contextlib.contextmanager
+def temporary_hooks() -> Iterator[list]:
+    """Collect hook handles in the yielded list; every one is removed on exit."""
+    handles: list = []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- registry ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegisteredFamily:
+    pattern: re.Pattern
+    factory: Callable[[re.Match], Modification]
+    summary: str
+    examples: tuple[str, ...]
+
+
+_REGISTRY: list[RegisteredFamily] = []
+PRESETS: dict[str, tuple[str, ...]] = {
+    "bits-sweep": ("int8", "int6", "int4", "int3", "int2"),
+    "sparsity-sweep": tuple(f"prune-wanda-{p}" for p in (10, 30, 50, 70, 90)),
+}
+
+
+def register(pattern: str, summary: str, examples: tuple[str, ...]):
+    """Decorator: `factory(match) -> Modification` handles names matching `pattern`."""
+    def wrap(factory):
+        _REGISTRY.append(RegisteredFamily(re.compile(rf"^{pattern}$"), factory, summary, examples))
+        return factory
+    return wrap
+
+
+def create(name: str) -> Modification:
+    _load_builtin_families()
+    for family in _REGISTRY:
+        match = family.pattern.match(name)
+        if match:
+            return family.factory(match)
+    raise PlanError(f"Unknown modification '{name}'. Known: {', '.join(example_names())}.")
+
+
+def expand(names: list[str]) -> list[str]:
+    """Expand presets such as bits-sweep, keep order, drop repeats."""
+    out: list[str] = []
+    for name in names:
+        out.extend(PRESETS.get(name, (name,)))
+    return list(dict.fromkeys(out))
+
+
+def families() -> list[RegisteredFamily]:
+    _load_builtin_families()
+    return list(_REGISTRY)
+
+
+def example_names() -> list[str]:
+    return [e for f in families() for e in f.examples] + list(PRESETS)
+
+
+def _load_builtin_families() -> None:
+    # Importing the modules registers their families (one file per family).
+    from modeldoctor.modifications import decoding, prune, quantize, structure  # noqa: F401

@@ -1,0 +1,155 @@
+"""A session: one loaded model with everything computed about it so far.
+
+Passed explicitly to every engine call (no globals). It caches the reference pass and
+calibration statistics per evaluation data, so redoing a step costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from modeldoctor.checkup.replay import Replayer, Trace
+from modeldoctor.control import RunControl
+from modeldoctor.data import DataSpec, EvalData
+from modeldoctor.data.sources import build_data
+from modeldoctor.metrics.divergence import RefLogProbs, keep_full_reference, knowledge_correct, next_token_logprob
+from modeldoctor.model import find_anatomy, load_model
+from modeldoctor.model.loading import LoadedModel
+from modeldoctor.model.summary import summarize
+from modeldoctor.modifications.base import ModContext
+
+
+@dataclass
+class Reference:
+    """The unmodified model on the evaluation data: traces for replay, and its outputs."""
+
+    traces: list[Trace]
+    logprobs: list[RefLogProbs]
+    next_logprob: list[torch.Tensor]
+    knowledge_traces: list[Trace]
+    knowledge_hits: list[bool]
+    figures: dict[str, float]
+    attention: dict | None = None  # block -> attention map, computed on first need
+    continuations: list | None = None  # greedy continuations, computed on first need
+    extras: dict = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, loaded: LoadedModel) -> None:
+        torch.set_grad_enabled(False)  # this thread only; mitigations re-enable it locally
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.anatomy = find_anatomy(self.model)
+        self.replayer = Replayer(self.model, self.anatomy)
+        self.summary = summarize(loaded, self.anatomy)
+        self._data: dict[DataSpec, EvalData] = {}
+        self._references: dict[DataSpec, Reference] = {}
+        self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, allow_pickle: bool = False) -> "Session":
+        return cls(load_model(path, allow_pickle=allow_pickle))
+
+    # ---- data and reference --------------------------------------------------------------
+    def data(self, spec: DataSpec) -> EvalData:
+        if spec not in self._data:
+            self._data[spec] = build_data(self.model, self.tokenizer, spec)
+        return self._data[spec]
+
+    def reference(self, data: EvalData, control: RunControl | None = None,
+                  on_batch: Callable[[int, int], None] | None = None) -> Reference:
+        if data.spec in self._references:
+            return self._references[data.spec]
+        control = control or RunControl()
+        vocab = int(self.anatomy.head.weight.shape[0])
+        keep_full = keep_full_reference(data.eval_tokens, vocab)
+        traces, logprobs, next_lp = [], [], []
+        nll_sum, nll_count = 0.0, 0
+        total = len(data.eval_batches) + len(data.knowledge_batches)
+        for number, batch in enumerate(data.eval_batches):
+            control.checkpoint()
+            trace, logits = self.replayer.trace(batch)
+            if number == 0:
+                self.replayer.verify(trace, logits)
+            traces.append(trace)
+            logprobs.append(RefLogProbs.from_logits(logits, keep_full))
+            lp = next_token_logprob(logits, batch.input_ids)
+            next_lp.append(lp)
+            valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()
+            nll_sum += float(-lp[valid].sum())
+            nll_count += int(valid.sum())
+            if on_batch:
+                on_batch(number + 1, total)
+        k_traces, hits = [], []
+        for number, batch in enumerate(data.knowledge_batches):
+            control.checkpoint()
+            trace, logits = self.replayer.trace(batch)
+            k_traces.append(trace)
+            hits += knowledge_correct(logits, batch.answer_positions, batch.answer_tokens)
+            if on_batch:
+                on_batch(len(data.eval_batches) + number + 1, total)
+        import math
+
+        figures = {"ppl": math.exp(nll_sum / max(nll_count, 1)), "tokens": float(data.eval_tokens),
+                   "knowledge_accuracy": sum(hits) / len(hits) if hits else float("nan"),
+                   "reference_storage": "full" if keep_full else "top-k"}
+        reference = Reference(traces, logprobs, next_lp, k_traces, hits, figures)
+        self._references[data.spec] = reference
+        return reference
+
+    def input_norms(self, data: EvalData, control: RunControl | None = None) -> dict[str, torch.Tensor]:
+        """L2 norm of each input feature of every block linear over the calibration split."""
+        if data.spec in self._input_norms:
+            return self._input_norms[data.spec]
+        control = control or RunControl()
+        sums = {name: None for name in self.anatomy.linear_names()}
+        handles = []
+
+        def hook(name, mask_holder):
+            def record(module, args):
+                x = args[0].float()
+                mask = mask_holder[0]
+                rows = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+                value = (rows ** 2).sum(0)
+                sums[name] = value if sums[name] is None else sums[name] + value
+            return record
+
+        mask_holder = [None]
+        for name in sums:
+            handles.append(self.anatomy.linear(name).register_forward_pre_hook(hook(name, mask_holder)))
+        try:
+            batches = data.calibration_batches or data.eval_batches
+            for batch in batches:
+                control.checkpoint()
+                mask_holder[0] = batch.attention_mask
+                with torch.inference_mode():
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        norms = {name: value.sqrt() for name, value in sums.items() if value is not None}
+        self._input_norms[data.spec] = norms
+        return norms
+
+    def mod_context(self, data: EvalData | None = None, need_norms: bool = False,
+                    control: RunControl | None = None) -> ModContext:
+        norms = self.input_norms(data, control) if need_norms and data is not None else {}
+        return ModContext(self.model, self.anatomy, norms)
+
+    # ---- integrity -----------------------------------------------------------------------
+    def weights_digest(self) -> str:
+        """SHA-256 over every parameter and buffer: equal digests mean bit-exact weights."""
+        digest = hashlib.sha256()
+        for name, tensor in list(self.model.state_dict(keep_vars=False).items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+                          if tensor.numel() else b"")
+        structure = ",".join(type(b).__name__ for b in self.anatomy.block_list)
+        digest.update(structure.encode())
+        return digest.hexdigest()
