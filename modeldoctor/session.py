@@ -79,7 +79,7 @@ class Session:
                 self.replayer.verify(trace, logits)
             traces.append(trace)
             logprobs.append(RefLogProbs.from_logits(logits, keep_full))
-            lp = next_token_logprob(logits, batch.input_ids)
+            lp = next_token_logprob(torch.log_softmax(logits.float(), dim=-1), batch.input_ids)
             next_lp.append(lp)
             valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()
             nll_sum += float(-lp[valid].sum())

@@ -78,8 +78,9 @@ class Replayer:
         return Trace(calls, states), out.logits
 
     def run_from(self, trace: Trace, start: int, hidden: torch.Tensor | None = None,
-                 keep_states: bool = True) -> Run:
-        """Run blocks start..N-1, the final norm and the head, as they are now (modified or not)."""
+                 keep_states: bool = True, head_mask: torch.Tensor | None = None) -> Run:
+        """Run blocks start..N-1, the final norm and the head, as they are now (modified or not).
+        With head_mask (B, T), logits are computed only at those positions: (n, V)."""
         blocks = self.anatomy.block_list
         h = trace.states[start] if hidden is None else hidden
         states: dict[int, torch.Tensor] = {}
@@ -96,7 +97,7 @@ class Replayer:
             states[len(blocks)] = h
             for module in self.anatomy.tail:
                 h = module(h)
-            logits = self.anatomy.head(h)
+            logits = self.anatomy.head(h if head_mask is None else h[head_mask])
         return Run(logits, states)
 
     def verify(self, trace: Trace, full_logits: torch.Tensor) -> None:

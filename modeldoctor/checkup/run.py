@@ -21,7 +21,9 @@ from modeldoctor.events import (
 from modeldoctor.metrics import attention as attention_metrics
 from modeldoctor.metrics import decoding as decoding_metrics
 from modeldoctor.metrics.cascade import CascadeAccumulator
-from modeldoctor.metrics.divergence import DivergenceAccumulator, knowledge_correct
+from modeldoctor.metrics.divergence import (
+    DivergenceAccumulator, answer_positions_mask, knowledge_correct_sparse,
+)
 from modeldoctor.modifications.base import create
 from modeldoctor.report.results import CheckupReport, ProbeRecord, ProbeSpec
 from modeldoctor.resources import resource
@@ -99,8 +101,9 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             for number, batch in enumerate(data.knowledge_batches):
                 control.checkpoint()
                 hidden = carry.start_state(spec, "knowledge", number, start) if carry and plan.prefix_cache else None
-                run = replayer.run_from(ref.knowledge_traces[number], start, hidden)
-                hits += knowledge_correct(run.logits, batch.answer_positions, batch.answer_tokens)
+                mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions)
+                run = replayer.run_from(ref.knowledge_traces[number], start, hidden, head_mask=mask)
+                hits += knowledge_correct_sparse(run.logits, mask, batch.answer_positions, batch.answer_tokens)
                 new_states["knowledge"].append(run.states)
             metrics["knowledge_accuracy"] = sum(hits) / len(hits)
             metrics["knowledge_ref"] = sum(ref.knowledge_hits) / len(ref.knowledge_hits)

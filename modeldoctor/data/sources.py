@@ -183,6 +183,7 @@ def knowledge_batches(tokenizer, probes: list[KnowledgeProbe], batch_size: int =
             full_ids = prompt_ids + tokenizer(" " + probe.answer, add_special_tokens=False)["input_ids"]
         answer = full_ids[len(prompt_ids):]
         items.append((full_ids, list(range(len(prompt_ids) - 1, len(full_ids) - 1)), answer))
+    items.sort(key=lambda item: len(item[0]))  # similar lengths together: little padding
     batches = []
     for start in range(0, len(items), batch_size):
         group = items[start:start + batch_size]

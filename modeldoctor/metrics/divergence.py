@@ -21,7 +21,8 @@ TOP_K = 256
 class RefLogProbs:
     """Reference log-probabilities of one batch, full or top-k."""
 
-    full: torch.Tensor | None = None  # (B, T, V) float32
+    full: torch.Tensor | None = None  # (B, T, V) float32 probabilities
+    neg_entropy: torch.Tensor | None = None  # (B, T): sum p log p, so KL = neg_entropy - sum p log q
     top_values: torch.Tensor | None = None  # (B, T, K) log-probs of the top-k tokens
     top_indices: torch.Tensor | None = None  # (B, T, K)
     rest_log_mass: torch.Tensor | None = None  # (B, T) log of 1 - sum(top-k probs)
@@ -32,17 +33,16 @@ class RefLogProbs:
         logp = torch.log_softmax(logits.float(), dim=-1)
         argmax = logp.argmax(-1)
         if keep_full:
-            return cls(full=logp, argmax=argmax)
+            p = logp.exp()
+            return cls(full=p, neg_entropy=(p * logp).sum(-1), argmax=argmax)
         values, indices = logp.topk(TOP_K, dim=-1)
         rest = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7))
         return cls(top_values=values, top_indices=indices, rest_log_mass=rest, argmax=argmax)
 
-    def kl_to(self, logits_mod: torch.Tensor) -> torch.Tensor:
-        """KL(ref || mod) per token, in nats: (B, T)."""
-        logq = torch.log_softmax(logits_mod.float(), dim=-1)
+    def kl_to(self, logq: torch.Tensor) -> torch.Tensor:
+        """KL(ref || mod) per token, in nats: (B, T), from the modified model's log-probs."""
         if self.full is not None:
-            p = self.full.exp()
-            return (p * (self.full - logq)).sum(-1).clamp(min=0)
+            return (self.neg_entropy - (self.full * logq).sum(-1)).clamp(min=0)
         q_top = logq.gather(-1, self.top_indices)
         q_rest = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-7))
         p_top = self.top_values.exp()
@@ -55,10 +55,9 @@ def keep_full_reference(tokens: int, vocab: int) -> bool:
     return tokens * vocab * 4 <= FULL_REFERENCE_BYTES
 
 
-def next_token_logprob(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(actual next token) at positions 0..T-2: (B, T-1)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+def next_token_logprob(logp: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(actual next token) at positions 0..T-2: (B, T-1), from log-probs (B, T, V)."""
+    return logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
 @dataclass
@@ -74,10 +73,11 @@ class DivergenceAccumulator:
     def add(self, ref: RefLogProbs, ref_next_logprob: torch.Tensor, logits_mod: torch.Tensor,
             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         mask = attention_mask.bool()
-        self.kl.append(ref.kl_to(logits_mod)[mask].numpy())
+        logq = torch.log_softmax(logits_mod.float(), dim=-1)
+        self.kl.append(ref.kl_to(logq)[mask].numpy())
         self.same_top.append((logits_mod.argmax(-1) == ref.argmax)[mask].numpy())
         next_mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-        mod_next = next_token_logprob(logits_mod, input_ids)
+        mod_next = next_token_logprob(logq, input_ids)
         self.nll_mod.append((-mod_next)[next_mask].numpy())
         self.nll_ref.append((-ref_next_logprob)[next_mask].numpy())
         self.delta_p.append((mod_next.exp() - ref_next_logprob.exp())[next_mask].numpy())
@@ -120,3 +120,23 @@ def knowledge_correct(logits: torch.Tensor, positions: list[list[int]], answers:
     top = logits.argmax(-1)
     return [bool(all(int(top[row, p]) == t for p, t in zip(pos, ans)))
             for row, (pos, ans) in enumerate(zip(positions, answers))]
+
+
+def answer_positions_mask(batch_shape: tuple[int, int], positions: list[list[int]]) -> torch.Tensor:
+    """Boolean (B, T) mask of the positions whose prediction a knowledge probe scores."""
+    mask = torch.zeros(batch_shape, dtype=torch.bool)
+    for row, pos in enumerate(positions):
+        mask[row, pos] = True
+    return mask
+
+
+def knowledge_correct_sparse(logits: torch.Tensor, mask: torch.Tensor, positions: list[list[int]],
+                             answers: list[list[int]]) -> list[bool]:
+    """knowledge_correct for logits computed only at mask's positions (row-major order)."""
+    top = logits.argmax(-1).tolist()
+    results, cursor = [], 0
+    for pos, ans in zip(positions, answers):
+        ordered = sorted(zip(pos, ans))
+        results.append(all(top[cursor + i] == t for i, (_, t) in enumerate(ordered)))
+        cursor += len(ordered)
+    return results

@@ -1,0 +1,5 @@
+import sys
+
+from modeldoctor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,248 @@
+"""The command line: a thin consumer of the engine's calls and events."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from modeldoctor.errors import ModelDoctorError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+EXIT_CANCELLED = 130
+
+
+def _model_path(text: str) -> Path:
+    """'sample' names the bundled sample model (fetched on first use)."""
+    if text == "sample":
+        from modeldoctor.model.sample import ensure_sample
+
+        return ensure_sample(lambda message: print(message, file=sys.stderr))
+    return Path(text)
+
+
+def _open_session(args):
+    from modeldoctor.session import Session
+
+    path = _model_path(args.model)
+    print(f"Loading {path} …", file=sys.stderr)
+    return Session.open(path, allow_pickle=args.allow_pickle)
+
+
+def cmd_info(args) -> int:
+    session = _open_session(args)
+    width = max(len(k) for k, _ in session.summary.lines())
+    for key, value in session.summary.lines():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from modeldoctor.model.sample import ensure_sample
+
+    print(ensure_sample(lambda message: print(message, file=sys.stderr)))
+    return 0
+
+
+def cmd_modifications(args) -> int:
+    from modeldoctor.modifications.base import PRESETS, families
+
+    for family in families():
+        print(f"{', '.join(family.examples):<60} {family.summary}")
+    for name, members in PRESETS.items():
+        print(f"{name:<60} preset: {', '.join(members)}")
+    return 0
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def cmd_checkup(args) -> int:
+    from tqdm import tqdm
+
+    from modeldoctor.checkup.plan import CheckupPlan
+    from modeldoctor.checkup.run import run_checkup
+    from modeldoctor.control import RunControl
+    from modeldoctor.data import DataSpec
+    from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, Stage
+
+    plan = CheckupPlan(
+        modifications=[m.strip() for m in args.modify.split(",") if m.strip()], scope=args.scope,
+        modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()), threshold=args.threshold,
+        knowledge=not args.no_knowledge, prefix_cache=not args.no_prefix_cache,
+        targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
+    )
+    plan.validate()  # fail on a bad plan before the slow model load
+    session = _open_session(args)
+    source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
+    spec = DataSpec(source=source, tokens=args.tokens, seq_len=args.seq_len,
+                    calibration_tokens=args.calibration_tokens, knowledge=not args.no_knowledge, seed=args.seed)
+    print(f"Preparing evaluation data ({spec.describe()}) …", file=sys.stderr)
+    data = session.data(spec)
+    control = RunControl()
+    bar = None
+    final = None
+    events = run_checkup(session, plan, data, control)
+    try:
+        for event in events:
+            if isinstance(event, Stage):
+                print(f"{event.name.capitalize()}: {event.detail}", file=sys.stderr)
+            elif isinstance(event, LogMessage):
+                print(("warning: " if event.level == "warning" else "") + event.message, file=sys.stderr)
+            elif isinstance(event, PlanReady):
+                bar = tqdm(total=len(event.probes), unit="probe", file=sys.stderr, disable=args.quiet,
+                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{postfix}]")
+                bar.set_postfix_str("?", refresh=False)
+            elif isinstance(event, ProbeResult) and bar is not None:
+                bar.set_description(event.record.spec.label[:40], refresh=False)
+            elif isinstance(event, Progress) and bar is not None:
+                bar.set_postfix_str(_format_seconds(event.eta_s), refresh=False)
+                bar.update(event.done - bar.n)
+            elif isinstance(event, Failed):
+                if bar is not None:
+                    bar.close()
+                if event.details:
+                    _log_details(event.details)
+                raise ModelDoctorError(event.message)
+            elif isinstance(event, Finished):
+                final = event
+    except KeyboardInterrupt:
+        control.cancel()
+        events.close()  # unwinds the probe's context managers: the model is restored
+        if bar is not None:
+            bar.close()
+        print("Cancelled; nothing was saved.", file=sys.stderr)
+        return EXIT_CANCELLED
+    if bar is not None:
+        bar.close()
+    report = final.report
+    out = Path(args.out).expanduser()
+    path = report.save(out)
+    print_report(report, args.top)
+    print(f"\nSaved {path} and {path.with_suffix('.csv').name} ({report.status}, {report.elapsed_s:.0f} s).")
+    return 0
+
+
+def print_report(report, top: int = 15) -> None:
+    ref = report.reference
+    knowledge = ref.get("knowledge_accuracy")
+    print(f"\nReference: perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
+          + (f", knowledge probes {knowledge:.1%}" if knowledge == knowledge and knowledge is not None else ""))
+    threshold = report.findings.get("threshold", report.plan.get("threshold"))
+    ranked = [p for p in report.probes if p.spec.mode == "isolated"]
+    ranked.sort(key=lambda p: p.score, reverse=True)
+    bleeding = [p for p in ranked if p.bleeding]
+    print(f"\n{len(bleeding)} of {len(ranked)} isolated probes bleed (mean KL > {threshold:g} nats, or outliers).")
+    if ranked:
+        header = f"{'#':>3}  {'probe':<34} {'KL mean ± se':>18} {'KL p99':>8} {'same top':>8} {'ppl ×':>7} {'knowl.':>7}  verdict"
+        print(header)
+        print("-" * len(header))
+        for rank, probe in enumerate(ranked[:top], 1):
+            m = probe.metrics
+            knowl = m.get("knowledge_accuracy")
+            print(f"{rank:>3}  {probe.spec.label[:34]:<34} {m['kl_mean']:>9.4f} ± {m['kl_stderr']:<6.4f} "
+                  f"{m['kl_p99']:>8.3f} {m['same_top']:>8.1%} {m['ppl_ratio']:>7.3f} "
+                  f"{(f'{knowl:.0%}' if knowl is not None else '-'):>7}  "
+                  f"{probe.severity if probe.bleeding else 'healthy'}")
+    decoding = report.by_mode("decoding")
+    if decoding:
+        print("\nDecoding settings against greedy decoding:")
+        for probe in decoding:
+            m = probe.metrics
+            print(f"  {probe.spec.modification:<20} tokens kept {m['token_agreement']:.0%}, first divergence at "
+                  f"{m['first_divergence']:.1f}, trajectory KL {m['kl_trajectory']:.3f}  "
+                  f"{probe.severity if probe.bleeding else 'healthy'}")
+    for name, crossing in report.findings.get("cumulative", {}).items():
+        print(f"Cumulative {name}: crosses the bleeding line once {crossing['crosses_at']} targets are "
+              f"modified (up to {crossing['last_target']}).")
+    for group, curve in report.findings.get("sweeps", {}).items():
+        steps = ", ".join(f"{s:g}→{k:.3g}" for s, k in zip(curve["strengths"], curve["scores"]))
+        print(f"Sweep {group} (whole model, KL): {steps}; last safe {curve['last_safe']}, "
+              f"first bleeding {curve['first_bleeding']}, knee at {curve['knee']}.")
+
+
+def _log_details(details: str) -> Path | None:
+    try:
+        import platformdirs
+
+        folder = Path(platformdirs.user_log_dir("modeldoctor"))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "modeldoctor.log"
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(details + "\n")
+        return path
+    except OSError:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modeldoctor", description=(
+        "Find where a language model bleeds under deployment modifications. "
+        "MODEL is a Hugging Face folder, a .gguf file, or 'sample' for SmolLM2-135M-Instruct."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def model_args(p):
+        p.add_argument("model", metavar="MODEL", help="model folder, .gguf file, or 'sample'")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="also open pickle checkpoints (.bin/.pt), with weights_only=True")
+
+    p = sub.add_parser("info", help="print the model summary")
+    model_args(p)
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("sample", help="fetch and convert the sample model; print its folder")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("modifications", help="list the modifications a checkup can apply")
+    p.set_defaults(func=cmd_modifications)
+    p = sub.add_parser("checkup", help="probe the model layer by layer and rank the bleeding layers")
+    model_args(p)
+    p.add_argument("--modify", default="int8-dynamic,int4,prune-wanda-50,remove",
+                   help="comma-separated modifications (see 'modeldoctor modifications')")
+    p.add_argument("--scope", choices=("blocks", "linears"), default="blocks")
+    p.add_argument("--mode", default="isolated", help="comma-separated: isolated, cumulative, sweep")
+    p.add_argument("--data", default="builtin", help="builtin, self (sampled from the model), or a .txt/.jsonl file")
+    p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (default 1024)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--calibration-tokens", type=int, default=512)
+    p.add_argument("--threshold", type=float, default=0.01, help="bleeding threshold, mean KL in nats")
+    p.add_argument("--targets", help="only these blocks or linears, comma-separated (e.g. 0,1 or 3.mlp.down_proj)")
+    p.add_argument("--no-knowledge", action="store_true", help="skip the knowledge probes")
+    p.add_argument("--no-prefix-cache", action="store_true", help="rerun every block for every probe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=15, help="rows in the ranked table")
+    p.add_argument("--out", default="checkup-results", help="folder for checkup.json and checkup.csv")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_checkup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except ModelDoctorError as exc:
+        print(f"modeldoctor: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("Cancelled.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except MemoryError:
+        print("modeldoctor: error: out of memory; try fewer --tokens or a smaller model.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a bug: one line for the user, the traceback in the log
+        path = _log_details(traceback.format_exc())
+        print(f"modeldoctor: internal error: {exc}" + (f" (details in {path})" if path else ""), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
