@@ -1,0 +1,121 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from modeldoctor.errors import ModelLoadError, UnsafeModelError, UnsupportedModelError
+from modeldoctor.model import load_model
+from modeldoctor.session import Session
+from tiny_models import make_model
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _snapshot(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_loads_folder_and_summarises(llama_dir):
+    session = Session.open(llama_dir)
+    summary = session.summary
+    assert summary.family == "llama" and summary.format == "safetensors"
+    assert summary.blocks == 3 and summary.linears == 21
+    assert summary.parameters == sum(p.numel() for p in session.model.parameters())
+    assert summary.memory_bytes == summary.parameters * 4
+    assert "F32" in summary.stored_dtype
+
+
+def test_loading_never_writes_to_the_model_folder(llama_dir, small_data_spec):
+    from modeldoctor.checkup.plan import CheckupPlan
+    from modeldoctor.checkup.run import checkup
+
+    before = _snapshot(llama_dir)
+    session = Session.open(llama_dir)
+    checkup(session, CheckupPlan(modifications=["int4"]), session.data(small_data_spec))
+    assert _snapshot(llama_dir) == before
+
+
+def test_truncated_safetensors_is_reported(llama_dir, tmp_path):
+    folder = _copy(llama_dir, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(folder)
+
+
+def test_garbage_safetensors_is_reported(llama_dir, tmp_path):
+    folder = _copy(llama_dir, tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match="not a valid safetensors"):
+        load_model(folder)
+
+
+def test_pickle_checkpoint_refused_unless_opted_in(tmp_path):
+    folder = tmp_path / "pickled"
+    model = make_model("llama")
+    model.save_pretrained(folder, safe_serialization=False)
+    from tiny_models import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").exists()
+    with pytest.raises(UnsafeModelError, match="pickle"):
+        load_model(folder)
+    loaded = load_model(folder, allow_pickle=True)
+    assert loaded.format == "pickle"
+    assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
+
+
+def test_lone_pickle_file_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"a": torch.zeros(2)}, path)
+    with pytest.raises(UnsafeModelError, match="pickle"):
+        load_model(path)
+
+
+def test_remote_code_refused(llama_dir, tmp_path):
+    folder = _copy(llama_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsafeModelError, match="own code"):
+        load_model(folder)
+
+
+def test_unsupported_architecture(llama_dir, tmp_path):
+    folder = _copy(llama_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "vit"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="not a causal language model"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "not a valid GGUF"),
+    (b"GGUF\x03\x00\x00\x00" + b"\xff" * 40, "not a valid GGUF"),
+])
+def test_bad_gguf(tmp_path, content, message):
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_invalid_config_json(llama_dir, tmp_path):
+    folder = _copy(llama_dir, tmp_path / "m")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        load_model(folder)

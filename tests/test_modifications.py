@@ -1,0 +1,122 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from conftest import FAMILIES
+from modeldoctor.checkup.plan import CheckupPlan
+from modeldoctor.checkup.run import checkup
+from modeldoctor.errors import PlanError
+from modeldoctor.model.anatomy import weight_matrix
+from modeldoctor.modifications.base import create, example_names
+from modeldoctor.modifications.prune import n_of_m, prune_lowest
+from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, quantize_rtn
+from modeldoctor.session import Session
+
+WEIGHT_AND_STRUCTURE = [n for n in example_names() if not n.startswith("decode") and not n.endswith("sweep")]
+
+
+@pytest.mark.parametrize("name", WEIGHT_AND_STRUCTURE)
+def test_every_modification_changes_then_restores_bit_exact(llama_session, small_data_spec, name):
+    session = llama_session
+    data = session.data(small_data_spec)
+    mod = create(name)
+    ctx = session.mod_context(data, mod.needs_input_norms)
+    before = session.weights_digest()
+    ids = data.eval_batches[0].input_ids
+    reference = session.model(input_ids=ids).logits
+    with mod.applied(ctx, ["1"]):
+        changed = session.model(input_ids=ids).logits
+    assert not torch.equal(changed, reference), f"{name} changed nothing"
+    assert session.weights_digest() == before
+    torch.testing.assert_close(session.model(input_ids=ids).logits, reference, rtol=0, atol=0)
+
+
+def test_restore_after_exception(llama_session):
+    before = llama_session.weights_digest()
+    with pytest.raises(RuntimeError):
+        with create("int2").applied(llama_session.mod_context(), ["0", "2"]):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with create("remove").applied(llama_session.mod_context(), ["1"]):
+            raise RuntimeError("boom")
+    assert llama_session.weights_digest() == before
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_two_bits_bleed_more_than_eight(model_dirs, small_data_spec, family):
+    session = Session.open(model_dirs[family])
+    plan = CheckupPlan(modifications=["int8", "int2"], targets=["1"], knowledge=False)
+    report = checkup(session, plan, session.data(small_data_spec))
+    kl = {p.spec.modification: p.metrics["kl_mean"] for p in report.probes}
+    assert kl["int2"] > 20 * kl["int8"]
+    assert report.probes[1].bleeding and not report.probes[0].bleeding
+
+
+def test_rtn_uses_at_most_two_to_the_bits_levels():
+    weight = torch.randn(8, 64)
+    for bits in (2, 3, 4):
+        for group in (None, 32):
+            for symmetric in (True, False):
+                q = quantize_rtn(weight, bits, group, symmetric)
+                chunks = q.reshape(8, -1, group or 64)
+                for row in chunks.reshape(-1, group or 64):
+                    assert len(torch.unique(row)) <= 2 ** bits
+                assert (q - weight).abs().max() < weight.abs().max()
+
+
+def test_magnitude_and_wanda_hit_exact_sparsity():
+    weight = torch.randn(16, 40)
+    pruned = prune_lowest(weight, weight.abs(), 0.5, per_row=False)
+    assert int((pruned == 0).sum()) == 320
+    score = weight.abs() * torch.rand(40)[None]
+    pruned = prune_lowest(weight, score, 0.3, per_row=True)
+    assert ((pruned == 0).sum(1) == 12).all()
+
+
+def test_two_of_four_pattern():
+    weight = torch.randn(4, 16)
+    pruned = n_of_m(weight, weight.abs())
+    assert ((pruned.reshape(4, 4, 4) != 0).sum(-1) == 2).all()
+
+
+def test_structured_pruning_zeroes_whole_heads(llama_session):
+    anatomy = llama_session.anatomy
+    o_proj = anatomy.blocks[0].linears[anatomy.blocks[0].attention_out]
+    with create("prune-heads-50").applied(llama_session.mod_context(), ["0"]):
+        columns = weight_matrix(o_proj).reshape(anatomy.hidden_size, anatomy.num_heads, anatomy.head_dim)
+        zero_heads = (columns == 0).all(dim=(0, 2))
+        assert int(zero_heads.sum()) == anatomy.num_heads // 2
+
+
+def test_int8_dynamic_activation_matches_onnxruntime():
+    """The checkup's mirror of DynamicQuantizeLinear must agree with onnxruntime bit for bit."""
+    x = (torch.randn(1, 7, 33) * 3 + 0.5).float()
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"]),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"])],
+        "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 7, 33])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, 33])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(ort_dynamic_quantize_activation(x).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_remove_changes_only_downstream_hidden_states(llama_session, small_data_spec):
+    plan = CheckupPlan(modifications=["remove"], targets=["1"], knowledge=False)
+    report = checkup(llama_session, plan, llama_session.data(small_data_spec))
+    cascade = report.probes[0].cascade
+    assert cascade["rel_error"][0] == 0.0  # block 0 runs before the removed block
+    assert cascade["rel_error"][1] > 0.1 and cascade["rel_error"][2] > 0.1
+    attention = report.probes[0].attention
+    assert attention["js"][0] == pytest.approx(0.0, abs=1e-7)
+    assert np.isnan(attention["js"][1])  # the removed block has no attention
+    assert attention["js"][2] > 0
+
+
+def test_unknown_modification_is_a_plan_error():
+    with pytest.raises(PlanError, match="Unknown modification"):
+        create("int9")
