@@ -31,6 +31,14 @@ def _open_session(args):
     return Session.open(path, allow_pickle=args.allow_pickle)
 
 
+def cmd_app(args) -> int:
+    try:
+        from modeldoctor.gui.app import run_app
+    except ImportError as exc:
+        raise ModelDoctorError(f"The desktop app cannot start: {exc}. Reinstall with packaging/install.sh.") from None
+    return run_app(args.model)
+
+
 def cmd_info(args) -> int:
     session = _open_session(args)
     width = max(len(k) for k, _ in session.summary.lines())
@@ -158,13 +166,16 @@ def print_report(report, top: int = 15) -> None:
             print(f"  {probe.spec.modification:<20} tokens kept {m['token_agreement']:.0%}, first divergence at "
                   f"{m['first_divergence']:.1f}, trajectory KL {m['kl_trajectory']:.3f}  "
                   f"{probe.severity if probe.bleeding else 'healthy'}")
-    for name, crossing in report.findings.get("cumulative", {}).items():
-        print(f"Cumulative {name}: crosses the bleeding line once {crossing['crosses_at']} targets are "
-              f"modified (up to {crossing['last_target']}).")
     for group, curve in report.findings.get("sweeps", {}).items():
         steps = ", ".join(f"{s:g}→{k:.3g}" for s, k in zip(curve["strengths"], curve["scores"]))
-        print(f"Sweep {group} (whole model, KL): {steps}; last safe {curve['last_safe']}, "
-              f"first bleeding {curve['first_bleeding']}, knee at {curve['knee']}.")
+        print(f"\nSweep {group} (whole model, strength→mean KL): {steps}")
+    from modeldoctor.checkup.diagnosis import diagnose
+
+    print("\nDiagnosis:")
+    for finding in diagnose(report):
+        print(f"  [{finding.severity}] {finding.title}. {finding.text}")
+        if finding.recommendation:
+            print(f"      → {finding.recommendation}")
 
 
 def _log_details(details: str) -> Path | None:
@@ -192,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-pickle", action="store_true",
                        help="also open pickle checkpoints (.bin/.pt), with weights_only=True")
 
+    p = sub.add_parser("app", help="open the desktop app (the default with no command)")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="model to open at start, or 'sample'")
+    p.set_defaults(func=cmd_app)
     p = sub.add_parser("info", help="print the model summary")
     model_args(p)
     p.set_defaults(func=cmd_info)
@@ -225,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        args = parser.parse_args(["app"])
     try:
         return args.func(args)
     except ModelDoctorError as exc:

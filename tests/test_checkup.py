@@ -166,3 +166,20 @@ def test_severity_levels():
     assert judge({"kl_mean": 0.02}, "quantize", 0.01)[1] == "mild"
     assert judge({"kl_mean": 0.2}, "quantize", 0.01)[1] == "moderate"
     assert judge({"kl_mean": 1.0}, "quantize", 0.01)[1] == "severe"
+
+
+def test_top_k_reference_approximates_full_kl(llama_session, small_data_spec, monkeypatch):
+    """Past the memory budget the reference keeps top-k log-probs; KL must stay close."""
+    import modeldoctor.metrics.divergence as divergence
+    from modeldoctor.session import Session
+
+    plan = CheckupPlan(modifications=["int3"], knowledge=False)
+    full = checkup(llama_session, plan, llama_session.data(small_data_spec))
+    monkeypatch.setattr(divergence, "FULL_REFERENCE_BYTES", 0)
+    monkeypatch.setattr(divergence, "TOP_K", 64)
+    fresh = Session(llama_session.loaded)
+    approx = checkup(fresh, plan, fresh.data(small_data_spec))
+    assert approx.reference["reference_storage"] == "top-k"
+    for a, b in zip(approx.probes, full.probes):
+        assert a.metrics["kl_mean"] <= b.metrics["kl_mean"] * 1.0001  # a lower bound
+        assert a.metrics["kl_mean"] == pytest.approx(b.metrics["kl_mean"], rel=0.1)

@@ -187,3 +187,23 @@ def checkup(session: Session, plan: CheckupPlan, data: EvalData, control: RunCon
                 raise CancelledError()
             return event.report
     raise RuntimeError("checkup ended without a Finished event")
+
+
+def sample_continuations(session: Session, spec: ProbeSpec, data: EvalData | None = None, prompts: int = 3,
+                         new_tokens: int = 24) -> list[dict[str, str]]:
+    """Greedy continuations of the built-in prompts by the reference and by the modified model."""
+    from modeldoctor.modifications.decoding import GREEDY
+
+    texts = _decoding_prompts()[:prompts]
+    mod = create(spec.modification)
+    settings = getattr(mod, "settings", GREEDY)
+    ctx = session.mod_context(data, mod.needs_input_norms)
+    out = []
+    for text in texts:
+        ids = session.tokenizer(text)["input_ids"]
+        reference = decoding_metrics.generate(session.model, session.tokenizer, ids, GREEDY, new_tokens)
+        with mod.applied(ctx, list(spec.targets)):
+            modified = decoding_metrics.generate(session.model, session.tokenizer, ids, settings, new_tokens)
+        out.append({"prompt": text, "reference": session.tokenizer.decode(reference, skip_special_tokens=True),
+                    "modified": session.tokenizer.decode(modified, skip_special_tokens=True)})
+    return out

@@ -126,6 +126,12 @@ class CheckupReport:
         _atomic_write(folder / "checkup.csv", self.to_csv())
         return path
 
+    def save_file(self, path: str | os.PathLike) -> Path:
+        """Write the whole report as one JSON file (a saved app session), atomically."""
+        path = Path(path)
+        _atomic_write(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        return path
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CheckupReport":
         from modeldoctor.errors import ModelDoctorError

@@ -1,0 +1,118 @@
+"""The diagnosis in plain language: which layers bleed under which modification, how badly,
+where the model's thresholds lie, and what treatment each finding calls for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from modeldoctor.report.results import CheckupReport, ProbeRecord
+
+TREATMENTS = {
+    "quantize": "keep these layers in higher precision (mixed precision), or rescale their inputs "
+                "first (SmoothQuant-style for int8 dynamic, AWQ-style for weight-only int4)",
+    "prune": "prune these layers less, or use gradient-aware pruning that protects important weights",
+    "structure": "leave these blocks in place; change structure only where the damage is small",
+    "decoding": "calibrate the sampling temperature to the model, or decode greedily",
+}
+SEVERITY_RANK = {"healthy": 0, "mild": 1, "moderate": 2, "severe": 3}
+
+
+@dataclass(frozen=True)
+class Finding:
+    title: str
+    text: str
+    severity: str  # healthy | mild | moderate | severe
+    recommendation: str = ""
+
+
+def ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0–2, 5'."""
+    indices = sorted(set(indices))
+    parts, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(f"{start}" if start == value else f"{start}–{value}")
+            start = None
+    return ", ".join(parts)
+
+
+def _targets_text(records: list[ProbeRecord]) -> str:
+    if all("." not in r.spec.targets[0] for r in records):
+        return "block" + ("s " if len(records) > 1 else " ") + ranges([int(r.spec.targets[0]) for r in records])
+    return ", ".join(r.spec.targets[0] for r in records[:8]) + (" …" if len(records) > 8 else "")
+
+
+def _worst(records: list[ProbeRecord]) -> str:
+    return max((r.severity for r in records), key=SEVERITY_RANK.get, default="healthy")
+
+
+def diagnose(report: CheckupReport) -> list[Finding]:
+    findings: list[Finding] = []
+    threshold = report.findings.get("threshold", report.plan.get("threshold", 0.01))
+    ref_knowledge = report.reference.get("knowledge_accuracy")
+    for name in report.modifications():
+        isolated = [r for r in report.probes if r.spec.modification == name and r.spec.mode == "isolated"]
+        if not isolated:
+            continue
+        family = isolated[0].spec.family
+        bleeding = sorted((r for r in isolated if r.bleeding), key=lambda r: r.score, reverse=True)
+        median = float(np.median([r.score for r in isolated]))
+        knowledge = [r.metrics["knowledge_accuracy"] for r in isolated if "knowledge_accuracy" in r.metrics]
+        if not bleeding:
+            text = (f"No layer bleeds: mean KL stays at or below {max(r.score for r in isolated):.3g} nats "
+                    f"(threshold {threshold:g}) on all {len(isolated)} probed layers.")
+            findings.append(Finding(f"{name}: healthy", text, "healthy"))
+            continue
+        worst = bleeding[0]
+        text = (f"{len(bleeding)} of {len(isolated)} layers bleed: {_targets_text(bleeding)}. "
+                f"Worst is {worst.spec.target} (mean KL {worst.score:.3g} nats, top-1 agreement "
+                f"{worst.metrics.get('same_top', float('nan')):.0%}, perplexity ×{worst.metrics.get('ppl_ratio', 1):.2f}); "
+                f"the median layer's KL is {median:.3g}.")
+        if knowledge and ref_knowledge:
+            low = min(knowledge)
+            if low < ref_knowledge - 0.02:
+                text += f" Knowledge-probe accuracy falls from {ref_knowledge:.0%} to as low as {low:.0%}."
+        findings.append(Finding(f"{name}: {len(bleeding)} bleeding layer{'s' * (len(bleeding) > 1)}", text,
+                                _worst(bleeding), _sentence(TREATMENTS[family])))
+    for name, crossing in report.findings.get("cumulative", {}).items():
+        findings.append(Finding(
+            f"{name} across the model",
+            f"Applied layer after layer, {name} crosses the bleeding line once {crossing['crosses_at']} "
+            f"targets are modified (through {crossing['last_target']}).", "moderate",
+            "Modify only the layers before that point, or treat the bleeding ones first."))
+    for group, curve in report.findings.get("sweeps", {}).items():
+        quantize = group.startswith("int")
+        unit = (lambda s: f"{s:g}-bit") if quantize else (lambda s: f"{s:.0%} sparsity")
+        if curve["all_safe"]:
+            text = f"Every strength tried is safe (down to {unit(curve['strengths'][-1])})."
+            level = "healthy"
+        else:
+            safe = f"safe down to {unit(curve['last_safe'])}" if curve["last_safe"] is not None else "never safe"
+            text = (f"Whole model: {safe}; {unit(curve['first_bleeding'])} bleeds "
+                    f"(KL {curve['scores'][curve['strengths'].index(curve['first_bleeding'])]:.3g}); "
+                    f"the sharpest break (knee) is at {unit(curve['knee'])}.")
+            fragile = [int(b) for b, c in curve.get("blocks", {}).items()
+                       if c["first_bleeding"] is not None and c["first_bleeding"] == curve["first_bleeding"]]
+            if fragile:
+                text += f" At {unit(curve['first_bleeding'])} blocks {ranges(fragile)} bleed on their own."
+            level = "severe" if curve["last_safe"] is None else "moderate"
+        findings.append(Finding(f"Robustness threshold ({group})", text, level,
+                                "Stay at or above the last safe strength, or treat the fragile blocks."
+                                if level != "healthy" else ""))
+    for record in report.by_mode("decoding"):
+        m = record.metrics
+        findings.append(Finding(
+            f"{record.spec.modification}: generations {'diverge' if record.bleeding else 'stay close'}",
+            f"{m['token_agreement']:.0%} of greedy tokens kept; first divergence after "
+            f"{m['first_divergence']:.1f} tokens on average; trajectory KL {m['kl_trajectory']:.3g}.",
+            record.severity, _sentence(TREATMENTS["decoding"]) if record.bleeding else ""))
+    findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
+    return findings
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."

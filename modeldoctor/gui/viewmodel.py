@@ -1,0 +1,132 @@
+"""Plot buffers for the live checkup, kept without Qt so they can be unit-tested.
+
+The run page feeds probe records in as they arrive; a timer redraws from these buffers at
+most ~30 times a second, updating plot items in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modeldoctor.report.results import ProbeRecord
+
+SEVERITY_COLORS = {  # healthy -> bleeding
+    "healthy": (58, 157, 93),
+    "mild": (224, 177, 58),
+    "moderate": (224, 123, 57),
+    "severe": (200, 55, 59),
+}
+KL_FLOOR = 1e-6  # log plots start here
+
+
+def log_kl(value: float) -> float:
+    return math.log10(max(value, KL_FLOOR))
+
+
+@dataclass
+class Bars:
+    labels: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # mean KL
+    severities: list[str] = field(default_factory=list)
+    records: list[ProbeRecord] = field(default_factory=list)
+
+    def heights(self) -> np.ndarray:
+        return np.array([log_kl(v) - math.log10(KL_FLOOR) for v in self.values])
+
+    def colors(self) -> list[tuple[int, int, int]]:
+        return [SEVERITY_COLORS[s] for s in self.severities]
+
+    def worst(self, count: int = 3) -> list[int]:
+        """Indices of the worst bleeding bars, worst first."""
+        bleeding = [i for i, s in enumerate(self.severities) if s != "healthy"]
+        return sorted(bleeding, key=lambda i: self.values[i], reverse=True)[:count]
+
+
+class CheckupViewModel:
+    """Everything the run page draws, rebuilt incrementally from probe records."""
+
+    def __init__(self, threshold: float = 0.01) -> None:
+        self.threshold = threshold
+        self.records: list[ProbeRecord] = []
+        self.selected: str | None = None  # modification shown in the bar chart
+        self.version = 0  # bumped on every change; the view redraws when it moved
+
+    def reset(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.records = []
+        self.selected = None
+        self.version += 1
+
+    def add(self, record: ProbeRecord) -> None:
+        self.records.append(record)
+        if self.selected is None and record.spec.mode == "isolated":
+            self.selected = record.spec.modification
+        self.version += 1
+
+    def replace_all(self, records: list[ProbeRecord]) -> None:
+        """After the run: the final verdicts (outliers included) replace the live ones."""
+        self.records = list(records)
+        isolated = self.modifications()
+        if self.selected not in isolated:
+            self.selected = isolated[0] if isolated else None
+        self.version += 1
+
+    def select(self, modification: str) -> None:
+        self.selected = modification
+        self.version += 1
+
+    def modifications(self) -> list[str]:
+        return list(dict.fromkeys(r.spec.modification for r in self.records if r.spec.mode == "isolated"))
+
+    def bars(self) -> Bars:
+        bars = Bars()
+        for rec in self.records:
+            if rec.spec.mode == "isolated" and rec.spec.modification == self.selected:
+                bars.labels.append(rec.spec.target)
+                bars.values.append(rec.score)
+                bars.severities.append(rec.severity if rec.bleeding else "healthy")
+                bars.records.append(rec)
+        return bars
+
+    def heatmap(self) -> tuple[np.ndarray, list[str], list[str]]:
+        """(matrix of log10 KL, row labels, column labels); NaN where not probed.
+        Block scope: layers x modifications. Linear scope: blocks x sub-layers of the
+        selected modification."""
+        isolated = [r for r in self.records if r.spec.mode == "isolated"]
+        linear = any("." in r.spec.targets[0] for r in isolated)
+        if linear:
+            chosen = [r for r in isolated if r.spec.modification == self.selected]
+            rows = list(dict.fromkeys(r.spec.targets[0].split(".", 1)[0] for r in chosen))
+            cols = list(dict.fromkeys(r.spec.targets[0].split(".", 1)[1] for r in chosen))
+            key = lambda r: tuple(r.spec.targets[0].split(".", 1))  # noqa: E731
+        else:
+            chosen = isolated
+            rows = list(dict.fromkeys(r.spec.targets[0] for r in chosen))
+            cols = list(dict.fromkeys(r.spec.modification for r in chosen))
+            key = lambda r: (r.spec.targets[0], r.spec.modification)  # noqa: E731
+        matrix = np.full((len(rows), len(cols)), np.nan)
+        row_index = {v: i for i, v in enumerate(rows)}
+        col_index = {v: i for i, v in enumerate(cols)}
+        for rec in chosen:
+            r, c = key(rec)
+            matrix[row_index[r], col_index[c]] = log_kl(rec.score)
+        return matrix, rows, cols
+
+    def cumulative(self) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
+        """modification -> (k, mean KL, first k that bleeds)."""
+        curves = {}
+        for name in dict.fromkeys(r.spec.modification for r in self.records if r.spec.mode == "cumulative"):
+            recs = [r for r in self.records if r.spec.mode == "cumulative" and r.spec.modification == name]
+            crossing = next((r.spec.step for r in recs if r.score > self.threshold), None)
+            curves[name] = (np.array([r.spec.step for r in recs], float), np.array([r.score for r in recs]), crossing)
+        return curves
+
+    def sweeps(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """sweep group -> (strengths, whole-model mean KL), in probe order."""
+        from modeldoctor.checkup.verdict import sweep_groups
+
+        return {group: (np.array([r.spec.strength for r in recs], float), np.array([r.score for r in recs]))
+                for group, recs in sweep_groups(self.records, "sweep-model").items()}

@@ -1,0 +1,75 @@
+"""A self-contained HTML report: diagnosis, figures, tables, with plots embedded as PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from modeldoctor.checkup.diagnosis import diagnose
+from modeldoctor.report.results import CheckupReport, _atomic_write
+
+SEVERITY_COLORS = {"healthy": "#3a9d5d", "mild": "#e0b13a", "moderate": "#e07b39", "severe": "#c8373b"}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0; } .sub { color: #666; margin-top: .2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.finding { border-left: 6px solid; padding: .3em .8em; margin: .6em 0; background: #fafafa; }
+.badge { color: white; border-radius: 4px; padding: 0 6px; font-size: .85em; }
+img { max-width: 100%; border: 1px solid #ddd; margin: .5em 0; }
+"""
+
+
+def _badge(severity: str) -> str:
+    return f'<span class="badge" style="background:{SEVERITY_COLORS[severity]}">{severity}</span>'
+
+
+def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -> str:
+    model = report.model
+    ref = report.reference
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Model Doctor: "
+             f"{html.escape(str(model.get('name', 'model')))}</title><style>{STYLE}</style></head><body>",
+             f"<h1>Checkup of {html.escape(str(model.get('name')))}</h1>",
+             f"<p class='sub'>{html.escape(str(model.get('architecture')))}, {model.get('blocks')} blocks, "
+             f"{model.get('parameters', 0) / 1e6:.1f} M parameters · {report.status} in {report.elapsed_s:.0f} s · "
+             f"reference perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
+             + (f", knowledge probes {ref['knowledge_accuracy']:.1%}" if ref.get("knowledge_accuracy") is not None
+                else "") + "</p>", "<h2>Diagnosis</h2>"]
+    for finding in diagnose(report):
+        parts.append(f"<div class='finding' style='border-color:{SEVERITY_COLORS[finding.severity]}'>"
+                     f"<b>{html.escape(finding.title)}</b> {_badge(finding.severity)}<br>{html.escape(finding.text)}"
+                     + (f"<br><i>Treatment: {html.escape(finding.recommendation)}</i>" if finding.recommendation
+                        else "") + "</div>")
+    if images:
+        parts.append("<h2>Plots</h2>")
+        for name, png in images.items():
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Probes</h2><table><tr><th>probe</th><th>mode</th><th>KL mean</th><th>± se</th><th>KL p99</th>"
+                 "<th>same top</th><th>ppl ratio</th><th>knowledge</th><th>verdict</th></tr>")
+    for probe in sorted(report.probes, key=lambda p: p.score, reverse=True):
+        m = probe.metrics
+        cells = [html.escape(probe.spec.label), probe.spec.mode] + [
+            f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "–"
+            for k in ("kl_mean", "kl_stderr", "kl_p99")] + [
+            f"{m[k]:.1%}" if isinstance(m.get(k), (int, float)) else "–" for k in ("same_top",)] + [
+            f"{m['ppl_ratio']:.3f}" if isinstance(m.get("ppl_ratio"), (int, float)) else "–",
+            f"{m['knowledge_accuracy']:.0%}" if isinstance(m.get("knowledge_accuracy"), (int, float)) else "–",
+            _badge(probe.severity if probe.bleeding else "healthy")]
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    parts.append("<h2>Model</h2><table>" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in model.items()) + "</table>")
+    parts.append("<h2>Plan and data</h2><table>" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in {**report.plan, **report.data}.items()) + "</table>")
+    parts.append("<p class='sub'>Written by Model Doctor.</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_html(report: CheckupReport, path: str | Path, images: dict[str, bytes] | None = None) -> Path:
+    path = Path(path)
+    _atomic_write(path, render_html(report, images))
+    return path

@@ -1,0 +1,127 @@
+"""Drive the whole flow with a tiny random model, as a user would with the mouse."""
+
+import numpy as np
+from PySide6.QtCore import Qt
+
+from modeldoctor.gui.viewmodel import SEVERITY_COLORS
+from tests.gui.conftest import load, run_checkup
+
+
+def _bar_colors(window):
+    brushes = window.run_page.bars.bars.opts["brushes"]
+    return [tuple(b.color().getRgb()[:3]) for b in brushes]
+
+
+def test_steps_locked_until_model_loaded(window):
+    for index in range(1, 7):
+        item = window.steps.item(index)
+        assert not item.flags() & Qt.ItemFlag.ItemIsEnabled
+        assert item.toolTip()
+    window.go(3)
+    assert window.pages.currentIndex() == 0
+
+
+def test_load_plan_run_diagnose(qtbot, window, llama_dir, screenshots):
+    load(qtbot, window, llama_dir)
+    card = window.load_page.card_text()
+    assert "Architecture: LlamaForCausalLM" in card and "Blocks: 3" in card
+    window.load_page.grab().save(str(screenshots / "tiny-load.png"))
+    window.data_page.slider.setValue(2)  # 256 tokens
+    window.plan_page.int8_dynamic.setChecked(False)
+    window.plan_page.bits[4].setChecked(False)
+    window.plan_page.bits[2].setChecked(True)
+    window.plan_page.prune_on.setChecked(False)
+    assert window.plan_page.modifications() == ["int2", "remove"]
+    run_checkup(qtbot, window)
+    report = window.state.report
+    assert report.status == "completed"
+    window.run_page.modification.setCurrentText("int2")
+    window.run_page.redraw()
+    bars = window.run_page.model.bars()
+    int2 = [p for p in report.probes if p.spec.modification == "int2"]
+    assert len(window.run_page.bars.bars.opts["x"]) == len(int2) == 3
+    expected = [SEVERITY_COLORS[p.severity if p.bleeding else "healthy"] for p in int2]
+    assert _bar_colors(window) == expected
+    assert bars.values == [p.score for p in int2]
+    window.run_page.grab().save(str(screenshots / "tiny-run.png"))
+    window.go(4)
+    text = window.diagnosis_page.text.toPlainText()
+    assert "int2" in text and "bleed" in text
+    assert window.steps.item(5).flags() & Qt.ItemFlag.ItemIsEnabled
+
+
+def test_cancel_mid_run_restores_model(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    before = window.state.session.weights_digest()
+    window.plan_page.bits[2].setChecked(True)
+    window.plan_page.duplicate.setChecked(True)
+    window.plan_page.cumulative.setChecked(True)
+    window.start_checkup()
+    qtbot.waitUntil(lambda: len(window.run_page.model.records) >= 2, timeout=60000)
+    window.run_page.cancel.click()
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=60000)
+    assert window.state.report is None and not window.state.running
+    assert "cancelled" in window.run_page.eta.text()
+    assert window.state.session.weights_digest() == before
+
+
+def test_pause_and_resume(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    window.start_checkup()
+    qtbot.waitUntil(lambda: len(window.run_page.model.records) >= 1, timeout=60000)
+    window.run_page.pause.click()
+    assert window.runner.control.paused
+    count = len(window.run_page.model.records)
+    qtbot.wait(700)
+    assert len(window.run_page.model.records) <= count + 1  # at most the probe under way finishes
+    window.run_page.pause.click()
+    qtbot.waitUntil(lambda: window.state.report is not None, timeout=120000)
+
+
+def test_save_reopen_session_redraws_identically(qtbot, window, llama_dir, tmp_path):
+    load(qtbot, window, llama_dir)
+    window.plan_page.cumulative.setChecked(True)
+    run_checkup(qtbot, window)
+    window.run_page.redraw()
+    before = (np.array(window.run_page.bars.bars.opts["height"]), _bar_colors(window),
+              window.run_page.heatmap.image.image.copy())
+    path = tmp_path / "session.json"
+    window.write_session(path)
+
+    from PySide6.QtCore import QSettings
+
+    from modeldoctor.gui.main_window import MainWindow
+
+    other = MainWindow(QSettings(str(tmp_path / "other.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(other)
+    other.open_session(str(path))
+    assert other.state.report is not None and other.state.session is None
+    other.run_page.modification.setCurrentText(window.run_page.model.selected)
+    other.run_page.redraw()
+    assert np.array_equal(np.array(other.run_page.bars.bars.opts["height"]), before[0])
+    assert _bar_colors(other) == before[1]
+    assert np.array_equal(other.run_page.heatmap.image.image, before[2], equal_nan=True)
+    assert other.pages.currentIndex() == 4
+
+
+def test_html_export_contains_plots(qtbot, window, llama_dir, tmp_path):
+    load(qtbot, window, llama_dir)
+    run_checkup(qtbot, window)
+    path = tmp_path / "report.html"
+    window.write_html(path)
+    text = path.read_text(encoding="utf-8")
+    assert text.count("data:image/png;base64,") >= 2
+    assert "Bleeding per layer" in text and "Diagnosis" in text
+
+
+def test_bad_model_shows_dialog_not_crash(qtbot, window, tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr("modeldoctor.gui.main_window.show_error",
+                        lambda parent, message, details="": shown.append(message))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf")
+    window.open_model(str(bad))
+    qtbot.waitUntil(lambda: not window.runner.busy and bool(shown), timeout=30000)
+    assert "not a valid GGUF" in shown[0]
+    assert window.state.session is None
+    assert window.load_page.open_folder.isEnabled()
