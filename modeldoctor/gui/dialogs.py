@@ -58,7 +58,7 @@ class ProbeDetailsDialog(QDialog):
                         f"<b>{verdict}</b>, {record.severity}: {html.escape(record.reason)}")
         header.setWordWrap(True)
         layout.addWidget(header)
-        tabs = QTabWidget()
+        self.tabs = tabs = QTabWidget()
         layout.addWidget(tabs)
         tabs.addTab(self._metrics_table(), "Metrics")
         if record.cascade:

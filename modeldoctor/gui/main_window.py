@@ -41,6 +41,11 @@ def widget_png(widget: QWidget) -> bytes:
 class MainWindow(QMainWindow):
     def __init__(self, settings: QSettings | None = None) -> None:
         super().__init__()
+        from PySide6.QtWidgets import QApplication
+
+        from modeldoctor.gui.app import apply_palette
+
+        apply_palette(QApplication.instance())
         self.setWindowTitle("Model Doctor")
         self.setAcceptDrops(True)
         self.settings = settings or QSettings("ModelDoctor", "ModelDoctor")

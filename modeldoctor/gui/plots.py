@@ -61,7 +61,9 @@ class BleedingBarChart(pg.PlotWidget):
         self.threshold_line = pg.InfiniteLine(angle=0, movable=False,
                                               pen=pg.mkPen((200, 55, 59), width=2, style=Qt.PenStyle.DashLine))
         self.addItem(self.threshold_line)
-        self.labels = [pg.TextItem(anchor=(0.5, 1.0)) for _ in range(3)]
+        self.threshold_label = pg.TextItem("bleeding threshold", anchor=(0, 1), color=(200, 55, 59))
+        self.addItem(self.threshold_label)
+        self.labels = [pg.TextItem(anchor=(0.5, 1.0), color=pg.getConfigOption("foreground")) for _ in range(3)]
         for label in self.labels:
             self.addItem(label)
         self.current = Bars()
@@ -69,6 +71,7 @@ class BleedingBarChart(pg.PlotWidget):
 
     def set_threshold(self, threshold: float) -> None:
         self.threshold_line.setPos(log_kl(threshold) - self.offset)
+        self.threshold_label.setPos(-0.55, log_kl(threshold) - self.offset)
 
     def update_bars(self, bars: Bars, total: int | None = None) -> None:
         self.current = bars
@@ -105,12 +108,16 @@ class BleedingHeatmap(pg.PlotWidget):
         self.bottom = LabelAxis(orientation="bottom")
         self.left = LabelAxis(orientation="left")
         super().__init__(parent, axisItems={"bottom": self.bottom, "left": self.left})
+        self.setTitle("layers × modifications")
         self.setMenuEnabled(False)
         self.setMouseEnabled(x=False, y=False)
         self.image = pg.ImageItem(axisOrder="row-major")
         self.image.setLookupTable(BLEED_MAP.getLookupTable(nPts=256))
         self.addItem(self.image)
         self.getViewBox().invertY(True)
+        self.colorbar = pg.ColorBarItem(values=(-4, 0), colorMap=BLEED_MAP, interactive=False, width=12,
+                                        label="log10 mean KL")
+        self.colorbar.setImageItem(self.image, insert_in=self.getPlotItem())
         self.threshold = 0.01
 
     def set_threshold(self, threshold: float) -> None:
@@ -121,6 +128,7 @@ class BleedingHeatmap(pg.PlotWidget):
         centre = math.log10(self.threshold)
         shown = np.where(np.isnan(matrix), centre - 2, matrix) if matrix.size else np.zeros((1, 1))
         self.image.setImage(shown, autoLevels=False, levels=(centre - 2, centre + 2))
+        self.colorbar.setLevels((centre - 2, centre + 2))
         self.image.setRect(-0.5, -0.5, max(len(cols), 1), max(len(rows), 1))
         self.bottom.set_labels(cols)
         self.left.set_labels(rows)

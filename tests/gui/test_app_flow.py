@@ -125,3 +125,44 @@ def test_bad_model_shows_dialog_not_crash(qtbot, window, tmp_path, monkeypatch):
     assert "not a valid GGUF" in shown[0]
     assert window.state.session is None
     assert window.load_page.open_folder.isEnabled()
+
+
+def test_clicking_a_bar_opens_details_with_continuations(qtbot, window, llama_dir):
+    from modeldoctor.gui.dialogs import ProbeDetailsDialog
+
+    load(qtbot, window, llama_dir)
+    window.plan_page.prune_on.setChecked(False)
+    run_checkup(qtbot, window)
+    window.run_page.redraw()
+    window.run_page.bars.barClicked.emit(1)
+    dialogs = [d for d in window.findChildren(ProbeDetailsDialog) if d.isVisible()]
+    assert len(dialogs) == 1
+    dialog = dialogs[0]
+    assert dialog.record.spec.targets == ("1",)
+    assert dialog.tabs.count() >= 3  # metrics, cascade, continuations
+    dialog.samples_button.click()
+    qtbot.waitUntil(lambda: "reference (greedy)" in dialog.samples_view.toHtml(), timeout=60000)
+    assert "modified" in dialog.samples_view.toHtml()
+    dialog.close()
+
+
+def test_uncaught_exception_shows_dialog_and_logs(qtbot, window, monkeypatch, tmp_path):
+    import sys
+    import threading
+
+    from modeldoctor.gui import app as gui_app
+
+    shown = []
+    monkeypatch.setattr("modeldoctor.gui.dialogs.show_error", lambda parent, message, details="": shown.append(
+        (message, details)))
+    monkeypatch.setattr(gui_app, "log_path", lambda: tmp_path / "modeldoctor.log")
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    gui_app.install_exception_dialog(lambda: window)
+    try:
+        raise ValueError("surprise")
+    except ValueError:
+        sys.excepthook(*sys.exc_info())
+    qtbot.waitUntil(lambda: bool(shown), timeout=5000)
+    assert "surprise" in shown[0][0] and "Traceback" in shown[0][1]
+    assert "surprise" in (tmp_path / "modeldoctor.log").read_text()
