@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -178,6 +179,57 @@ def print_report(report, top: int = 15) -> None:
             print(f"      → {finding.recommendation}")
 
 
+def cmd_export(args) -> int:
+    from modeldoctor.data import DataSpec
+    from modeldoctor.events import Failed, Finished, LogMessage, Stage
+    from modeldoctor.export.pipeline import export_model
+    from modeldoctor.report import CheckupReport
+
+    report = CheckupReport.load(args.from_checkup) if args.from_checkup else None
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise ModelDoctorError(f"{out} already exists; pass --force to replace it.")
+    session = _open_session(args)
+    data = session.data(DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False))
+    keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep is not None else None
+    began = time.monotonic()
+    final = None
+    for event in export_model(session, data, out, args.precision, report, keep, args.budget, args.force):
+        if isinstance(event, Stage):
+            print(f"[{time.monotonic() - began:5.0f} s] {event.name}: {event.detail}", file=sys.stderr)
+        elif isinstance(event, LogMessage):
+            print(event.message, file=sys.stderr)
+        elif isinstance(event, Failed):
+            print(f"modeldoctor: error: {event.message}", file=sys.stderr)
+        elif isinstance(event, Finished):
+            final = event
+    result = final.report
+    if result is not None:
+        print_validation(result)
+    if final.reason != "completed":
+        return EXIT_USER_ERROR if final.reason == "failed" else EXIT_CANCELLED
+    print(f"\nExported {args.precision} model to {result.path} (validated, {final.message}).")
+    return 0
+
+
+def print_validation(result) -> None:
+    v, fp32 = result.validation, result.fp32
+    rows = [("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
+            ("KL median / p99 / max", f"{v['kl_median']:.4f} / {v['kl_p99']:.3f} / {v['kl_max']:.3f}"),
+            ("top-1 agreement", f"{v['same_top']:.1%}"),
+            ("perplexity (torch)", f"{v['ppl']:.3f} ({v['ppl_ref']:.3f})"),
+            ("greedy 32 tokens identical", f"{v['greedy_identical']:.0%} of prompts, first divergence "
+                                           f"{v['greedy_first_divergence']:.1f}"),
+            ("size on disk", f"{v['size_bytes'] / 2**20:,.0f} MiB ({v['size_bytes'] / fp32['size_bytes']:.0%} of fp32)"),
+            ("latency, 128-token prefill", f"{v['latency_s'] * 1000:.0f} ms (×{v.get('latency_ratio', 1):.2f} fp32 ONNX)"),
+            ("kept in fp32", f"{len(result.excluded_linears)} linears"),
+            ("verdict", "passed" if result.passed else "FAILED: over budget")]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
 def _log_details(details: str) -> Path | None:
     try:
         import platformdirs
@@ -211,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("sample", help="fetch and convert the sample model; print its folder")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("export", help="export a validated ONNX model, bleeding layers kept in fp32")
+    model_args(p)
+    p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int8")
+    p.add_argument("--from-checkup", metavar="DIR", help="checkup folder (or checkup.json) whose bleeding layers stay fp32")
+    p.add_argument("--keep", metavar="LINEARS", help="comma-separated linears to keep in fp32 (overrides the checkup)")
+    p.add_argument("--budget", type=float, default=0.02, help="largest mean KL accepted (default 0.02)")
+    p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens for validation")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("modifications", help="list the modifications a checkup can apply")
     p.set_defaults(func=cmd_modifications)
     p = sub.add_parser("checkup", help="probe the model layer by layer and rank the bleeding layers")

@@ -67,7 +67,7 @@ class Failed:
 class Finished:
     reason: FinishReason
     message: str = ""
-    report: CheckupReport | None = None
+    report: object = None  # CheckupReport for a checkup, ExportResult for an export
 
 
 Event = Stage | PlanReady | ProbeStarted | ProbeResult | Progress | LogMessage | Failed | Finished
