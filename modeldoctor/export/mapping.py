@@ -1,4 +1,4 @@
-"""Map each torch linear to the ONNX MatMul node that computes it.
+"""Map each torch linear to the ONNX MatMul (or Gemm) node that computes it.
 
 Matched by content, not by name: the exporter stores a linear's weight (transposed) as the
 MatMul's initializer, so a fingerprint of the weight finds the node whatever the family's
@@ -23,14 +23,16 @@ def _fingerprint(array: np.ndarray) -> str:
 
 
 def matmul_weights(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Fingerprint of each constant MatMul weight -> names of the nodes that use it."""
+    """Fingerprint of each constant MatMul / Gemm weight, as (in, out) -> nodes that use it.
+    (GPT-2 style Conv1D layers export as Gemm.)"""
     initializers = {i.name: i for i in model.graph.initializer}
     found: dict[str, list[str]] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in initializers:
             array = numpy_helper.to_array(initializers[node.input[1]])
+            transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
             if array.ndim == 2:
-                found.setdefault(_fingerprint(array), []).append(node.name)
+                found.setdefault(_fingerprint(array.T if transposed else array), []).append(node.name)
     return found
 
 

@@ -111,7 +111,7 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
             session, report, precision, budget_kl)
         for note in notes:
             yield LogMessage(note)
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_stale_staging(target)
         yield Stage("export", "optimum-onnx, fp32, with past key values")
         fp32_path = export_fp32(session.model, session.tokenizer, staging / "fp32")
         control.checkpoint()
@@ -167,6 +167,15 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         yield Finished("failed", str(exc))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Folders left by an export that was killed (its process is gone)."""
+    for folder in target.parent.glob(f".{target.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        alive = pid.isdigit() and int(pid) != os.getpid() and Path(f"/proc/{pid}").exists()
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_card(folder: Path, result: ExportResult, report: CheckupReport | None) -> None:

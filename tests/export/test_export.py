@@ -1,0 +1,154 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from modeldoctor.checkup.plan import CheckupPlan
+from modeldoctor.checkup.run import checkup
+from modeldoctor.control import RunControl
+from modeldoctor.data import DataSpec
+from modeldoctor.errors import ModelDoctorError
+from modeldoctor.events import Failed, Finished, Stage
+from modeldoctor.export.mapping import map_linears
+from modeldoctor.export.onnx_export import export_fp32
+from modeldoctor.export.pipeline import export_model
+from modeldoctor.export.quantize import refuse_collapse_modes
+from modeldoctor.export.runtime import OnnxCausalLM
+from modeldoctor.session import Session
+
+SPEC = DataSpec(tokens=128, seq_len=64, calibration_tokens=64, knowledge=False)
+
+
+@pytest.fixture(scope="module")
+def exported(model_dirs, tmp_path_factory):
+    session = Session.open(model_dirs["llama"])
+    path = export_fp32(session.model, session.tokenizer, tmp_path_factory.mktemp("onnx") / "fp32")
+    return session, path
+
+
+def test_fp32_export_matches_torch(exported):
+    session, path = exported
+    ids = torch.randint(3, 300, (1, 40))
+    expected = session.model(input_ids=ids).logits.numpy()
+    got = OnnxCausalLM(path).logits(ids.numpy())
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    tokens = OnnxCausalLM(path).greedy(ids[0].tolist(), 8)
+    reference = session.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                       pad_token_id=0)[0, 40:].tolist()
+    assert tokens == reference
+
+
+def test_every_linear_maps_to_an_existing_matmul(exported):
+    session, path = exported
+    model = onnx.load(str(path))
+    mapping, missing = map_linears(model, session.anatomy)
+    assert not missing and len(mapping) == 21
+    nodes = {n.name: n for n in model.graph.node}
+    assert all(nodes[name].op_type == "MatMul" for name in mapping.values())
+    assert len(set(mapping.values())) == 21
+    assert mapping["1.mlp.down_proj"].startswith("/model/layers.1/mlp/down_proj")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_mapping_other_families(model_dirs, tmp_path, family):
+    session = Session.open(model_dirs[family])
+    path = export_fp32(session.model, session.tokenizer, tmp_path / "fp32")
+    mapping, missing = map_linears(onnx.load(str(path)), session.anatomy)
+    assert not missing, missing
+
+
+def test_int8_export_keeps_chosen_layers_and_validates(llama_session, tmp_path):
+    data = llama_session.data(SPEC)
+    report = checkup(llama_session, CheckupPlan(modifications=["int8-dynamic"], scope="linears", knowledge=False,
+                                                threshold=0.0005), data)
+    events = list(export_model(llama_session, data, tmp_path / "out", "int8", report, budget_kl=1.0))
+    final = events[-1]
+    assert isinstance(final, Finished) and final.reason == "completed", events
+    result = final.report
+    bleeding = {p.spec.targets[0] for p in report.probes if p.bleeding}
+    assert bleeding and bleeding <= set(result.excluded_linears)
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert set(result.excluded_nodes) <= matmuls  # kept as float MatMul
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
+    card = json.loads((tmp_path / "out" / "modeldoctor.json").read_text())
+    assert card["passed"] and card["validation"]["kl_mean"] == result.validation["kl_mean"]
+    assert {"tokenizer.json", "config.json", "generation_config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_over_budget_writes_nothing(llama_session, tmp_path):
+    events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "out", "int4", budget_kl=1e-9))
+    assert isinstance(events[-2], Failed) and "over budget" in events[-2].message
+    assert events[-1].report.passed is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_target_needs_permission(llama_session, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "out", "fp32"))
+    assert isinstance(events[-2], Failed) and "already exists" in events[-2].message
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "out", "fp32", overwrite=True))
+    assert events[-1].reason == "completed" and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_cancel_leaves_nothing(llama_session, tmp_path):
+    control = RunControl()
+    events = []
+    for event in export_model(llama_session, llama_session.data(SPEC), tmp_path / "out", "int8", control=control):
+        events.append(event)
+        if isinstance(event, Stage) and event.name == "quantize":
+            control.cancel()
+    assert events[-1].reason == "cancelled"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_export_leaves_no_target(llama_dir, tmp_path):
+    code = (f"from modeldoctor.cli import main; main(['export', {str(llama_dir)!r}, '--precision', 'int8', "
+            f"'--out', {str(tmp_path / 'out')!r}, '--tokens', '64'])")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "export:" in line:  # the optimum export has begun
+            break
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "out").exists()
+    # The next export cleans up what the killed one left.
+    session = Session.open(llama_dir)
+    events = list(export_model(session, session.data(SPEC), tmp_path / "out", "fp32"))
+    assert events[-1].reason == "completed"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_per_channel_int8_is_refused(exported, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _, path = exported
+    bad = tmp_path / "per_channel.onnx"
+    quantize_dynamic(path, bad, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    with pytest.raises(ModelDoctorError, match="per-channel"):
+        refuse_collapse_modes(bad)
+    good = tmp_path / "per_tensor.onnx"
+    quantize_dynamic(path, good, per_channel=False, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    refuse_collapse_modes(good)
+
+
+def test_cli_export(llama_dir, tmp_path, capsys):
+    from modeldoctor.cli import main
+
+    assert main(["export", str(llama_dir), "--precision", "fp32", "--out", str(tmp_path / "o"), "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement" in out and "passed" in out
+    assert main(["export", str(llama_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "already exists" in capsys.readouterr().err
