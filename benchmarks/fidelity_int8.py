@@ -36,6 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnx
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from modeldoctor.checkup.plan import CheckupPlan
@@ -45,6 +47,7 @@ def main() -> None:
     from modeldoctor.export.onnx_export import export_fp32
     from modeldoctor.export.runtime import OnnxCausalLM
 
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer prints advice per call
     times: dict[str, float] = {}
     session = sample_session()
     data = session.data(DataSpec(tokens=args.tokens, seq_len=256, knowledge=False))

@@ -18,6 +18,7 @@ from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress
 from modeldoctor.gui.dialogs import ProbeDetailsDialog, show_error
 from modeldoctor.gui.pages.data import DataPage
 from modeldoctor.gui.pages.diagnosis import DiagnosisPage
+from modeldoctor.gui.pages.export import ExportPage
 from modeldoctor.gui.pages.load import LoadPage
 from modeldoctor.gui.pages.plan import PlanPage
 from modeldoctor.gui.pages.run import RunPage
@@ -69,7 +70,7 @@ class MainWindow(QMainWindow):
         self.run_page = RunPage()
         self.diagnosis_page = DiagnosisPage()
         self.treatment_page = UpcomingPage("Treatment")
-        self.export_page = UpcomingPage("Export")
+        self.export_page = ExportPage()
         for page in (self.load_page, self.data_page, self.plan_page, self.run_page, self.diagnosis_page,
                      self.treatment_page, self.export_page):
             self.pages.addWidget(page)
@@ -91,6 +92,8 @@ class MainWindow(QMainWindow):
         self.diagnosis_page.saveRequested.connect(self.save_session)
         self.diagnosis_page.htmlRequested.connect(self.export_html)
         self.diagnosis_page.csvRequested.connect(self.export_csv)
+        self.export_page.exportRequested.connect(self.start_export)
+        self.export_page.cancelRequested.connect(self.cancel_job)
 
         self._restore_settings()
         self.update_steps()
@@ -188,7 +191,8 @@ class MainWindow(QMainWindow):
             4: None if report and not running else ("Wait for the checkup to finish." if running
                                                     else "Run a checkup (or open a saved session) first."),
             5: None if report and not running else "Available after a diagnosis.",
-            6: None if report and not running else "Available after a diagnosis.",
+            6: None if loaded and not running else ("Wait for the checkup to finish." if running
+                                                    else "Load a model first."),
         }
         for index, reason in why.items():
             item = self.steps.item(index)
@@ -339,6 +343,8 @@ class MainWindow(QMainWindow):
             self._checkup_event(event)
         elif kind == "samples" and isinstance(event, JobResult) and self._samples_dialog is not None:
             self._samples_dialog.show_samples(event.value)
+        elif kind == "export":
+            self._export_event(event)
 
     def _checkup_event(self, event) -> None:
         page = self.run_page
@@ -370,6 +376,11 @@ class MainWindow(QMainWindow):
                 page.append_log("cancelled: the model was restored exactly")
 
     def _failed(self, event: Failed) -> None:
+        if self.job_kind == "export":
+            self.export_page.status.setText(event.message)
+            if "over budget" in event.message:
+                return  # the page shows the figures and offers the next step
+            self.export_page.set_running(False)
         if self.job_kind == "load":
             self.load_page.set_busy(False, "")
         if self.job_kind == "checkup":
@@ -405,12 +416,62 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"Model Doctor — {session.summary.name}")
         self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
         self._data_changed()
+        self.export_page.set_context(session, None)
         self.update_steps()
 
     def _set_report(self, report: CheckupReport) -> None:
         self.state.report = report
         self.diagnosis_page.show_report(report)
+        self.export_page.set_context(self.state.session, report)
         self.update_steps()
+
+    # ---- export ------------------------------------------------------------------------------
+    def start_export(self) -> None:
+        if self.state.session is None or self._busy_refuse():
+            return
+        page = self.export_page
+        folder = page.folder.text().strip()
+        if not folder:
+            show_error(self, "Choose a folder to export to.")
+            return
+        target = Path(folder).expanduser()
+        overwrite = False
+        if target.exists():
+            answer = QMessageBox.question(self, "Replace folder?", f"{target} already exists. Replace it with the "
+                                          "new export (only once the new one has passed validation)?")
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+            overwrite = True
+        session, spec = self.state.session, self.state.data_spec
+        precision, keep, budget, report = page.precision(), page.kept(), page.budget.value(), self.state.report
+        self.job_kind = "export"
+        page.set_running(True)
+        page.status.setText("Exporting …")
+
+        def work(control):
+            from dataclasses import replace
+
+            from modeldoctor.export.pipeline import export_model
+
+            data = session.data(replace(spec, knowledge=False))
+            yield from export_model(session, data, target, precision, report, keep, budget, overwrite,
+                                    control=control)
+        self.runner.start(work)
+        self.update_steps()
+
+    def _export_event(self, event) -> None:
+        page = self.export_page
+        if isinstance(event, Stage):
+            page.status.setText(f"{event.name}: {event.detail} …")
+        elif isinstance(event, LogMessage):
+            page.status.setText(event.message)
+        elif isinstance(event, Finished):
+            page.set_running(False)
+            if event.report is not None:
+                page.show_result(event.report)
+            elif event.reason == "cancelled":
+                page.status.setText("Export cancelled; nothing was written.")
+            self.statusBar().showMessage(f"Export {event.reason}: {event.message}")
 
     # ---- probe details ---------------------------------------------------------------------
     def show_probe(self, record) -> None:

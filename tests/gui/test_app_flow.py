@@ -166,3 +166,39 @@ def test_uncaught_exception_shows_dialog_and_logs(qtbot, window, monkeypatch, tm
     qtbot.waitUntil(lambda: bool(shown), timeout=5000)
     assert "surprise" in shown[0][0] and "Traceback" in shown[0][1]
     assert "surprise" in (tmp_path / "modeldoctor.log").read_text()
+
+
+def test_export_page_exports_and_validates(qtbot, window, llama_dir, tmp_path):
+    load(qtbot, window, llama_dir)
+    assert window.steps.item(6).flags() & Qt.ItemFlag.ItemIsEnabled
+    window.plan_page.scope_linears.setChecked(True)
+    window.plan_page.bits[4].setChecked(False)
+    window.plan_page.prune_on.setChecked(False)
+    window.plan_page.remove.setChecked(False)
+    window.plan_page.threshold.setValue(0.0005)
+    run_checkup(qtbot, window)
+    page = window.export_page
+    window.go(6)
+    assert page.kept(), "the checkup's bleeding layers are ticked"
+    page.folder.setText(str(tmp_path / "onnx"))
+    page.budget.setValue(5.0)
+    page.start.click()
+    qtbot.waitUntil(lambda: not window.runner.busy and page.table.rowCount() > 0, timeout=120000)
+    assert page.table.item(0, 1).text().startswith("passed")
+    assert (tmp_path / "onnx" / "model.onnx").exists() and (tmp_path / "onnx" / "modeldoctor.json").exists()
+    assert page.measured.isVisible()
+
+
+def test_export_over_budget_offers_next_step(qtbot, window, llama_dir, tmp_path):
+    load(qtbot, window, llama_dir)
+    page = window.export_page
+    page.precisions["int4"].setChecked(True)
+    page.folder.setText(str(tmp_path / "onnx"))
+    page.budget.setValue(0.001)
+    page.start.click()
+    qtbot.waitUntil(lambda: not window.runner.busy and page.table.rowCount() > 0, timeout=120000)
+    assert "over budget" in page.table.item(0, 1).text()
+    assert not (tmp_path / "onnx").exists()
+    assert page.more.isEnabled()
+    page.more.click()
+    assert len(page.kept()) == 5

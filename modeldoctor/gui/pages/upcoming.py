@@ -1,4 +1,4 @@
-"""Treatment and Export: said plainly while their engine calls are being built."""
+"""Treatment: said plainly while its engine calls are being built."""
 
 from __future__ import annotations
 
@@ -11,12 +11,8 @@ TEXTS = {
         "held-out text — activation-aware scaling (SmoothQuant / AWQ style) for the quantization "
         "bleeders, gradient-aware pruning, decoding calibration, mixed precision under a size "
         "budget, and knowledge-recovery prompting.</p>"
-        "<p>Until then, the Diagnosis page names each bleeding layer and the treatment it calls for.</p>"),
-    "Export": (
-        "<h2>Export</h2><p>Not available in this version.</p>"
-        "<p>Coming next: exporting the model to ONNX (fp32, int8 dynamic, int4) with the bleeding "
-        "layers kept in higher precision, validated against the original on your evaluation data "
-        "before it is handed over.</p>"),
+        "<p>Today: the Diagnosis page names each bleeding layer and the treatment it calls for, and "
+        "the Export page keeps the bleeding layers in fp32 — the mixed-precision fallback.</p>"),
 }
 
 

@@ -1,0 +1,229 @@
+"""Step 7: export a validated ONNX model, with the bleeding layers kept in fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QButtonGroup, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+    QListWidget, QListWidgetItem, QPushButton, QRadioButton, QSplitter, QTableWidget, QTableWidgetItem,
+    QVBoxLayout, QWidget,
+)
+
+from modeldoctor.export.pipeline import DEFAULT_BUDGET_KL, PREDICTORS, predicted_kl
+from modeldoctor.gui.plots import LabelAxis, LogAxis
+from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
+
+KEPT_COLOR = (150, 150, 150)
+
+
+class ExportPage(QWidget):
+    exportRequested = Signal()
+    cancelRequested = Signal()
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.report = None
+        self._session = None
+        self.linears: list[str] = []
+        self.predicted: dict[str, float] = {}
+        layout = QVBoxLayout(self)
+        intro = QLabel("<h2>Export</h2>Exports through optimum-onnx, quantizes with onnxruntime, keeps the "
+                       "layers you tick in fp32, then validates the result against the original before "
+                       "handing it over. An export over the KL budget is not written.")
+        intro.setWordWrap(True)
+        layout.addWidget(intro)
+        splitter = QSplitter(Qt.Orientation.Horizontal)
+        left = QWidget()
+        form_box = QVBoxLayout(left)
+        options = QGroupBox("Precision and budget")
+        form = QFormLayout(options)
+        row = QHBoxLayout()
+        self.precision_group = QButtonGroup(self)
+        self.precisions = {}
+        for name, text in (("fp32", "fp32"), ("int8", "int8 dynamic"), ("int4", "int4 weight-only (block 32)")):
+            button = QRadioButton(text)
+            self.precisions[name] = button
+            self.precision_group.addButton(button)
+            row.addWidget(button)
+        self.precisions["int8"].setChecked(True)
+        form.addRow("Precision:", row)
+        self.budget = QDoubleSpinBox()
+        self.budget.setDecimals(3)
+        self.budget.setRange(0.001, 5.0)
+        self.budget.setSingleStep(0.005)
+        self.budget.setValue(DEFAULT_BUDGET_KL)
+        self.budget.setSuffix(" nats")
+        form.addRow("Largest mean KL:", self.budget)
+        folder_row = QHBoxLayout()
+        self.folder = QLineEdit()
+        self.folder.setPlaceholderText("folder to create")
+        choose = QPushButton("Choose…")
+        folder_row.addWidget(self.folder, 1)
+        folder_row.addWidget(choose)
+        form.addRow("Save to:", folder_row)
+        form_box.addWidget(options)
+        keep_box = QGroupBox("Keep in fp32 (ticked from the checkup; adjust freely)")
+        keep_layout = QVBoxLayout(keep_box)
+        self.keep = QListWidget()
+        keep_layout.addWidget(self.keep)
+        self.keep_note = QLabel()
+        self.keep_note.setWordWrap(True)
+        keep_layout.addWidget(self.keep_note)
+        form_box.addWidget(keep_box, 1)
+        buttons = QHBoxLayout()
+        self.start = QPushButton("Export and validate")
+        self.start.setMinimumHeight(32)
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setEnabled(False)
+        self.more = QPushButton("Keep 5 more layers in fp32")
+        self.more.setEnabled(False)
+        for button in (self.start, self.cancel, self.more):
+            buttons.addWidget(button)
+        form_box.addLayout(buttons)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        form_box.addWidget(self.status)
+        splitter.addWidget(left)
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        self.table = QTableWidget(0, 2)
+        self.table.setHorizontalHeaderLabels(["validation", "value"])
+        self.table.verticalHeader().hide()
+        right_layout.addWidget(self.table, 1)
+        self.bottom_axis = LabelAxis(orientation="bottom")
+        self.chart = pg.PlotWidget(axisItems={"bottom": self.bottom_axis,
+                                              "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
+        self.chart.setTitle("checkup's predicted KL per layer (grey: kept in fp32) vs measured KL of the export")
+        self.chart.setMouseEnabled(x=False, y=False)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brushes=[])
+        self.chart.addItem(self.bars)
+        self.measured = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen((31, 119, 180), width=2),
+                                        label="exported: {value:.3g}", labelOpts={"position": 0.9})
+        self.predicted_line = pg.InfiniteLine(angle=0, movable=False,
+                                              pen=pg.mkPen((224, 123, 57), width=2, style=Qt.PenStyle.DashLine))
+        self.chart.addItem(self.measured)
+        self.chart.addItem(self.predicted_line)
+        self.measured.hide()
+        self.predicted_line.hide()
+        right_layout.addWidget(self.chart, 1)
+        splitter.addWidget(right)
+        splitter.setSizes([420, 640])
+        layout.addWidget(splitter, 1)
+
+        choose.clicked.connect(self._choose_folder)
+        self.start.clicked.connect(self.exportRequested)
+        self.cancel.clicked.connect(self.cancelRequested)
+        self.more.clicked.connect(lambda: self.keep_more(5))
+        self.precision_group.buttonToggled.connect(lambda *a: self.refresh_suggestions())
+        self.budget.valueChanged.connect(lambda *a: self.refresh_suggestions())
+        self.keep.itemChanged.connect(lambda *a: self._draw_prediction())
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getSaveFileName(self, "Export to a new folder", self.folder.text() or "model-onnx")[0]
+        if folder:
+            self.folder.setText(folder)
+
+    def precision(self) -> str:
+        return next(name for name, button in self.precisions.items() if button.isChecked())
+
+    def set_context(self, session, report) -> None:
+        """A (new) model or checkup: list its linears and tick the suggested ones."""
+        self._session = session
+        self.report = report
+        self.linears = session.anatomy.linear_names() if session is not None else []
+        if session is not None and not self.folder.text():
+            self.folder.setText(str(Path.home() / f"{session.summary.name}-onnx"))
+        self.refresh_suggestions()
+
+    def refresh_suggestions(self) -> None:
+        from modeldoctor.export.pipeline import choose_exclusions
+
+        precision = self.precision()
+        self.predicted = {}
+        chosen, notes = [], []
+        if self.report is not None and precision != "fp32":
+            _, kl, _ = predicted_kl(self.report, precision)
+            self.predicted = {t: v for t, v in kl.items() if "." in t}
+            if self._session is not None:
+                chosen, notes = choose_exclusions(self._session, self.report, precision, self.budget.value())
+        self.keep.blockSignals(True)
+        self.keep.clear()
+        for name in sorted(self.linears, key=lambda n: self.predicted.get(n, 0), reverse=True):
+            value = self.predicted.get(name)
+            item = QListWidgetItem(f"{name}" + (f"   (predicted KL {value:.4f})" if value is not None else ""))
+            item.setData(Qt.ItemDataRole.UserRole, name)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Checked if name in chosen else Qt.CheckState.Unchecked)
+            self.keep.addItem(item)
+        self.keep.blockSignals(False)
+        self.keep.setEnabled(precision != "fp32")
+        if precision == "fp32":
+            self.keep_note.setText("fp32 keeps every layer in full precision.")
+        elif not self.predicted:
+            self.keep_note.setText(" ".join(notes) or f"Run a checkup with linear scope and "
+                                   f"{PREDICTORS[precision][0]} to get suggestions.")
+        else:
+            self.keep_note.setText(" ".join(notes))
+        self._draw_prediction()
+
+    def kept(self) -> list[str]:
+        return [self.keep.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.keep.count())
+                if self.keep.item(i).checkState() == Qt.CheckState.Checked]
+
+    def keep_more(self, count: int) -> None:
+        """The next step after an over-budget export: the worst unticked layers go to fp32."""
+        added = 0
+        for i in range(self.keep.count()):
+            item = self.keep.item(i)
+            if item.checkState() == Qt.CheckState.Unchecked and added < count:
+                item.setCheckState(Qt.CheckState.Checked)
+                added += 1
+        self.status.setText(f"{added} more layers will stay in fp32. Export again.")
+
+    def _draw_prediction(self) -> None:
+        names = [n for n in sorted(self.predicted, key=self.predicted.get, reverse=True)][:60]
+        kept = set(self.kept())
+        heights = [log_kl(self.predicted[n]) - np.log10(KL_FLOOR) for n in names]
+        brushes = [pg.mkBrush(*(KEPT_COLOR if n in kept else SEVERITY_COLORS["moderate"])) for n in names]
+        self.bars.setOpts(x=np.arange(len(names), dtype=float), height=heights, brushes=brushes,
+                          pen=pg.mkPen(None), pens=None)
+        self.bottom_axis.set_labels(names)
+        remaining = sum(v for n, v in self.predicted.items() if n not in kept)
+        if self.predicted:
+            self.predicted_line.setPos(log_kl(remaining) - np.log10(KL_FLOOR))
+            self.predicted_line.setToolTip(f"predicted KL of the export: {remaining:.4f}")
+            self.predicted_line.show()
+
+    def set_running(self, running: bool) -> None:
+        self.start.setEnabled(not running)
+        self.cancel.setEnabled(running)
+        if running:
+            self.more.setEnabled(False)
+
+    def show_result(self, result) -> None:
+        v, fp32 = result.validation, result.fp32
+        rows = [("verdict", "passed — written" if result.passed else "over budget — nothing written"),
+                ("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
+                ("KL median / p99 / max", f"{v['kl_median']:.4f} / {v['kl_p99']:.3f} / {v['kl_max']:.3f}"),
+                ("top-1 agreement", f"{v['same_top']:.1%}"),
+                ("perplexity (original)", f"{v['ppl']:.3f} ({v['ppl_ref']:.3f})"),
+                ("greedy 32 tokens identical", f"{v['greedy_identical']:.0%} of prompts"),
+                ("first divergence", f"{v['greedy_first_divergence']:.1f} tokens"),
+                ("size on disk", f"{v['size_bytes'] / 2**20:,.0f} MiB ({v['size_bytes'] / fp32['size_bytes']:.0%})"),
+                ("latency vs fp32 ONNX", f"×{v.get('latency_ratio', 1):.2f}"),
+                ("kept in fp32", f"{len(result.excluded_linears)} layers")]
+        self.table.setRowCount(len(rows))
+        for r, (key, value) in enumerate(rows):
+            self.table.setItem(r, 0, QTableWidgetItem(key))
+            self.table.setItem(r, 1, QTableWidgetItem(value))
+        self.table.resizeColumnsToContents()
+        self.measured.setPos(log_kl(v["kl_mean"]) - np.log10(KL_FLOOR))
+        self.measured.label.setFormat(f"exported: {v['kl_mean']:.3g}")
+        self.measured.show()
+        self.more.setEnabled(not result.passed and result.precision != "fp32")
+        self.status.setText(f"Exported to {result.path}." if result.passed else
+                            "Over budget: keep more layers in fp32 (button above) or treat them, then export again.")
