@@ -508,12 +508,16 @@ class MainWindow(QMainWindow):
         if path:
             self.write_session(path)
 
-    def write_session(self, path: Path) -> None:
+    def _write_file(self, path: Path, write) -> None:
+        """Run write(path); a full disk or a read-only folder becomes a message, not a crash."""
         try:
-            self.state.report.save_file(path)
-            self.statusBar().showMessage(f"Saved session to {path}.")
+            write(path)
+            self.statusBar().showMessage(f"Wrote {path}.")
         except OSError as exc:
-            show_error(self, f"Could not save the session to {path}: {exc.strerror or exc}.")
+            show_error(self, f"Could not write {path}: {exc.strerror or exc}.")
+
+    def write_session(self, path: Path) -> None:
+        self._write_file(path, self.state.report.save_file)
 
     def open_session(self, path: str | None = None) -> None:
         if self._busy_refuse():
@@ -552,22 +556,14 @@ class MainWindow(QMainWindow):
     def write_html(self, path: Path) -> None:
         from modeldoctor.report.html import write_html
 
-        try:
-            write_html(self.state.report, path, self.report_images())
-            self.statusBar().showMessage(f"Wrote {path}.")
-        except OSError as exc:
-            show_error(self, f"Could not write {path}: {exc.strerror or exc}.")
+        self._write_file(path, lambda p: write_html(self.state.report, p, self.report_images()))
 
     def export_csv(self) -> None:
         if self.state.report is None:
             return
         path = self._ask_path("Export CSV", ".csv", "CSV (*.csv)")
         if path:
-            try:
-                path.write_text(self.state.report.to_csv(), encoding="utf-8")
-                self.statusBar().showMessage(f"Wrote {path}.")
-            except OSError as exc:
-                show_error(self, f"Could not write {path}: {exc.strerror or exc}.")
+            self._write_file(path, lambda p: p.write_text(self.state.report.to_csv(), encoding="utf-8"))
 
     # ---- closing -----------------------------------------------------------------------------
     def closeEvent(self, event) -> None:

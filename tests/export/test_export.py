@@ -152,3 +152,14 @@ def test_cli_export(llama_dir, tmp_path, capsys):
     assert "top-1 agreement" in out and "passed" in out
     assert main(["export", str(llama_dir), "--out", str(tmp_path / "o")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_folder_loads_in_optimum(llama_session, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "out", "int8", budget_kl=5.0))
+    assert events[-1].reason == "completed"
+    model = ORTModelForCausalLM.from_pretrained(tmp_path / "out", use_cache=True)
+    ids = torch.randint(3, 300, (1, 12))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 16)
