@@ -51,6 +51,7 @@ class Session:
         self._data: dict[DataSpec, EvalData] = {}
         self._references: dict[DataSpec, Reference] = {}
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
+        self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def open(cls, path: str | Path, allow_pickle: bool = False) -> "Session":
@@ -137,10 +138,45 @@ class Session:
         self._input_norms[data.spec] = norms
         return norms
 
+    def gradient_norms(self, data: EvalData, control: RunControl | None = None) -> dict[str, torch.Tensor]:
+        """Per weight of every block linear: sqrt of the summed squared gradient of the LM loss
+        over the calibration batches (first-order importance, as LLM-Pruner and GBLM use)."""
+        if data.spec in self._grad_norms:
+            return self._grad_norms[data.spec]
+        control = control or RunControl()
+        names = self.anatomy.linear_names()
+        weights = {name: self.anatomy.linear(name).weight for name in names}
+        sums = {name: torch.zeros_like(w) for name, w in weights.items()}
+        saved = {p: p.requires_grad for p in self.model.parameters()}
+        try:
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            for weight in weights.values():
+                weight.requires_grad_(True)
+            for batch in data.calibration_batches or data.eval_batches:
+                control.checkpoint()
+                with torch.enable_grad():
+                    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+                    loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      labels=labels, use_cache=False).loss
+                    loss.backward()
+                for name, weight in weights.items():
+                    sums[name] += weight.grad.detach() ** 2
+                    weight.grad = None
+        finally:
+            for param, flag in saved.items():
+                param.requires_grad_(flag)
+                param.grad = None
+        norms = {name: value.sqrt() for name, value in sums.items()}
+        self._grad_norms[data.spec] = norms
+        return norms
+
     def mod_context(self, data: EvalData | None = None, need_norms: bool = False,
-                    control: RunControl | None = None) -> ModContext:
+                    control: RunControl | None = None, need_gradients: bool = False,
+                    keep: frozenset[str] = frozenset()) -> ModContext:
         norms = self.input_norms(data, control) if need_norms and data is not None else {}
-        return ModContext(self.model, self.anatomy, norms)
+        grads = self.gradient_norms(data, control) if need_gradients and data is not None else {}
+        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep))
 
     # ---- integrity -----------------------------------------------------------------------
     def weights_digest(self) -> str:

@@ -169,17 +169,22 @@ def test_severity_levels():
 
 
 def test_top_k_reference_approximates_full_kl(llama_session, small_data_spec, monkeypatch):
-    """Past the memory budget the reference keeps top-k log-probs; KL must stay close."""
+    """Past the memory budget the reference keeps top-k log-probs. Merging the tail into one
+    bucket can only lower KL, and the bound tightens as k grows (a random tiny model's
+    next-token distribution is nearly flat over its 320 tokens, the worst case for top-k)."""
     import modeldoctor.metrics.divergence as divergence
     from modeldoctor.session import Session
 
     plan = CheckupPlan(modifications=["int3"], knowledge=False)
     full = checkup(llama_session, plan, llama_session.data(small_data_spec))
     monkeypatch.setattr(divergence, "FULL_REFERENCE_BYTES", 0)
-    monkeypatch.setattr(divergence, "TOP_K", 64)
-    fresh = Session(llama_session.loaded)
-    approx = checkup(fresh, plan, fresh.data(small_data_spec))
-    assert approx.reference["reference_storage"] == "top-k"
-    for a, b in zip(approx.probes, full.probes):
-        assert a.metrics["kl_mean"] <= b.metrics["kl_mean"] * 1.0001  # a lower bound
-        assert a.metrics["kl_mean"] == pytest.approx(b.metrics["kl_mean"], rel=0.1)
+    approx = {}
+    for k in (32, 256):
+        monkeypatch.setattr(divergence, "TOP_K", k)
+        fresh = Session(llama_session.loaded)
+        approx[k] = checkup(fresh, plan, fresh.data(small_data_spec))
+        assert approx[k].reference["reference_storage"] == "top-k"
+    for small, large, exact in zip(approx[32].probes, approx[256].probes, full.probes):
+        assert small.metrics["kl_mean"] <= large.metrics["kl_mean"] * 1.0001
+        assert large.metrics["kl_mean"] <= exact.metrics["kl_mean"] * 1.0001  # a lower bound
+        assert large.metrics["kl_mean"] == pytest.approx(exact.metrics["kl_mean"], rel=0.1)

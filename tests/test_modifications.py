@@ -23,7 +23,7 @@ def test_every_modification_changes_then_restores_bit_exact(llama_session, small
     session = llama_session
     data = session.data(small_data_spec)
     mod = create(name)
-    ctx = session.mod_context(data, mod.needs_input_norms)
+    ctx = session.mod_context(data, mod.needs_input_norms, need_gradients=mod.needs_gradients)
     before = session.weights_digest()
     ids = data.eval_batches[0].input_ids
     reference = session.model(input_ids=ids).logits

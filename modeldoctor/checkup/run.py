@@ -61,11 +61,13 @@ class _CumulativeCarry:
 
 
 def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan, spec: ProbeSpec,
-            control: RunControl, carry: _CumulativeCarry | None = None) -> ProbeRecord:
-    """Apply one probe's modification, measure it against the reference, restore the model."""
+            control: RunControl, carry: _CumulativeCarry | None = None,
+            keep: frozenset[str] = frozenset()) -> ProbeRecord:
+    """Apply one probe's modification (leaving `keep` linears alone), measure it against the
+    reference, restore the model."""
     began = time.monotonic()
     mod = create(spec.modification)
-    ctx = session.mod_context(data, mod.needs_input_norms, control)
+    ctx = session.mod_context(data, mod.needs_input_norms, control, mod.needs_gradients, keep)
     if mod.family == "decoding":
         if ref.continuations is None:
             ref.continuations = decoding_metrics.reference_continuations(
@@ -137,6 +139,9 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
         if any(create(p.modification).needs_input_norms for p in probes):
             yield Stage("calibration", f"activation norms on {data.calibration_tokens} calibration tokens")
             session.input_norms(data, control)
+        if any(create(p.modification).needs_gradients for p in probes):
+            yield Stage("calibration", f"loss gradients on {data.calibration_tokens} calibration tokens")
+            session.gradient_norms(data, control)
         yield PlanReady(tuple(probes), tuple(skipped))
         for note in skipped:
             yield LogMessage(note)
@@ -197,7 +202,7 @@ def sample_continuations(session: Session, spec: ProbeSpec, data: EvalData | Non
     texts = _decoding_prompts()[:prompts]
     mod = create(spec.modification)
     settings = getattr(mod, "settings", GREEDY)
-    ctx = session.mod_context(data, mod.needs_input_norms)
+    ctx = session.mod_context(data, mod.needs_input_norms, need_gradients=mod.needs_gradients)
     out = []
     for text in texts:
         ids = session.tokenizer(text)["input_ids"]

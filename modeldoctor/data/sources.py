@@ -49,6 +49,7 @@ class DataSpec:
     batch_size: int = 4
     knowledge: bool = True  # also score the knowledge probes
     seed: int = 0
+    split: str = "eval"  # "calibration" for the view whose evaluation batches are the calibration split
 
     def describe(self) -> str:
         return f"{self.source}: {self.tokens} eval tokens in sequences of {self.seq_len}"
@@ -62,6 +63,13 @@ class EvalData:
     knowledge_batches: list[Batch]
     knowledge_probes: list[KnowledgeProbe]
     notes: list[str] = field(default_factory=list)
+
+    def calibration_view(self) -> "EvalData":
+        """The calibration split seen as evaluation data: treatments fit on it, never on eval."""
+        from dataclasses import replace
+
+        return EvalData(replace(self.spec, split="calibration", knowledge=False), self.calibration_batches, [],
+                        [], [], list(self.notes))
 
     @property
     def eval_tokens(self) -> int:

@@ -29,6 +29,10 @@ class ModContext:
     anatomy: Anatomy
     # Linear name -> L2 norm of each input feature over the calibration split (Wanda, AWQ...).
     input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Linear name -> per-weight L2 norm of the LM-loss gradient over calibration batches.
+    grad_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Linears left untouched (kept in higher precision by a mixed-precision plan).
+    keep: frozenset[str] = frozenset()
 
 
 class Modification:
@@ -37,6 +41,7 @@ class Modification:
     family: str = ""  # quantize | prune | structure | decoding
     scopes: tuple[str, ...] = SCOPES
     needs_input_norms: bool = False
+    needs_gradients: bool = False
     sweep_strength: float | None = None  # bits or sparsity, for robustness curves
     sweep_group: str | None = None  # modifications on one robustness curve share this
 
@@ -76,13 +81,13 @@ class WeightModification(Modification):
 
     @contextlib.contextmanager
     def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
-        names = [n for t in targets for n in self.linears_for(ctx, t)]
+        names = [n for t in targets for n in self.linears_for(ctx, t) if n not in ctx.keep]
         with preserved_weights(ctx.anatomy, names), temporary_hooks() as hooks:
             with torch.no_grad():
                 for name in names:
                     module = ctx.anatomy.linear(name)
                     view = weight_matrix(module)
-                    view.copy_(self.new_weight(ctx, name, view.detach().clone()))
+                    view.copy_(self.new_weight(ctx, name, view.detach().clone(memory_format=torch.contiguous_format)))
                     hooks.extend(self.extra_hooks(ctx, name, module))
             yield
 

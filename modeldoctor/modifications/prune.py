@@ -122,3 +122,45 @@ class StructuredPrune(WeightModification):
           ("prune-heads-25", "prune-channels-25"))
 def _structured(match):
     return StructuredPrune(match[0], match["unit"], int(match["pct"]) / 100)
+
+
+def gradient_score(ctx: ModContext, linear: str, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """|W| * (||x_j|| + alpha * G_ij), the gradient norm rescaled to the activation norms' mean
+    so that alpha weighs the two on the same footing (alpha = 0 is Wanda)."""
+    norms = ctx.input_norms.get(linear)
+    grads = ctx.grad_norms.get(linear)
+    if norms is None or grads is None:
+        raise PlanError(f"Gradient-aware pruning needs calibration activations and gradients for {linear}.")
+    grads = grads.t() if grads.shape != weight.shape else grads  # Conv1D stores (in, out)
+    scaled = grads / grads.mean().clamp(min=1e-20) * norms.mean()
+    return weight.abs() * (norms[None, :] + alpha * scaled)
+
+
+class GradientPrune(WeightModification):
+    """The study's first mitigation: first-order (gradient) importance combined with Wanda's
+    activation norms, pruned per output row, unstructured or 2:4."""
+
+    family = "prune"
+    needs_input_norms = True
+    needs_gradients = True
+
+    def __init__(self, name: str, sparsity: float | None, alpha: float = 1.0) -> None:
+        super().__init__(name)
+        self.sparsity, self.alpha = sparsity, alpha
+        if sparsity is not None:
+            self.sweep_strength = sparsity
+            self.sweep_group = f"prune-grad-a{alpha:g}"
+
+    def new_weight(self, ctx, linear, weight):
+        score = gradient_score(ctx, linear, weight, self.alpha)
+        if self.sparsity is None:
+            return n_of_m(weight, score)
+        return prune_lowest(weight, score, self.sparsity, per_row=True)
+
+
+@register(r"prune-grad-(?:(?P<pct>[1-9][0-9]?)|(?P<nm>2of4))(?:-a(?P<alpha>[0-9]+(?:\.[0-9]+)?))?",
+          "gradient-aware pruning: |W|·(‖x‖ + α·‖∂L/∂W‖) per row, to % sparsity or 2:4",
+          ("prune-grad-50", "prune-grad-2of4", "prune-grad-50-a2"))
+def _gradient(match):
+    sparsity = int(match["pct"]) / 100 if match["pct"] else None
+    return GradientPrune(match[0], sparsity, float(match["alpha"]) if match["alpha"] else 1.0)

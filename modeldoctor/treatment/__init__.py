@@ -1,0 +1,1 @@
+"""Treatments: mitigations that stop the bleeding, each measured before and after."""
