@@ -181,8 +181,6 @@ def print_report(report, top: int = 15) -> None:
 
 def cmd_export(args) -> int:
     from modeldoctor.data import DataSpec
-    from modeldoctor.events import Failed, Finished, LogMessage, Stage
-    from modeldoctor.export.pipeline import export_model
     from modeldoctor.report import CheckupReport
 
     report = CheckupReport.load(args.from_checkup) if args.from_checkup else None
@@ -192,9 +190,16 @@ def cmd_export(args) -> int:
     session = _open_session(args)
     data = session.data(DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False))
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep is not None else None
+    return _run_export(session, data, out, args.precision, report, keep, args.budget, args.force)
+
+
+def _run_export(session, data, out: Path, precision: str, report, keep, budget: float, force: bool) -> int:
+    from modeldoctor.events import Failed, Finished, LogMessage, Stage
+    from modeldoctor.export.pipeline import export_model
+
     began = time.monotonic()
     final = None
-    for event in export_model(session, data, out, args.precision, report, keep, args.budget, args.force):
+    for event in export_model(session, data, out, precision, report, keep, budget, force):
         if isinstance(event, Stage):
             print(f"[{time.monotonic() - began:5.0f} s] {event.name}: {event.detail}", file=sys.stderr)
         elif isinstance(event, LogMessage):
@@ -208,8 +213,126 @@ def cmd_export(args) -> int:
         print_validation(result)
     if final.reason != "completed":
         return EXIT_USER_ERROR if final.reason == "failed" else EXIT_CANCELLED
-    print(f"\nExported {args.precision} model to {result.path} (validated, {final.message}).")
+    print(f"\nExported {precision} model to {result.path} (validated, {final.message}).")
     return 0
+
+
+def cmd_treatments(args) -> int:
+    from modeldoctor.treatment.base import treatments
+
+    for treatment in treatments():
+        print(f"{treatment.name:<24} {treatment.title}: {treatment.summary}")
+    return 0
+
+
+def cmd_treat(args) -> int:
+    from tqdm import tqdm
+
+    from modeldoctor.control import RunControl
+    from modeldoctor.data import DataSpec
+    from modeldoctor.events import Failed, Finished, LogMessage, Progress, Stage, TreatmentResult
+    from modeldoctor.report import CheckupReport
+    from modeldoctor.treatment.base import TreatmentPlan
+    from modeldoctor.treatment.run import run_treatments
+
+    names = [n.strip() for n in args.treatments.split(",") if n.strip()] if args.treatments else []
+    target, sparsity = args.target, args.sparsity
+    if not names:
+        if not args.from_checkup:
+            raise ModelDoctorError("Name the treatments (--treatments, see 'modeldoctor treatments') or give "
+                                   "--from-checkup DIR to take the diagnosis's recommendations.")
+        from modeldoctor.treatment.recommend import recommend
+
+        advice = recommend(CheckupReport.load(args.from_checkup))
+        if not advice:
+            print("The checkup found nothing that a treatment addresses.")
+            return 0
+        first = next((a for a in advice if a.target == args.target), advice[0])
+        names, target = list(first.treatments), first.target
+        sparsity = first.sparsity or sparsity
+        for item in advice:
+            print(("→ " if item is first else "  ") + item.reason, file=sys.stderr)
+    plan = TreatmentPlan(names, target=target, budget=args.budget, sparsity=sparsity,
+                         pattern=args.pattern, decoding=args.decoding, threshold=args.threshold)
+    plan.validate()
+    if args.export and Path(args.export).expanduser().exists() and not args.force:
+        raise ModelDoctorError(f"{Path(args.export).expanduser()} already exists; pass --force to replace it.")
+    session = _open_session(args)
+    source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
+    spec = DataSpec(source=source, tokens=args.tokens, seq_len=min(256, args.tokens),
+                    calibration_tokens=args.calibration_tokens, seed=args.seed)
+    data = session.data(spec)
+    control = RunControl()
+    bar = tqdm(total=1, unit="pass", file=sys.stderr, disable=args.quiet,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{postfix}]")
+    bar.set_postfix_str("?", refresh=False)
+    final = None
+    events = run_treatments(session, plan, data, control)
+    try:
+        for event in events:
+            if isinstance(event, Stage):
+                bar.set_description(event.name[:30], refresh=False)
+                bar.write(f"{event.name}: {event.detail}", file=sys.stderr)
+            elif isinstance(event, Progress):
+                bar.total = event.total
+                bar.set_postfix_str(_format_seconds(event.eta_s), refresh=False)
+                bar.update(event.done - bar.n)
+            elif isinstance(event, TreatmentResult):
+                bar.write(f"  {event.outcome.verdict}", file=sys.stderr)
+            elif isinstance(event, Failed):
+                bar.close()
+                if event.details:
+                    _log_details(event.details)
+                raise ModelDoctorError(event.message)
+            elif isinstance(event, (LogMessage,)):
+                pass
+            elif isinstance(event, Finished):
+                final = event
+    except KeyboardInterrupt:
+        control.cancel()
+        events.close()  # rolls the treatments of this run back
+        bar.close()
+        print("Cancelled; the model was put back as it was.", file=sys.stderr)
+        return EXIT_CANCELLED
+    bar.close()
+    if final.reason == "cancelled":
+        print("Cancelled; the model was put back as it was.", file=sys.stderr)
+        return EXIT_CANCELLED
+    report = final.report
+    print_treatments(report)
+    path = report.save(Path(args.out).expanduser())
+    print(f"\nSaved {path} ({report.elapsed_s:.0f} s).")
+    if args.save_model:
+        from modeldoctor.treatment.save import save_treated_model
+
+        print(f"Saved the treated model to {save_treated_model(session, args.save_model, args.force)}.")
+    if args.export:
+        from modeldoctor.export.pipeline import export_model
+
+        export_data = session.data(DataSpec(source=source, tokens=args.tokens, seq_len=min(256, args.tokens),
+                                            calibration_tokens=args.calibration_tokens, knowledge=False,
+                                            seed=args.seed))
+        checkup = CheckupReport.load(args.from_checkup) if args.from_checkup else None
+        return _run_export(session, export_data, Path(args.export).expanduser(), args.precision, checkup, None,
+                           args.export_budget, args.force)
+    return 0
+
+
+def print_treatments(report) -> None:
+    from modeldoctor.treatment.base import FIGURES
+
+    for outcome in report.outcomes:
+        print(f"\n{outcome.title} — {'applied' if outcome.applied else 'not applied'} ({outcome.seconds:.0f} s)")
+        print(f"  measured on: {outcome.deployment}, held-out text")
+        for key, (label, fmt) in FIGURES.items():
+            if key in outcome.before and key in outcome.after:
+                print(f"  {label:<18} {fmt.format(outcome.before[key]):>10} → {fmt.format(outcome.after[key]):>10}")
+        if outcome.name == "prune-grad":
+            for row in outcome.table:
+                print(f"    {row['method']:<16} mean KL {row['kl_mean']:.4f}  top-1 {row['same_top']:.1%}  "
+                      f"perplexity {row['ppl']:.3f}")
+        print(f"  {outcome.verdict}")
+    print(f"\nTreated model: {'; '.join(a['summary'] for a in report.state.get('applied', [])) or 'untreated'}")
 
 
 def print_validation(result) -> None:
@@ -273,6 +396,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("treat", help="treat the bleeding: scaling, gradient-aware pruning, mixed precision, "
+                                     "temperature calibration, recovery prompts; each measured before/after")
+    model_args(p)
+    p.add_argument("--treatments", help="comma-separated, applied in order (see 'modeldoctor treatments'); "
+                                        "default: what --from-checkup recommends")
+    p.add_argument("--from-checkup", metavar="DIR", help="checkup folder whose diagnosis picks the treatments")
+    p.add_argument("--target", default="int8-dynamic",
+                   help="the deployment modification to treat: int8-dynamic, int4-g32-asym, … or none")
+    p.add_argument("--budget", type=float, default=0.10, help="mixed precision: fraction of weights in fp32")
+    p.add_argument("--sparsity", type=float, default=0.5, help="gradient-aware pruning sparsity (0.5 = 50 %%)")
+    p.add_argument("--pattern", choices=("unstructured", "2of4"), default="unstructured")
+    p.add_argument("--decoding", default="decode-sample", help="your decoding settings, e.g. decode-temp-0.7")
+    p.add_argument("--threshold", type=float, default=0.01, help="bleeding threshold, mean KL in nats")
+    p.add_argument("--data", default="builtin", help="builtin, self, or a .txt/.jsonl file")
+    p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (held out from the fits)")
+    p.add_argument("--calibration-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="treatment-results", help="folder for treatment.json")
+    p.add_argument("--save-model", metavar="DIR", help="also save the treated model as a safetensors folder")
+    p.add_argument("--export", metavar="DIR", help="then export the treated model to ONNX here")
+    p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int8", help="with --export")
+    p.add_argument("--export-budget", type=float, default=0.02, help="with --export: largest mean KL accepted")
+    p.add_argument("--force", action="store_true", help="replace --save-model / --export folders if they exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_treat)
+    p = sub.add_parser("treatments", help="list the treatments")
+    p.set_defaults(func=cmd_treatments)
     p = sub.add_parser("modifications", help="list the modifications a checkup can apply")
     p.set_defaults(func=cmd_modifications)
     p = sub.add_parser("checkup", help="probe the model layer by layer and rank the bleeding layers")

@@ -39,6 +39,13 @@ class ProbeResult:
 
 
 @dataclass(frozen=True)
+class TreatmentResult:
+    """One treatment finished: its before/after figures (a treatment.base.Outcome)."""
+
+    outcome: object
+
+
+@dataclass(frozen=True)
 class Progress:
     done: int
     total: int
@@ -67,7 +74,21 @@ class Failed:
 class Finished:
     reason: FinishReason
     message: str = ""
-    report: object = None  # CheckupReport for a checkup, ExportResult for an export
+    report: object = None  # CheckupReport, TreatmentReport or ExportResult, by job
 
 
-Event = Stage | PlanReady | ProbeStarted | ProbeResult | Progress | LogMessage | Failed | Finished
+def run_to_end(events) -> object:
+    """Consume a job's events; return the Finished report, or raise on failure or cancel."""
+    from modeldoctor.errors import CancelledError, ModelDoctorError
+
+    for event in events:
+        if isinstance(event, Failed):
+            raise ModelDoctorError(event.message)
+        if isinstance(event, Finished):
+            if event.reason == "cancelled":
+                raise CancelledError()
+            return event.report
+    raise RuntimeError("the job ended without a Finished event")
+
+
+Event = Stage | PlanReady | ProbeStarted | ProbeResult | TreatmentResult | Progress | LogMessage | Failed | Finished

@@ -6,6 +6,7 @@ calibration statistics per evaluation data, so redoing a step costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from modeldoctor.model import find_anatomy, load_model
 from modeldoctor.model.loading import LoadedModel
 from modeldoctor.model.summary import summarize
 from modeldoctor.modifications.base import ModContext
+from modeldoctor.treatment.save import read_treatment_card
+from modeldoctor.treatment.state import TreatmentState
 
 
 @dataclass
@@ -52,6 +55,10 @@ class Session:
         self._references: dict[DataSpec, Reference] = {}
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
+        self.treatment = TreatmentState()
+        card = read_treatment_card(loaded.path) if Path(loaded.path).is_dir() else None
+        if card:  # a treated model saved earlier: its fp32 list and temperature still apply
+            self.treatment.inherit(card)
 
     @classmethod
     def open(cls, path: str | Path, allow_pickle: bool = False) -> "Session":
@@ -67,7 +74,11 @@ class Session:
                   on_batch: Callable[[int, int], None] | None = None) -> Reference:
         if data.spec in self._references:
             return self._references[data.spec]
-        control = control or RunControl()
+        with self.original_weights():
+            return self._compute_reference(data, control or RunControl(), on_batch)
+
+    def _compute_reference(self, data: EvalData, control: RunControl,
+                           on_batch: Callable[[int, int], None] | None) -> Reference:
         vocab = int(self.anatomy.head.weight.shape[0])
         keep_full = keep_full_reference(data.eval_tokens, vocab)
         traces, logprobs, next_lp = [], [], []
@@ -177,6 +188,52 @@ class Session:
         norms = self.input_norms(data, control) if need_norms and data is not None else {}
         grads = self.gradient_norms(data, control) if need_gradients and data is not None else {}
         return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep))
+
+    # ---- treatments ------------------------------------------------------------------------
+    def begin_weight_treatment(self) -> None:
+        """Keep the untreated weights (once) before a treatment writes to the model."""
+        if self.treatment.original is None:
+            self.treatment.original_digest = self.weights_digest()
+            self.treatment.original = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    def weights_changed(self, function_preserving: bool) -> None:
+        """Calibration statistics belong to the weights they were measured on: forget them."""
+        self._input_norms.clear()
+        self._grad_norms.clear()
+        self.treatment.function_preserving = self.treatment.function_preserving and function_preserving
+
+    def snapshot_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def load_parameters(self, values: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, value in values.items():
+            params[name].copy_(value)
+
+    @contextlib.contextmanager
+    def original_weights(self):
+        """The untreated model for the duration: references and validation compare against it."""
+        if self.treatment.original is None:
+            yield
+            return
+        treated = self.snapshot_parameters()
+        self.load_parameters(self.treatment.original)
+        try:
+            yield
+        finally:
+            self.load_parameters(treated)
+
+    def reset_treatments(self) -> None:
+        """Back to the model as loaded, bit-exact (checked by digest)."""
+        if self.treatment.original is not None:
+            self.load_parameters(self.treatment.original)
+            expected = self.treatment.original_digest
+            if self.weights_digest() != expected:
+                raise RuntimeError("Restoring the untreated weights did not reproduce them exactly.")
+            self._input_norms.clear()
+            self._grad_norms.clear()
+        self.treatment = TreatmentState()
 
     # ---- integrity -----------------------------------------------------------------------
     def weights_digest(self) -> str:

@@ -15,7 +15,15 @@ from modeldoctor.modifications.prune import n_of_m, prune_lowest
 from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, quantize_rtn
 from modeldoctor.session import Session
 
-WEIGHT_AND_STRUCTURE = [n for n in example_names() if not n.startswith("decode") and not n.endswith("sweep")]
+WEIGHT_AND_STRUCTURE = [n for n in example_names()
+                        if not n.startswith("decode") and not n.endswith("sweep") and n != "none"]
+
+
+def test_none_changes_nothing(llama_session):
+    ids = torch.arange(3, 40)[None]
+    reference = llama_session.model(input_ids=ids).logits
+    with create("none").applied(llama_session.mod_context(), ["0", "1"]):
+        torch.testing.assert_close(llama_session.model(input_ids=ids).logits, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", WEIGHT_AND_STRUCTURE)

@@ -77,7 +77,7 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             if low < ref_knowledge - 0.02:
                 text += f" Knowledge-probe accuracy falls from {ref_knowledge:.0%} to as low as {low:.0%}."
         findings.append(Finding(f"{name}: {len(bleeding)} bleeding layer{'s' * (len(bleeding) > 1)}", text,
-                                _worst(bleeding), _sentence(TREATMENTS[family])))
+                                _worst(bleeding), _sentence(TREATMENTS[family]) if family in TREATMENTS else ""))
     for name, crossing in report.findings.get("cumulative", {}).items():
         findings.append(Finding(
             f"{name} across the model",

@@ -16,7 +16,7 @@ from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import (
-    Event, Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, ProbeStarted, Stage,
+    Event, Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, ProbeStarted, Stage, run_to_end,
 )
 from modeldoctor.metrics import attention as attention_metrics
 from modeldoctor.metrics import decoding as decoding_metrics
@@ -62,9 +62,9 @@ class _CumulativeCarry:
 
 def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan, spec: ProbeSpec,
             control: RunControl, carry: _CumulativeCarry | None = None,
-            keep: frozenset[str] = frozenset()) -> ProbeRecord:
+            keep: frozenset[str] = frozenset(), temperature: float = 1.0) -> ProbeRecord:
     """Apply one probe's modification (leaving `keep` linears alone), measure it against the
-    reference, restore the model."""
+    reference, restore the model. The logits are divided by `temperature` (decoding calibration)."""
     began = time.monotonic()
     mod = create(spec.modification)
     ctx = session.mod_context(data, mod.needs_input_norms, control, mod.needs_gradients, keep)
@@ -93,7 +93,8 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             trace = ref.traces[number]
             hidden = carry.start_state(spec, "eval", number, start) if carry and plan.prefix_cache else None
             run = replayer.run_from(trace, start, hidden)
-            divergence.add(ref.logprobs[number], ref.next_logprob[number], run.logits, batch.input_ids,
+            logits = run.logits if temperature == 1.0 else run.logits / temperature
+            divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
                            batch.attention_mask)
             cascade.add(trace.states, run.states, batch.attention_mask)
             new_states["eval"].append(run.states)
@@ -184,14 +185,7 @@ def _finish(report: CheckupReport, plan: CheckupPlan, status: str, began: float)
 
 def checkup(session: Session, plan: CheckupPlan, data: EvalData, control: RunControl | None = None) -> CheckupReport:
     """Run to the end and return the report; raises on failure or cancel."""
-    for event in run_checkup(session, plan, data, control):
-        if isinstance(event, Failed):
-            raise ModelDoctorError(event.message)
-        if isinstance(event, Finished):
-            if event.reason == "cancelled":
-                raise CancelledError()
-            return event.report
-    raise RuntimeError("checkup ended without a Finished event")
+    return run_to_end(run_checkup(session, plan, data, control))
 
 
 def sample_continuations(session: Session, spec: ProbeSpec, data: EvalData | None = None, prompts: int = 3,

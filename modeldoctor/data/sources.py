@@ -27,6 +27,7 @@ class Batch:
     # Knowledge batches: positions whose prediction must match, and the expected tokens.
     answer_positions: list[list[int]] = field(default_factory=list)
     answer_tokens: list[list[int]] = field(default_factory=list)
+    probe_indices: list[int] = field(default_factory=list)  # which probe each row is
 
     @property
     def num_tokens(self) -> int:
@@ -184,13 +185,13 @@ def knowledge_batches(tokenizer, probes: list[KnowledgeProbe], batch_size: int =
     """Prompt + answer sequences; the answer's tokens are what the model must predict."""
     pad = _pad_id(tokenizer)
     items = []
-    for probe in probes:
+    for index, probe in enumerate(probes):
         prompt_ids = tokenizer(probe.prompt)["input_ids"]
         full_ids = tokenizer(probe.prompt + " " + probe.answer)["input_ids"]
         if full_ids[:len(prompt_ids)] != prompt_ids:  # merged across the boundary
             full_ids = prompt_ids + tokenizer(" " + probe.answer, add_special_tokens=False)["input_ids"]
         answer = full_ids[len(prompt_ids):]
-        items.append((full_ids, list(range(len(prompt_ids) - 1, len(full_ids) - 1)), answer))
+        items.append((full_ids, list(range(len(prompt_ids) - 1, len(full_ids) - 1)), answer, index))
     items.sort(key=lambda item: len(item[0]))  # similar lengths together: little padding
     batches = []
     for start in range(0, len(items), batch_size):
@@ -198,6 +199,7 @@ def knowledge_batches(tokenizer, probes: list[KnowledgeProbe], batch_size: int =
         batch = _batches([g[0] for g in group], len(group), pad)[0]
         batch.answer_positions = [g[1] for g in group]
         batch.answer_tokens = [g[2] for g in group]
+        batch.probe_indices = [g[3] for g in group]
         batches.append(batch)
     return batches
 

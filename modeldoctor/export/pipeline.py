@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from modeldoctor import __version__
+from modeldoctor.atomic import prepare_target, replace_folder, staging_folder
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
-from modeldoctor.errors import CancelledError, ModelDoctorError, ResourceError
+from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Stage
 from modeldoctor.export.mapping import map_linears
 from modeldoctor.export.onnx_export import export_fp32
@@ -95,23 +96,22 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
     """Yield events; the last is Finished with an ExportResult (or Failed then Finished)."""
     control = control or RunControl()
     target = Path(target).expanduser().resolve()
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    staging = staging_folder(target)
     try:
         if precision not in PRECISIONS:
             raise ModelDoctorError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-        if target.exists() and not overwrite:
-            raise ModelDoctorError(f"{target} already exists; choose another folder or allow replacing it.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        needed = session.summary.memory_bytes * 3
-        free = shutil.disk_usage(target.parent).free
-        if free < needed:
-            raise ResourceError(f"Exporting needs about {needed / 1e9:.1f} GB free in {target.parent}; "
-                                f"only {free / 1e9:.1f} GB is free.")
-        excluded, notes = (list(exclude), []) if exclude is not None else choose_exclusions(
-            session, report, precision, budget_kl)
+        prepare_target(target, overwrite, session.summary.memory_bytes * 3)
+        treated = session.treatment
+        if exclude is not None:
+            excluded, notes = list(exclude), []
+        elif precision in PREDICTORS and treated.keep and treated.keep_for in PREDICTORS[precision]:
+            excluded = list(treated.keep)
+            notes = [f"Keeping the {len(excluded)} linears that the mixed-precision treatment chose for "
+                     f"{treated.keep_for} in fp32."]
+        else:
+            excluded, notes = choose_exclusions(session, report, precision, budget_kl)
         for note in notes:
             yield LogMessage(note)
-        _remove_stale_staging(target)
         yield Stage("export", "optimum-onnx, fp32, with past key values")
         fp32_path = export_fp32(session.model, session.tokenizer, staging / "fp32")
         control.checkpoint()
@@ -141,8 +141,13 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         yield Stage("validate", f"against the torch model on {data.eval_tokens} tokens")
         from modeldoctor.checkup.run import _decoding_prompts
 
+        temperature = treated.temperature if treated.temperature_for in (PREDICTORS.get(precision, ()) + ("none",)) \
+            else 1.0
+        if temperature != 1.0:
+            _set_generation_temperature(final, temperature)
         figures = validate(session.model, session.tokenizer, data, final / fp32_path.name,
-                           prompts if prompts is not None else _decoding_prompts(), fp32_latency, control)
+                           prompts if prompts is not None else _decoding_prompts(), fp32_latency, control,
+                           original=session.original_weights, temperature=temperature)
         passed = figures["kl_mean"] <= budget_kl
         message = (f"mean KL {figures['kl_mean']:.4f} {'≤' if passed else '>'} budget {budget_kl:g}; "
                    f"top-1 {figures['same_top']:.1%}; size {figures['size_bytes'] / fp32['size_bytes']:.0%} of fp32; "
@@ -154,8 +159,8 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
                          "(or treat the bleeding ones) and export again.")
             yield Finished("failed", message, result)
             return
-        _write_card(final, result, report)
-        _replace(final, target)
+        _write_card(final, result, report, treated.as_dict() if treated.treated else None, temperature)
+        replace_folder(final, target)
         yield Finished("completed", message, result)
     except CancelledError as exc:
         yield Finished("cancelled", str(exc))
@@ -169,19 +174,23 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_stale_staging(target: Path) -> None:
-    """Folders left by an export that was killed (its process is gone)."""
-    for folder in target.parent.glob(f".{target.name}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        alive = pid.isdigit() and int(pid) != os.getpid() and Path(f"/proc/{pid}").exists()
-        if not alive:
-            shutil.rmtree(folder, ignore_errors=True)
+def _set_generation_temperature(folder: Path, temperature: float) -> None:
+    """The calibrated temperature scales whatever sampling temperature the config had."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["temperature"] = round(float(config.get("temperature") or 1.0) * temperature, 6)
+    config["modeldoctor_calibrated_temperature"] = round(temperature, 6)
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def _write_card(folder: Path, result: ExportResult, report: CheckupReport | None) -> None:
+def _write_card(folder: Path, result: ExportResult, report: CheckupReport | None, treatment: dict | None = None,
+                temperature: float = 1.0) -> None:
     card = {"modeldoctor_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "precision": result.precision, "kept_in_fp32": result.excluded_linears,
-            "kept_in_fp32_onnx_nodes": result.excluded_nodes, "treatments_applied": [],
+            "kept_in_fp32_onnx_nodes": result.excluded_nodes,
+            "treatments_applied": treatment["applied"] if treatment else [],
+            "calibrated_temperature": temperature,
+            "recovery_prompts": treatment.get("recovery") if treatment else None,
             "validation": result.validation, "fp32_onnx": result.fp32, "budget_kl": result.budget_kl,
             "passed": result.passed, "notes": result.notes}
     if report is not None:
@@ -190,14 +199,3 @@ def _write_card(folder: Path, result: ExportResult, report: CheckupReport | None
         card["model"] = report.model
         card["diagnosis"] = [asdict(f) for f in diagnose(report)]
     (folder / "modeldoctor.json").write_text(json.dumps(card, indent=1), encoding="utf-8")
-
-
-def _replace(built: Path, target: Path) -> None:
-    """Rename the finished folder into place; an old target is removed only after that."""
-    backup = None
-    if target.exists():
-        backup = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, backup)
-    os.replace(built, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

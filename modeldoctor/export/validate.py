@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -40,17 +42,20 @@ def latency(model: OnnxCausalLM, tokens: int = LATENCY_TOKENS) -> float:
 
 
 def validate(torch_model, tokenizer, data: EvalData, onnx_path: Path, prompts: list[str],
-             baseline_latency_s: float | None = None, control: RunControl | None = None) -> dict:
-    """KL statistics, top-1 agreement, perplexity and greedy agreement against the torch model,
-    plus size on disk and latency (and its ratio to a baseline, the fp32 ONNX model)."""
+             baseline_latency_s: float | None = None, control: RunControl | None = None,
+             original: Callable[[], ContextManager] = contextlib.nullcontext, temperature: float = 1.0) -> dict:
+    """KL statistics, top-1 agreement, perplexity and greedy agreement against the torch model
+    as `original()` makes it (the untreated weights), plus size on disk and latency (and its
+    ratio to a baseline, the fp32 ONNX model). The exported logits are divided by the
+    calibrated `temperature`, as its generation config does when sampling."""
     control = control or RunControl()
     model = OnnxCausalLM(onnx_path)
     kl, same, nll_mod, nll_ref, delta = [], [], [], [], []
     for seq in sequences(data):
         control.checkpoint()
-        with torch.inference_mode():
+        with original(), torch.inference_mode():
             ref_logits = torch_model(input_ids=torch.from_numpy(seq)).logits.float()
-        mod_logits = torch.from_numpy(model.logits(seq)).float()
+        mod_logits = torch.from_numpy(model.logits(seq)).float() / temperature
         ref = RefLogProbs.from_logits(ref_logits, keep_full=True)
         logq = torch.log_softmax(mod_logits, -1)
         ids = torch.from_numpy(seq)
@@ -68,7 +73,7 @@ def validate(torch_model, tokenizer, data: EvalData, onnx_path: Path, prompts: l
     for prompt in prompts:
         control.checkpoint()
         prompt_ids = tokenizer(prompt)["input_ids"]
-        with torch.inference_mode():
+        with original(), torch.inference_mode():
             out = torch_model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
                                        dtype=torch.long), max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
                                        do_sample=False, temperature=None, top_p=None, top_k=None,

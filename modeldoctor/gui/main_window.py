@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
 
 from modeldoctor.checkup.plan import CheckupPlan, build_probes
 from modeldoctor.errors import ModelDoctorError
-from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, Stage
+from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, Stage, TreatmentResult
 from modeldoctor.gui.dialogs import ProbeDetailsDialog, show_error
 from modeldoctor.gui.pages.data import DataPage
 from modeldoctor.gui.pages.diagnosis import DiagnosisPage
@@ -22,7 +22,7 @@ from modeldoctor.gui.pages.export import ExportPage
 from modeldoctor.gui.pages.load import LoadPage
 from modeldoctor.gui.pages.plan import PlanPage
 from modeldoctor.gui.pages.run import RunPage
-from modeldoctor.gui.pages.upcoming import UpcomingPage
+from modeldoctor.gui.pages.treatment import TreatmentPage
 from modeldoctor.gui.state import AppState
 from modeldoctor.gui.worker import JobResult, JobRunner
 from modeldoctor.report.results import CheckupReport
@@ -69,7 +69,7 @@ class MainWindow(QMainWindow):
         self.plan_page = PlanPage()
         self.run_page = RunPage()
         self.diagnosis_page = DiagnosisPage()
-        self.treatment_page = UpcomingPage("Treatment")
+        self.treatment_page = TreatmentPage()
         self.export_page = ExportPage()
         for page in (self.load_page, self.data_page, self.plan_page, self.run_page, self.diagnosis_page,
                      self.treatment_page, self.export_page):
@@ -92,6 +92,10 @@ class MainWindow(QMainWindow):
         self.diagnosis_page.saveRequested.connect(self.save_session)
         self.diagnosis_page.htmlRequested.connect(self.export_html)
         self.diagnosis_page.csvRequested.connect(self.export_csv)
+        self.treatment_page.treatRequested.connect(self.start_treatment)
+        self.treatment_page.cancelRequested.connect(self.cancel_job)
+        self.treatment_page.saveModelRequested.connect(self.save_treated_model)
+        self.treatment_page.resetRequested.connect(self.reset_treatments)
         self.export_page.exportRequested.connect(self.start_export)
         self.export_page.cancelRequested.connect(self.cancel_job)
 
@@ -124,6 +128,10 @@ class MainWindow(QMainWindow):
         self.start_action = self._action(run, "Start checkup", self.start_checkup, "Ctrl+R")
         self.pause_action = self._action(run, "Pause / resume", lambda: self.run_page.pause.toggle(), "Ctrl+P")
         self.cancel_action = self._action(run, "Cancel", self.cancel_job, "Esc")
+        treat = self.menuBar().addMenu("&Treatment")
+        self.treat_action = self._action(treat, "Treat", self.start_treatment, "Ctrl+T")
+        self.save_treated_action = self._action(treat, "Save treated model…", self.save_treated_model)
+        self.reset_action = self._action(treat, "Back to the original model", self.reset_treatments)
         go = self.menuBar().addMenu("&Go")
         for number, name in enumerate(STEPS):
             self._action(go, name, lambda checked=False, n=number: self.go(n), f"Ctrl+{number + 1}")
@@ -190,7 +198,8 @@ class MainWindow(QMainWindow):
             3: None if (running or report) else "Start a checkup from the Plan step first.",
             4: None if report and not running else ("Wait for the checkup to finish." if running
                                                     else "Run a checkup (or open a saved session) first."),
-            5: None if report and not running else "Available after a diagnosis.",
+            5: None if loaded and not running else ("Wait for the checkup to finish." if running
+                                                    else "Load a model first."),
             6: None if loaded and not running else ("Wait for the checkup to finish." if running
                                                     else "Load a model first."),
         }
@@ -202,6 +211,11 @@ class MainWindow(QMainWindow):
         for action in (self.save_action, self.html_action, self.csv_action):
             action.setEnabled(report and not running)
         self.start_action.setEnabled(loaded and not self.runner.busy)
+        treated = loaded and self.state.session.treatment.treated
+        self.treat_action.setEnabled(loaded and not self.runner.busy)
+        self.save_treated_action.setEnabled(bool(treated) and not self.runner.busy)
+        self.reset_action.setEnabled(bool(treated) and not self.runner.busy)
+        self.treatment_page.start.setEnabled(loaded and not self.runner.busy and bool(self.treatment_page.plan().treatments))
         self.plan_page.start.setEnabled(loaded and not self.runner.busy and bool(self.plan_page.modifications()))
         self.pause_action.setEnabled(running)
         self.cancel_action.setEnabled(self.runner.busy)
@@ -345,6 +359,10 @@ class MainWindow(QMainWindow):
             self._samples_dialog.show_samples(event.value)
         elif kind == "export":
             self._export_event(event)
+        elif kind == "treatment":
+            self._treatment_event(event)
+        elif kind == "treated-model" and isinstance(event, JobResult):
+            self._treated_model_done(event.value)
 
     def _checkup_event(self, event) -> None:
         page = self.run_page
@@ -383,6 +401,8 @@ class MainWindow(QMainWindow):
             self.export_page.set_running(False)
         if self.job_kind == "load":
             self.load_page.set_busy(False, "")
+        if self.job_kind == "treatment":
+            self.treatment_page.end("failed", event.message)
         if self.job_kind == "checkup":
             self.state.running = False
             self.run_page.end("failed")
@@ -417,13 +437,108 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
         self._data_changed()
         self.export_page.set_context(session, None)
+        self.treatment_page.clear_outcomes()
+        self.treatment_page.show_recommendations([])
+        self.treatment_page.show_state(session.treatment)
         self.update_steps()
 
     def _set_report(self, report: CheckupReport) -> None:
         self.state.report = report
         self.diagnosis_page.show_report(report)
         self.export_page.set_context(self.state.session, report)
+        from modeldoctor.treatment.recommend import recommend
+
+        self.treatment_page.show_recommendations(recommend(report))
+        if not self.treatment_page.outcomes:
+            self.treatment_page.apply_recommendation()
         self.update_steps()
+
+    # ---- treatment ---------------------------------------------------------------------------
+    def start_treatment(self) -> None:
+        if self.state.session is None or self._busy_refuse():
+            return
+        page = self.treatment_page
+        plan = page.plan()
+        try:
+            plan.validate()
+        except ModelDoctorError as exc:
+            show_error(self, str(exc))
+            return
+        session, spec = self.state.session, self.state.data_spec
+        self.job_kind = "treatment"
+        page.begin()
+        self.go(5)
+
+        def work(control):
+            from modeldoctor.treatment.run import run_treatments
+
+            yield Stage("data", spec.describe())
+            yield from run_treatments(session, plan, session.data(spec), control)
+        self.runner.start(work)
+        self.update_steps()
+        self.statusBar().showMessage("Treating …")
+
+    def _treatment_event(self, event) -> None:
+        page = self.treatment_page
+        if isinstance(event, Stage):
+            page.status.setText(f"{event.name}: {event.detail}")
+        elif isinstance(event, Progress):
+            page.progress_update(event.done, event.total, event.eta_s, event.stage)
+        elif isinstance(event, TreatmentResult):
+            page.add_outcome(event.outcome)
+            page.show_state(self.state.session.treatment)
+        elif isinstance(event, Finished):
+            if event.reason == "failed":
+                return  # _failed has shown the message
+            text = (f"Done: {event.message}." if event.reason == "completed" else
+                    "Cancelled: the model and its treatments were put back as they were before this run.")
+            page.end(event.reason, text)
+            page.show_state(self.state.session.treatment)
+            self.export_page.set_context(self.state.session, self.state.report)
+            self.statusBar().showMessage(text)
+
+    def save_treated_model(self) -> None:
+        session = self.state.session
+        if session is None or not session.treatment.treated or self._busy_refuse():
+            return
+        folder, _ = QFileDialog.getSaveFileName(self, "Save the treated model to a new folder",
+                                                str(Path.home() / f"{session.summary.name}-treated"))
+        if folder:
+            self.write_treated_model(Path(folder), overwrite=False)
+
+    def write_treated_model(self, folder: Path, overwrite: bool) -> None:
+        """Save on the worker thread (a few hundred MB are written)."""
+        session = self.state.session
+        self.job_kind = "treated-model"
+        self.treatment_page.status.setText(f"Saving the treated model to {folder} …")
+
+        def work(control):
+            from modeldoctor.treatment.save import save_treated_model
+
+            return f"Saved the treated model to {save_treated_model(session, folder, overwrite)}."
+        self.runner.start_call(work)
+        self.update_steps()
+
+    def reset_treatments(self) -> None:
+        session = self.state.session
+        if session is None or not session.treatment.treated or self._busy_refuse():
+            return
+        self.job_kind = "treated-model"
+
+        def work(control):
+            session.reset_treatments()
+            return "Back to the original model (weights restored bit-exact)."
+        self.runner.start_call(work)
+        self.update_steps()
+
+    def _treated_model_done(self, message: str) -> None:
+        page = self.treatment_page
+        page.status.setText(message)
+        if "original" in message:
+            page.clear_outcomes()
+        page.show_state(self.state.session.treatment)
+        self.export_page.set_context(self.state.session, self.state.report)
+        self.statusBar().showMessage(message)
 
     # ---- export ------------------------------------------------------------------------------
     def start_export(self) -> None:

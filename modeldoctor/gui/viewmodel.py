@@ -130,3 +130,31 @@ class CheckupViewModel:
 
         return {group: (np.array([r.spec.strength for r in recs], float), np.array([r.score for r in recs]))
                 for group, recs in sweep_groups(self.records, "sweep-model").items()}
+
+
+@dataclass
+class BeforeAfter:
+    """Per-layer bars of one treatment: before and after on the same log axis."""
+
+    labels: list[str] = field(default_factory=list)
+    before: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+    threshold: float = 0.01
+
+    @classmethod
+    def from_outcome(cls, outcome, threshold: float) -> "BeforeAfter":
+        layers = getattr(outcome, "layers", None) or {}
+        return cls(list(layers.get("targets", [])), list(layers.get("before", [])), list(layers.get("after", [])),
+                   threshold)
+
+    def heights(self, values: list[float]) -> np.ndarray:
+        return np.array([log_kl(v) - math.log10(KL_FLOOR) for v in values])
+
+    def after_colors(self) -> list[tuple[int, int, int]]:
+        from modeldoctor.checkup.verdict import severity
+
+        return [SEVERITY_COLORS[severity(v, self.threshold)] for v in self.after]
+
+    def worst_after(self, count: int = 3) -> list[int]:
+        bleeding = [i for i, v in enumerate(self.after) if v > self.threshold]
+        return sorted(bleeding, key=lambda i: self.after[i], reverse=True)[:count]

@@ -174,3 +174,18 @@ def example_names() -> list[str]:
 def _load_builtin_families() -> None:
     # Importing the modules registers their families (one file per family).
     from modeldoctor.modifications import decoding, prune, quantize, structure  # noqa: F401
+
+
+class Unchanged(Modification):
+    """The model as it is: the baseline that treatments measure a treated model with."""
+
+    family = "none"
+
+    @contextlib.contextmanager
+    def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
+        yield
+
+
+@register(r"none", "no change: the model as it is (the baseline for a treated model)", ("none",))
+def _unchanged(match):
+    return Unchanged(match[0])

@@ -20,8 +20,11 @@ import torch
 
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
+from modeldoctor.errors import PlanError
 from modeldoctor.model.anatomy import weight_matrix
+from modeldoctor.modifications.base import create
 from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, ort_int8_weight, quantize_rtn
+from modeldoctor.treatment.base import Outcome, Treatment, collect, figures_text, register, rollback_point
 
 FOLD_TOLERANCE = 1e-4  # relative change of a block's output that still counts as unchanged
 ALPHAS = tuple(a / 10 for a in range(0, 10))
@@ -241,3 +244,87 @@ def _snapshot(session, group: ScaleGroup) -> list[tuple[torch.Tensor, torch.Tens
 def _restore(snapshot) -> None:
     for param, value in snapshot:
         param.copy_(value)
+
+
+
+# ---- the treatments --------------------------------------------------------------------------
+
+class _ScalingTreatment(Treatment):
+    method = ""
+    label = ""
+
+    def units(self, session, plan):
+        return 2 * session.anatomy.num_blocks + 3
+
+    def run(self, job):
+        """Per-layer and whole-model figures of the plan's target before and after folding the
+        scales; a fold that makes the deployed model worse on held-out text is rolled back."""
+        session, plan = job.session, job.plan
+        target = create(plan.target)
+        blocks = job.all_blocks
+        job.stage = f"{self.name}: before"
+        before_layers: list[float] = []
+        yield from collect(job.isolated(plan.target, blocks), before_layers)
+        before = job.whole_model(plan.target)
+        yield job.tick()
+        rollback = rollback_point(session)
+        session.begin_weight_treatment()
+        job.stage = f"{self.name}: searching scales"
+        summary = apply_scaling(session, job.data, self.method, bits=getattr(target, "bits", 4),
+                                group_size=getattr(target, "group", None),
+                                symmetric=getattr(target, "symmetric", True), control=job.control)
+        session.weights_changed(function_preserving=True)
+        float_change = job.whole_model("none", keep=[], temperature=1.0, knowledge=False)["kl_mean"]
+        yield job.tick()
+        job.stage = f"{self.name}: after"
+        after_layers: list[float] = []
+        yield from collect(job.isolated(plan.target, blocks), after_layers)
+        after = job.whole_model(plan.target)
+        yield job.tick()
+        applied = summary["scaled"] > 0 and after["kl_mean"] < before["kl_mean"]
+        if applied:
+            verdict = (f"{self.label} scales folded into {summary['scaled']} of {summary['groups']} layer groups: "
+                       f"{figures_text(before, after)}.")
+        else:
+            rollback()
+            why = (f"no layer group gained from {self.label} scaling" if not summary["scaled"] else
+                   f"{self.label} scaling made {plan.target} worse on held-out text "
+                   f"({figures_text(before, after, ('kl_mean',))})")
+            verdict = f"Rolled back: {why}."
+        return Outcome(
+            name=self.name, title=f"{self.label} scaling for {plan.target}",
+            deployment=f"{plan.target} on every block", before=before, after=after, applied=applied,
+            verdict=verdict, summary=f"{self.label} scales in {summary['scaled']} layer groups",
+            layers={"modification": plan.target, "targets": blocks, "before": before_layers, "after": after_layers},
+            details={**summary, "float_model_kl_after_fold": float_change})
+
+
+@register
+class SmoothQuantTreatment(_ScalingTreatment):
+    name = "smoothquant"
+    order = 1
+    method = "smoothquant"
+    label = "SmoothQuant"
+    title = "Activation-aware scaling for int8 dynamic (SmoothQuant)"
+    summary = ("moves activation outliers into the weights (strength α searched per layer group on "
+               "calibration text), folded into the norms and MLP linears so the float model is unchanged")
+
+    def check(self, plan):
+        if plan.target != "int8-dynamic":
+            raise PlanError("SmoothQuant scaling treats int8-dynamic; for weight-only int-N choose AWQ scaling.")
+
+
+@register
+class AwqTreatment(_ScalingTreatment):
+    name = "awq"
+    order = 2
+    method = "awq"
+    label = "AWQ"
+    title = "Activation-aware scaling for weight-only int-N (AWQ)"
+    summary = ("protects the weight columns that see large activations (scale exponent searched per layer "
+               "group on calibration text), folded so the float model is unchanged")
+
+    def check(self, plan):
+        if not hasattr(create(plan.target), "bits"):
+            raise PlanError("AWQ scaling treats weight-only quantization (int4, int4-g32, …); "
+                            "for int8-dynamic choose SmoothQuant.")

@@ -116,11 +116,11 @@ def test_cancel_leaves_nothing(llama_session, tmp_path):
 def test_killed_export_leaves_no_target(llama_dir, tmp_path):
     code = (f"from modeldoctor.cli import main; main(['export', {str(llama_dir)!r}, '--precision', 'int8', "
             f"'--out', {str(tmp_path / 'out')!r}, '--tokens', '64'])")
-    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        if "export:" in line:  # the optimum export has begun
-            break
-    time.sleep(1.0)
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")):  # kill mid-write: the staging folder exists
+        assert process.poll() is None and time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "out").exists()

@@ -150,6 +150,10 @@ class ExportPage(QWidget):
             self.predicted = {t: v for t, v in kl.items() if "." in t}
             if self._session is not None:
                 chosen, notes = choose_exclusions(self._session, self.report, precision, self.budget.value())
+        treated = self._session.treatment if self._session is not None else None
+        if treated is not None and precision != "fp32" and treated.keep and treated.keep_for in PREDICTORS[precision]:
+            chosen = list(treated.keep)
+            notes = [f"Ticked by the mixed-precision treatment for {treated.keep_for} ({len(chosen)} linears)."]
         self.keep.blockSignals(True)
         self.keep.clear()
         for name in sorted(self.linears, key=lambda n: self.predicted.get(n, 0), reverse=True):

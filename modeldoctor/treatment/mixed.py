@@ -1,0 +1,122 @@
+"""Mixed-precision fallback under a budget: which linears stay in fp32.
+
+Each block linear's isolated KL under the target quantization is measured on the
+calibration split; an exact 0/1 knapsack then keeps in fp32 the set of linears that removes
+the most KL within the budget (a fraction of the block linears' weights). The plan is
+verified on the evaluation split and rejected if the deployed model gets no better.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+from modeldoctor.errors import PlanError
+from modeldoctor.modifications.base import create
+from modeldoctor.treatment.base import Outcome, Treatment, collect, figures_text, register
+
+MAX_KNAPSACK_CELLS = 20_000_000  # past this the greedy bleed-per-weight choice is used
+
+
+def weight_bits(modification: str) -> float:
+    """Stored bits per weight, group scales (and zero points) included."""
+    mod = create(modification)
+    if not hasattr(mod, "bits"):
+        return 8.0  # int8-dynamic: one scale per tensor
+    overhead = (16 + (0 if mod.symmetric else 16)) / mod.group if mod.group else 0.0
+    return mod.bits + overhead
+
+
+def choose_kept(scores: dict[str, float], sizes: dict[str, int], capacity: int) -> list[str]:
+    """The linears to keep whose summed score is largest with summed size ≤ capacity: an
+    exact knapsack over sizes in units of their greatest common divisor (linears come in a
+    few shapes), or greedy by score per weight when the table would be too large."""
+    names = [n for n in scores if scores[n] > 0 and sizes[n] <= capacity]
+    if not names:
+        return []
+    unit = reduce(math.gcd, (sizes[n] for n in names))
+    weights = [sizes[n] // unit for n in names]
+    slots = capacity // unit
+    if len(names) * (slots + 1) > MAX_KNAPSACK_CELLS:
+        chosen, used = [], 0
+        for name in sorted(names, key=lambda n: scores[n] / sizes[n], reverse=True):
+            if used + sizes[name] <= capacity:
+                chosen.append(name)
+                used += sizes[name]
+        return chosen
+    best = [0.0] * (slots + 1)
+    took = [[False] * (slots + 1) for _ in names]
+    for i, (name, weight) in enumerate(zip(names, weights)):
+        value = scores[name]
+        for room in range(slots, weight - 1, -1):
+            if best[room - weight] + value > best[room]:
+                best[room] = best[room - weight] + value
+                took[i][room] = True
+    chosen, room = [], slots
+    for i in range(len(names) - 1, -1, -1):
+        if took[i][room]:
+            chosen.append(names[i])
+            room -= weights[i]
+    return chosen[::-1]
+
+
+@register
+class MixedPrecision(Treatment):
+    name = "mixed-precision"
+    order = 3
+    title = "Mixed precision under a budget"
+    summary = ("keeps in fp32 the linears whose quantization costs most, as many as the budget allows "
+               "(exact knapsack on calibration scores), then verifies the plan on held-out text")
+
+    def check(self, plan):
+        if plan.target == "none":
+            raise PlanError("Mixed precision needs a quantization to treat (int8-dynamic, int4, …).")
+
+    def units(self, session, plan):
+        return len(session.anatomy.linear_names()) + 2 * session.anatomy.num_blocks + 2
+
+    def run(self, job):
+        session, plan = job.session, job.plan
+        anatomy = session.anatomy
+        linears = anatomy.linear_names()
+        sizes = {n: int(anatomy.linear(n).weight.numel()) for n in linears}
+        total = sum(sizes.values())
+        job.stage = f"mixed precision: {plan.target} on each linear (calibration text)"
+        values: list[float] = []
+        yield from collect(job.isolated(plan.target, linears, keep=[], on=job.calibration), values)
+        scores = dict(zip(linears, values))
+        chosen = choose_kept(scores, sizes, int(plan.budget * total))
+        kept_weights = sum(sizes[n] for n in chosen)
+        bits = weight_bits(plan.target)
+        effective = (bits * (total - kept_weights) + 32 * kept_weights) / total
+        current = job.kept_for(plan.target)
+        job.stage = "mixed precision: verifying on held-out text"
+        before = job.whole_model(plan.target, keep=current)
+        yield job.tick()
+        after = job.whole_model(plan.target, keep=chosen)
+        yield job.tick()
+        blocks = job.all_blocks
+        before_layers: list[float] = []
+        after_layers: list[float] = []
+        yield from collect(job.isolated(plan.target, blocks, keep=current), before_layers)
+        yield from collect(job.isolated(plan.target, blocks, keep=chosen), after_layers)
+        applied = bool(chosen) and after["kl_mean"] < before["kl_mean"]
+        share = kept_weights / total
+        if applied:
+            session.treatment.keep, session.treatment.keep_for = list(chosen), plan.target
+            verdict = (f"{len(chosen)} linears kept in fp32 ({share:.1%} of block weights, {effective:.2f} "
+                       f"effective bits): {figures_text(before, after)}.")
+        else:
+            verdict = ("Rejected: " + ("no linear fits the budget" if not chosen else
+                                       f"keeping {len(chosen)} linears in fp32 does not improve {plan.target} on "
+                                       f"held-out text ({figures_text(before, after, ('kl_mean',))})") +
+                       "; the previous plan stands.")
+        return Outcome(
+            name=self.name, title=f"{self.title} for {plan.target} ({plan.budget:.0%} of weights)",
+            deployment=f"{plan.target} on every block", before=before, after=after, applied=applied,
+            verdict=verdict, summary=f"{len(chosen)} linears kept in fp32 for {plan.target} ({share:.0%} of weights)",
+            layers={"modification": plan.target, "targets": blocks, "before": before_layers, "after": after_layers},
+            table=[{"linear": n, "calibration_kl": scores[n], "weights": sizes[n]} for n in
+                   sorted(chosen, key=scores.get, reverse=True)],
+            details={"kept": chosen, "kept_share": share, "effective_bits": effective, "weight_bits": bits,
+                     "budget": plan.budget, "scores": scores})

@@ -1,0 +1,96 @@
+"""The Treatment page: recommendations, a run with before/after bars, cancel, save, reset, export hand-over."""
+
+import numpy as np
+from PySide6.QtCore import Qt
+
+from tests.gui.conftest import load, run_checkup
+
+
+def _small_data(window):
+    window.data_page.slider.setValue(2)  # 256 tokens
+
+
+def test_recommendation_then_treat_draws_before_and_after(qtbot, window, llama_dir, screenshots):
+    load(qtbot, window, llama_dir)
+    _small_data(window)
+    assert window.steps.item(5).flags() & Qt.ItemFlag.ItemIsEnabled  # treat without a checkup too
+    window.plan_page.bits[4].setChecked(True)
+    window.plan_page.prune_on.setChecked(False)
+    window.plan_page.remove.setChecked(False)
+    window.plan_page.threshold.setValue(0.0005)
+    run_checkup(qtbot, window)
+    page = window.treatment_page
+    assert page.recommendations, "the diagnosis recommends treatments"
+    assert "→" in page.advice.text()
+    first = page.recommendations[0]
+    assert page.plan().target == first.target and set(page.plan().treatments) <= set(first.treatments)
+    # Keep the run short: mixed precision only, on the recommended deployment.
+    for name, box in page.checks.items():
+        box.setChecked(name == "mixed-precision")
+    page.budget.setValue(30)
+    window.go(5)
+    page.start.click()
+    qtbot.waitUntil(lambda: not window.runner.busy and bool(page.outcomes), timeout=120000)
+    outcome = page.outcomes[0]
+    blocks = window.state.session.anatomy.num_blocks
+    assert len(page.before_bars.opts["x"]) == len(page.after_bars.opts["x"]) == blocks
+    np.testing.assert_allclose(page.after_bars.opts["x"] - page.before_bars.opts["x"], 0.4)
+    assert page.figures.rowCount() >= 3 and page.figures.item(0, 0).text() == "mean KL"
+    assert page.verdict.text()
+    assert page.eta.text() == "completed"
+    if outcome.applied:
+        assert "kept in fp32" in page.state.text()
+        window.go(6)
+        assert sorted(window.export_page.kept()) == sorted(window.state.session.treatment.keep)
+    page.grab().save(str(screenshots / "tiny-treatment.png"))
+
+
+def test_cancel_treatment_restores_the_model(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    _small_data(window)
+    before = window.state.session.weights_digest()
+    page = window.treatment_page
+    page.set_target("none")
+    for name, box in page.checks.items():
+        box.setChecked(name == "prune-grad")
+    page.start.click()
+    qtbot.waitUntil(lambda: page.progress.value() >= 2, timeout=60000)
+    page.cancel.click()
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=60000)
+    assert page.eta.text() == "cancelled"
+    assert window.state.session.weights_digest() == before
+    assert not window.state.session.treatment.treated
+
+
+def test_disabled_treatments_say_why(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    page = window.treatment_page
+    page.set_target("int8-dynamic")
+    assert page.checks["smoothquant"].isEnabled() and not page.checks["awq"].isEnabled()
+    assert "SmoothQuant" in page.checks["awq"].toolTip()
+    page.set_target("none")
+    assert not page.checks["mixed-precision"].isEnabled()
+    assert page.checks["prune-grad"].isEnabled()
+
+
+def test_treat_save_and_reset(qtbot, window, llama_dir, tmp_path):
+    load(qtbot, window, llama_dir)
+    _small_data(window)
+    session = window.state.session
+    before = session.weights_digest()
+    page = window.treatment_page
+    page.set_target("none")
+    for name, box in page.checks.items():
+        box.setChecked(name == "prune-grad")
+    page.start.click()
+    qtbot.waitUntil(lambda: not window.runner.busy and bool(page.outcomes), timeout=120000)
+    assert page.extra.rowCount() == 3  # magnitude, Wanda, gradient-aware
+    assert session.weights_digest() != before and page.save_model.isEnabled()
+    window.write_treated_model(tmp_path / "treated", overwrite=False)
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=60000)
+    assert (tmp_path / "treated" / "model.safetensors").is_file()
+    assert "Saved" in page.status.text()
+    page.reset.click()
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=60000)
+    assert session.weights_digest() == before
+    assert page.state.text().startswith("untreated") and not page.outcomes
