@@ -1,7 +1,8 @@
 """Export SmolLM2-135M five ways in one run and compare them against the torch model.
 
 fp32, naive int8 (per-tensor dynamic, nothing kept), repaired int8 (checkup-chosen linears
-kept in fp32), naive int4 (MatMulNBits, block 32), repaired int4. Prints size, KL, top-1,
+kept in fp32), naive int4 (MatMulNBits, block 32), repaired int4, and the two repaired ones
+again with activation-aware scales folded in first (SmoothQuant for int8, AWQ for int4). Prints size, KL, top-1,
 perplexity, greedy agreement and latency relative to the fp32 ONNX model.
 Usage: python benchmarks/export.py [--checkup DIR] [--tokens 1024]
 """
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--int8-budget", type=float, default=0.02)
     parser.add_argument("--int4-budget", type=float, default=0.08)
+    parser.add_argument("--no-treated", action="store_true", help="skip the treated (scaled) variants")
     args = parser.parse_args()
 
     from modeldoctor.checkup.plan import CheckupPlan
@@ -55,16 +57,35 @@ def main() -> None:
             final = events[-1]
             assert isinstance(final, Finished) and final.report is not None, final
             rows.append((label, budget, final.report))
+        if not args.no_treated:
+            # Treatments baked into the weights (scales folded), the checkup's fp32 list kept; validated
+            # against the untreated model.
+            from modeldoctor.treatment.scaling import apply_scaling
+
+            treated = [("smoothed+rep. int8", "int8", "smoothquant", args.int8_budget),
+                       ("AWQ+rep. int4", "int4", "awq", args.int4_budget)]
+            for label, precision, method, budget in treated:
+                session.reset_treatments()
+                session.begin_weight_treatment()
+                with timed(f"{method} scales", times):
+                    apply_scaling(session, session.data(DataSpec(tokens=args.tokens, seq_len=256, knowledge=False)),
+                                  method, bits=4, group_size=32, symmetric=False)
+                session.weights_changed(function_preserving=True)
+                with timed(f"export {label}", times):
+                    events = list(export_model(session, data, Path(temp) / label.replace(" ", "-").replace("+", "-"),
+                                               precision, report, None, budget))
+                rows.append((label, budget, events[-1].report))
+            session.reset_treatments()
     fp32_size = rows[0][2].validation["size_bytes"]
     print(f"\nSmolLM2-135M exported through optimum-onnx, validated against torch on {data.eval_tokens} tokens")
-    header = (f"{'variant':<14} {'size MiB':>9} {'% fp32':>7} {'KL mean':>8} {'KL p99':>7} {'top-1':>6} "
+    header = (f"{'variant':<18} {'size MiB':>9} {'% fp32':>7} {'KL mean':>8} {'KL p99':>7} {'top-1':>6} "
               f"{'ppl':>8} {'greedy =':>8} {'latency':>8} {'fp32 kept':>9}  budget")
     print(header)
     print("-" * len(header))
     for label, budget, result in rows:
         v = result.validation
-        verdict = f"{'passed' if result.passed else 'over'} {budget:g}" if label.startswith("repaired") else "-"
-        print(f"{label:<14} {v['size_bytes'] / 2**20:>9.0f} {v['size_bytes'] / fp32_size:>7.0%} {v['kl_mean']:>8.4f} "
+        verdict = f"{'passed' if result.passed else 'over'} {budget:g}" if "rep" in label else "-"
+        print(f"{label:<18} {v['size_bytes'] / 2**20:>9.0f} {v['size_bytes'] / fp32_size:>7.0%} {v['kl_mean']:>8.4f} "
               f"{v['kl_p99']:>7.3f} {v['same_top']:>6.1%} {v['ppl']:>8.2f} {v['greedy_identical']:>8.0%} "
               f"{v.get('latency_ratio', 1):>7.2f}x {len(result.excluded_linears):>9}  {verdict}")
     print(f"reference perplexity (torch fp32): {rows[0][2].validation['ppl_ref']:.2f}")

@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.10)
     parser.add_argument("--int4", default="int4-g32-asym", help="the weight-only int4 modification to treat")
     parser.add_argument("--json", help="also write every outcome to this file")
+    parser.add_argument("--only", choices=("int8", "int4", "prune"), action="append",
+                        help="run only these parts (repeatable); default: all")
     args = parser.parse_args()
 
     from modeldoctor.data import DataSpec
@@ -41,6 +43,7 @@ def main() -> None:
                               target=args.int4, budget=args.budget),
         "prune": TreatmentPlan(["prune-grad"], target="none", sparsity=0.5),
     }
+    runs = {k: v for k, v in runs.items() if not args.only or k in args.only}
     reports, times = {}, {}
     for key, plan in runs.items():
         session.reset_treatments()
@@ -56,43 +59,55 @@ def main() -> None:
     def row(group, label, figures, note=""):
         rows.append((group, label, figures.get("kl_mean"), figures.get("same_top"), figures.get("ppl"), note))
 
-    smooth, mixed8 = outcome("int8", "smoothquant"), outcome("int8", "mixed-precision")
-    row("int8 dynamic", "naive", smooth.before)
-    row("int8 dynamic", "SmoothQuant scaling", smooth.after, "applied" if smooth.applied else "rolled back")
-    row("int8 dynamic", f"+ mixed precision {args.budget:.0%}", mixed8.after,
-        f"{len(mixed8.details['kept'])} linears fp32" + ("" if mixed8.applied else ", rejected"))
-    awq, mixed4 = outcome("int4", "awq"), outcome("int4", "mixed-precision")
-    row(args.int4, "naive", awq.before)
-    row(args.int4, "AWQ scaling", awq.after, "applied" if awq.applied else "rolled back")
-    row(args.int4, f"+ mixed precision {args.budget:.0%}", mixed4.after,
-        f"{len(mixed4.details['kept'])} linears fp32" + ("" if mixed4.applied else ", rejected"))
-    prune = outcome("prune", "prune-grad")
-    for method in prune.table:
-        row("50 % unstructured", method["method"], method,
-            f"α = {prune.details['alpha']:g}" if method["method"] == "gradient-aware" else "")
-    temp = outcome("int4", "calibrate-temperature")
-    row("temperature (int4 model)", "T = 1", temp.before)
-    row("temperature (int4 model)", f"T = {temp.details['temperature']:.3f}", temp.after,
-        "applied" if temp.applied else "not applied")
-
     print(f"\nSmolLM2-135M-Instruct, {data.eval_tokens} held-out tokens, {data.calibration_tokens} calibration "
-          f"tokens; reference perplexity {reports['int8'].reference['ppl']:.3f}")
+          f"tokens; reference perplexity {next(iter(reports.values())).reference['ppl']:.3f}")
+    if "int8" in reports:
+        int8_rows(outcome, row, args.budget)
+    if "int4" in reports:
+        int4_rows(outcome, row, args.budget, args.int4)
+    if "prune" in reports:
+        prune = outcome("prune", "prune-grad")
+        for method in prune.table:
+            row("50 % unstructured", method["method"], method,
+                f"α = {prune.details['alpha']:g}" if method["method"] == "gradient-aware" else "")
+    if "int4" in reports:
+        temp = outcome("int4", "calibrate-temperature")
+        row("temperature (int4 model)", "T = 1", temp.before)
+        row("temperature (int4 model)", f"T = {temp.details['temperature']:.3f}", temp.after,
+            "applied" if temp.applied else "not applied")
     print(f"\n| {'treatment':<26} | {'variant':<24} | {'mean KL':>8} | {'top-1':>6} | {'perplexity':>10} | note")
     print(f"|{'-' * 28}|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 12}|------")
     for group, label, kl, top, ppl, note in rows:
         print(f"| {group:<26} | {label:<24} | {kl:>8.4f} | {top:>6.1%} | {ppl:>10.3f} | {note}")
-    for line in temp.table:
-        print(f"  generations under {line['decoding']} at T = {line['temperature']:.3f}: tokens kept "
-              f"{line['token_agreement']:.0%}, first divergence {line['first_divergence']:.1f}, "
-              f"trajectory KL {line['kl_trajectory']:.3f}")
-    knowledge = outcome("int4", "recovery-prompts").details
-    acc = knowledge["accuracy"]
-    print(f"\nKnowledge probes (held-out half, {knowledge['evaluation_probes']} probes): original {acc['original']:.1%}, "
-          f"{args.int4} {acc['compressed']:.1%}, + best prompt {acc['best_prompt']:.1%} "
-          f"(\"{knowledge['best_prompt'] or 'none'}\"), + per-input selection {acc['per_input']:.1%}")
+    if "int4" in reports:
+        for line in outcome("int4", "calibrate-temperature").table:
+            print(f"  generations under {line['decoding']} at T = {line['temperature']:.3f}: tokens kept "
+                  f"{line['token_agreement']:.0%}, first divergence {line['first_divergence']:.1f}, "
+                  f"trajectory KL {line['kl_trajectory']:.3f}")
+        knowledge = outcome("int4", "recovery-prompts").details
+        acc = knowledge["accuracy"]
+        print(f"\nKnowledge probes (held-out half, {knowledge['evaluation_probes']} probes): original "
+              f"{acc['original']:.1%}, {args.int4} {acc['compressed']:.1%}, + best prompt {acc['best_prompt']:.1%} "
+              f"(\"{knowledge['best_prompt'] or 'none'}\"), + per-input selection {acc['per_input']:.1%}")
     print("\nTimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=1))
+
+
+def int8_rows(outcome, row, budget) -> None:
+    smooth, mixed8 = outcome("int8", "smoothquant"), outcome("int8", "mixed-precision")
+    row("int8 dynamic", "naive", smooth.before)
+    row("int8 dynamic", "SmoothQuant scaling", smooth.after, "applied" if smooth.applied else "rolled back")
+    row("int8 dynamic", f"+ mixed precision {budget:.0%}", mixed8.after,
+        f"{len(mixed8.details['kept'])} linears fp32" + ("" if mixed8.applied else ", rejected"))
+
+
+def int4_rows(outcome, row, budget, name) -> None:
+    awq, mixed4 = outcome("int4", "awq"), outcome("int4", "mixed-precision")
+    row(name, "naive", awq.before)
+    row(name, "AWQ scaling", awq.after, "applied" if awq.applied else "rolled back")
+    row(name, f"+ mixed precision {budget:.0%}", mixed4.after,
+        f"{len(mixed4.details['kept'])} linears fp32" + ("" if mixed4.applied else ", rejected"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from modeldoctor.treatment.save import read_treatment_card
 from modeldoctor.treatment.state import TreatmentState
 
 
+GRADIENT_CHUNK = 64  # tokens per gradient sample for gradient-aware pruning
+
+
 @dataclass
 class Reference:
     """The unmodified model on the evaluation data: traces for replay, and its outputs."""
@@ -151,7 +154,9 @@ class Session:
 
     def gradient_norms(self, data: EvalData, control: RunControl | None = None) -> dict[str, torch.Tensor]:
         """Per weight of every block linear: sqrt of the summed squared gradient of the LM loss
-        over the calibration batches (first-order importance, as LLM-Pruner and GBLM use)."""
+        over calibration chunks of GRADIENT_CHUNK tokens (the empirical Fisher's diagonal, as
+        LLM-Pruner and GBLM use). One gradient per chunk, not per batch: a batch's gradient
+        averages its tokens' gradients away, and the sum of its square is a poor estimate."""
         if data.spec in self._grad_norms:
             return self._grad_norms[data.spec]
         control = control or RunControl()
@@ -165,15 +170,18 @@ class Session:
             for weight in weights.values():
                 weight.requires_grad_(True)
             for batch in data.calibration_batches or data.eval_batches:
-                control.checkpoint()
-                with torch.enable_grad():
-                    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-                    loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      labels=labels, use_cache=False).loss
-                    loss.backward()
-                for name, weight in weights.items():
-                    sums[name] += weight.grad.detach() ** 2
-                    weight.grad = None
+                for row, mask in zip(batch.input_ids, batch.attention_mask):
+                    ids = row[mask.bool()]
+                    for start in range(0, len(ids) - 1, GRADIENT_CHUNK):
+                        control.checkpoint()
+                        piece = ids[start:start + GRADIENT_CHUNK][None]
+                        if piece.shape[1] < 2:
+                            continue
+                        with torch.enable_grad():
+                            self.model(input_ids=piece, labels=piece, use_cache=False).loss.backward()
+                        for name, weight in weights.items():
+                            sums[name] += weight.grad.detach() ** 2
+                            weight.grad = None
         finally:
             for param, flag in saved.items():
                 param.requires_grad_(flag)

@@ -14,7 +14,7 @@ from modeldoctor.errors import PlanError
 from modeldoctor.modifications.base import create
 from modeldoctor.treatment.base import Outcome, Treatment, collect, figures_text, register
 
-ALPHAS = (0.5, 1.0, 2.0, 4.0)
+ALPHAS = (0.05, 0.1, 0.2, 0.5, 1.0)  # weight of the gradient term; α → 0 is Wanda
 
 
 def method_names(sparsity: float, pattern: str) -> dict[str, str]:
