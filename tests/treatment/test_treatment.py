@@ -42,13 +42,16 @@ def test_folded_scales_leave_the_float_model_unchanged(model_dirs, small_data_sp
     torch.testing.assert_close(logits_of(session, data), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt_neox"])
 @pytest.mark.parametrize("method", ["smoothquant", "awq"])
-def test_searched_scaling_keeps_logits_to_1e5(llama_session, small_data_spec, method):
-    data = llama_session.data(small_data_spec)
-    before = logits_of(llama_session, data)
-    summary = apply_scaling(llama_session, data, method, bits=4, group_size=32, symmetric=False)
+def test_searched_scaling_keeps_logits_to_1e5(model_dirs, small_data_spec, method, family):
+    """Also where a producer does not scale linearly (Gemma's 1 + w norm): that fold is skipped."""
+    session = Session.open(model_dirs[family])
+    data = session.data(small_data_spec)
+    before = logits_of(session, data)
+    summary = apply_scaling(session, data, method, bits=4, group_size=32, symmetric=False)
     assert summary["groups"] > 0
-    torch.testing.assert_close(logits_of(llama_session, data), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_of(session, data), before, rtol=1e-5, atol=1e-5)
 
 
 def _plant_activation_outliers(session, factor=40.0, channels=(3, 17)):
@@ -311,3 +314,28 @@ def test_cli_treat_writes_results_and_refuses_bad_input(llama_dir, tmp_path, cap
     assert main(["treat", str(llama_dir), "--out", str(out)]) == 2  # neither treatments nor a checkup
     assert main(["treatments"]) == 0
     assert "gradient-aware" in capsys.readouterr().out.lower()
+
+
+def test_diagnosis_recommends_treatments_and_the_cli_takes_them(llama_dir, small_data_spec, tmp_path, capsys):
+    from modeldoctor.checkup.plan import CheckupPlan
+    from modeldoctor.checkup.run import checkup
+    from modeldoctor.cli import main
+    from modeldoctor.treatment.recommend import recommend
+
+    session = Session.open(llama_dir)
+    plan = CheckupPlan(modifications=["int8-dynamic", "int2", "prune-wanda-70", "decode-temp-1.5"], knowledge=False,
+                       threshold=1e-4)
+    report = checkup(session, plan, session.data(small_data_spec))
+    advice = {r.treatments: r for r in recommend(report)}
+    assert ("smoothquant", "mixed-precision") in advice and ("awq", "mixed-precision") in advice
+    assert advice[("prune-grad",)].sparsity == 0.7 and advice[("prune-grad",)].target == "none"
+    assert ("calibrate-temperature",) in advice
+    assert all("→" in r.reason for r in advice.values())
+    report.save(tmp_path / "checkup")
+    code = main(["treat", str(llama_dir), "--from-checkup", str(tmp_path / "checkup"), "--tokens", "192",
+                 "--calibration-tokens", "128", "--out", str(tmp_path / "treated"), "--quiet"])
+    assert code == 0
+    saved = json.loads((tmp_path / "treated" / "treatment.json").read_text())
+    assert saved["plan"]["target"] == "int8-dynamic"  # the --target default picks the int8 recommendation
+    assert [o["name"] for o in saved["outcomes"]] == ["smoothquant", "mixed-precision"]
+    assert "→ int8-dynamic bleeds" in capsys.readouterr().err
