@@ -49,3 +49,19 @@ def test_cumulative_crossing_and_version_bumps():
     assert vm.version == version + 4
     x, y, crossing = vm.cumulative()["int4"]
     assert list(x) == [1, 2, 3, 4] and crossing == 3
+
+
+def test_before_after_bars_share_one_axis_and_colour_the_after_bars():
+    from types import SimpleNamespace
+
+    from modeldoctor.gui.viewmodel import SEVERITY_COLORS, BeforeAfter
+
+    outcome = SimpleNamespace(layers={"targets": ["0", "1", "2"], "before": [0.2, 0.02, 0.001],
+                                      "after": [0.05, 0.005, 0.001]})
+    bars = BeforeAfter.from_outcome(outcome, threshold=0.01)
+    assert bars.labels == ["0", "1", "2"]
+    before, after = bars.heights(bars.before), bars.heights(bars.after)
+    assert before[0] > after[0] and before[1] > after[1] and before[2] == after[2]
+    assert bars.after_colors() == [SEVERITY_COLORS["moderate"], SEVERITY_COLORS["healthy"], SEVERITY_COLORS["healthy"]]
+    assert bars.worst_after() == [0]
+    assert BeforeAfter.from_outcome(SimpleNamespace(layers={}), 0.01).labels == []
