@@ -33,7 +33,7 @@ def main() -> None:
     load_sample(window)
     window.go(0)
     shot("1-load")
-    window.data_page.slider.setValue(4)  # 512 tokens keep the script short
+    window.data_page.slider.setValue(2)  # 256 tokens keep the script short
     window.go(1)
     shot("2-data")
     plan = window.plan_page
