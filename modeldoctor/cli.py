@@ -230,7 +230,7 @@ def cmd_treat(args) -> int:
 
     from modeldoctor.control import RunControl
     from modeldoctor.data import DataSpec
-    from modeldoctor.events import Failed, Finished, LogMessage, Progress, Stage, TreatmentResult
+    from modeldoctor.events import Failed, Finished, Progress, Stage, TreatmentResult
     from modeldoctor.report import CheckupReport
     from modeldoctor.treatment.base import TreatmentPlan
     from modeldoctor.treatment.run import run_treatments
@@ -284,8 +284,6 @@ def cmd_treat(args) -> int:
                 if event.details:
                     _log_details(event.details)
                 raise ModelDoctorError(event.message)
-            elif isinstance(event, (LogMessage,)):
-                pass
             elif isinstance(event, Finished):
                 final = event
     except KeyboardInterrupt:

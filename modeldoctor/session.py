@@ -58,6 +58,7 @@ class Session:
         self._references: dict[DataSpec, Reference] = {}
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
+        self.weights_version = 0  # bumped whenever a treatment changes the weights
         self.treatment = TreatmentState()
         card = read_treatment_card(loaded.path) if Path(loaded.path).is_dir() else None
         if card:  # a treated model saved earlier: its fp32 list and temperature still apply
@@ -202,12 +203,13 @@ class Session:
         """Keep the untreated weights (once) before a treatment writes to the model."""
         if self.treatment.original is None:
             self.treatment.original_digest = self.weights_digest()
-            self.treatment.original = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+            self.treatment.original = self.snapshot_parameters()
 
     def weights_changed(self, function_preserving: bool) -> None:
-        """Calibration statistics belong to the weights they were measured on: forget them."""
+        """Calibration statistics and measurements belong to the weights they were made on."""
         self._input_norms.clear()
         self._grad_norms.clear()
+        self.weights_version += 1
         self.treatment.function_preserving = self.treatment.function_preserving and function_preserving
 
     def snapshot_parameters(self) -> dict[str, torch.Tensor]:
@@ -221,16 +223,21 @@ class Session:
 
     @contextlib.contextmanager
     def original_weights(self):
-        """The untreated model for the duration: references and validation compare against it."""
+        """The untreated model for the duration: references and validation compare against it.
+        The parameters' tensors are swapped, not copied, so entering costs no memory traffic;
+        the body must not write to the weights."""
         if self.treatment.original is None:
             yield
             return
-        treated = self.snapshot_parameters()
-        self.load_parameters(self.treatment.original)
+        params = dict(self.model.named_parameters())
+        treated = {name: params[name].data for name in self.treatment.original}
+        for name, value in self.treatment.original.items():
+            params[name].data = value
         try:
             yield
         finally:
-            self.load_parameters(treated)
+            for name, value in treated.items():
+                params[name].data = value
 
     def reset_treatments(self) -> None:
         """Back to the model as loaded, bit-exact (checked by digest)."""
@@ -239,8 +246,7 @@ class Session:
             expected = self.treatment.original_digest
             if self.weights_digest() != expected:
                 raise RuntimeError("Restoring the untreated weights did not reproduce them exactly.")
-            self._input_norms.clear()
-            self._grad_norms.clear()
+            self.weights_changed(function_preserving=True)
         self.treatment = TreatmentState()
 
     # ---- integrity -----------------------------------------------------------------------

@@ -83,11 +83,6 @@ class Outcome:
     details: dict = field(default_factory=dict)
     seconds: float = 0.0
 
-    def improvement(self, key: str = "kl_mean") -> float | None:
-        if key in self.before and key in self.after and self.before[key]:
-            return 1.0 - self.after[key] / self.before[key]
-        return None
-
 
 @dataclass
 class TreatmentReport:
@@ -102,11 +97,6 @@ class TreatmentReport:
 
     def to_dict(self) -> dict:
         return _json_safe(asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TreatmentReport":
-        outcomes = [Outcome(**o) for o in data.get("outcomes", [])]
-        return cls(**{**data, "outcomes": outcomes})
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder).expanduser()
@@ -169,6 +159,9 @@ class Job:
         self.total_units, self.done_units = max(total_units, 1), 0
         self.began = time.monotonic()
         self.stage = ""
+        # Treatments in a row measure the same deployment (one's "after" is the next one's
+        # "before"): a measurement is reused while the weights have not changed since.
+        self._measured: dict[tuple, object] = {}
 
     # Progress -----------------------------------------------------------------------------
     def tick(self, units: int = 1) -> Progress:
@@ -231,11 +224,16 @@ class Job:
                  knowledge: bool, prefix_cache: bool):
         from modeldoctor.checkup.run import measure
 
-        ref = self.session.reference(data, self.control)
-        plan = CheckupPlan(modifications=[spec.modification], threshold=self.plan.threshold,
-                           knowledge=knowledge and bool(data.knowledge_batches), attention=False,
-                           prefix_cache=prefix_cache)
-        return measure(self.session, ref, data, plan, spec, self.control, keep=keep, temperature=temperature)
+        knowledge = knowledge and bool(data.knowledge_batches)
+        key = (self.session.weights_version, data.spec, spec.modification, spec.mode, spec.targets, keep,
+               temperature, knowledge)
+        if key not in self._measured:
+            ref = self.session.reference(data, self.control)
+            plan = CheckupPlan(modifications=[spec.modification], threshold=self.plan.threshold,
+                               knowledge=knowledge, attention=False, prefix_cache=prefix_cache)
+            self._measured[key] = measure(self.session, ref, data, plan, spec, self.control, keep=keep,
+                                          temperature=temperature)
+        return self._measured[key]
 
 
 def collect(events: Iterator[Event | float], into: list[float]) -> Iterator[Event]:

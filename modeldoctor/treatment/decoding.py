@@ -68,16 +68,18 @@ def deployed_logits(job, modification: str, keep: list[str]) -> tuple[list, list
     return ref.logprobs, logits, [b.attention_mask.bool() for b in data.eval_batches]
 
 
-def generation_divergence(job, modification: str, keep: list[str], temperature: float, settings) -> dict[str, float]:
-    """Generations of the deployed model against the original's under the same decoding
-    settings and seeds: tokens kept, first divergence, and the KL of the two decoding
-    distributions (after temperature, top-k, top-p) along the original's trajectory."""
+def generation_divergence(job, modification: str, keep: list[str], temperatures: list[float],
+                          settings) -> list[dict[str, float]]:
+    """For each temperature: generations of the deployed model against the original's under
+    the same decoding settings and seeds (tokens kept, first divergence), and the KL of the
+    two decoding distributions (after temperature, top-k, top-p) along the original's
+    trajectory. The original's generations and the deployed logits along them are the same
+    for every temperature, so they are computed once."""
     from modeldoctor.checkup.run import _decoding_prompts
 
     session, tokenizer = job.session, job.session.tokenizer
-    scaled = replace(settings, temperature=settings.temperature * temperature) if settings.do_sample else settings
     chain = processors(settings)
-    agreement, first, kls = [], [], []
+    figures = [{"agreement": [], "first": [], "kl": []} for _ in temperatures]
     for prompt in _decoding_prompts():
         ids = tokenizer(prompt)["input_ids"]
         for seed in SEEDS:
@@ -86,23 +88,27 @@ def generation_divergence(job, modification: str, keep: list[str], temperature: 
                 reference = generate(session.model, tokenizer, ids, settings, NEW_TOKENS, seed)
                 with torch.inference_mode():
                     ref_logits = session.model(input_ids=torch.tensor([ids + reference]), use_cache=False).logits[0]
-            with job.deployed(modification, keep):
-                tokens = generate(session.model, tokenizer, ids, scaled, NEW_TOKENS, seed)
-                with torch.inference_mode():
-                    mod_logits = session.model(input_ids=torch.tensor([ids + reference]), use_cache=False).logits[0]
-            same = [a == b for a, b in zip(tokens, reference)]
-            agreement.append(np.mean(same))
-            first.append(same.index(False) if False in same else len(same))
             full = torch.tensor([ids + reference])
-            for step in range(len(reference)):
-                position = len(ids) - 1 + step
-                p = torch.log_softmax(chain(full[:, :position + 1], ref_logits[position][None].float().clone()), -1)
-                q = torch.log_softmax(chain(full[:, :position + 1], mod_logits[position][None].float() / temperature), -1)
-                both = torch.isfinite(p) & (p.exp() > 0)
-                q_safe = torch.where(torch.isfinite(q), q, torch.full_like(q, -1e4))
-                kls.append(float((p.exp() * (p - q_safe))[both].sum()))
-    return {"token_agreement": float(np.mean(agreement)), "first_divergence": float(np.mean(first)),
-            "kl_trajectory": float(np.mean(kls))}
+            with job.deployed(modification, keep):
+                with torch.inference_mode():
+                    mod_logits = session.model(input_ids=full, use_cache=False).logits[0]
+                samples = [generate(session.model, tokenizer, ids,
+                                    replace(settings, temperature=settings.temperature * t) if settings.do_sample
+                                    else settings, NEW_TOKENS, seed) for t in temperatures]
+            for temperature, tokens, out in zip(temperatures, samples, figures):
+                same = [a == b for a, b in zip(tokens, reference)]
+                out["agreement"].append(np.mean(same))
+                out["first"].append(same.index(False) if False in same else len(same))
+                for step in range(len(reference)):
+                    position = len(ids) - 1 + step
+                    prefix = full[:, :position + 1]
+                    p = torch.log_softmax(chain(prefix, ref_logits[position][None].float().clone()), -1)
+                    q = torch.log_softmax(chain(prefix, mod_logits[position][None].float() / temperature), -1)
+                    both = torch.isfinite(p) & (p.exp() > 0)
+                    q_safe = torch.where(torch.isfinite(q), q, torch.full_like(q, -1e4))
+                    out["kl"].append(float((p.exp() * (p - q_safe))[both].sum()))
+    return [{"token_agreement": float(np.mean(f["agreement"])), "first_divergence": float(np.mean(f["first"])),
+             "kl_trajectory": float(np.mean(f["kl"]))} for f in figures]
 
 
 @register
@@ -132,10 +138,9 @@ class TemperatureCalibration(Treatment):
         after = job.whole_model(plan.target, keep=keep, temperature=temperature)
         yield job.tick()
         job.stage = f"decoding calibration: generations under {plan.decoding}"
-        sequence_before = generation_divergence(job, plan.target, keep, 1.0, settings)
-        yield job.tick()
-        sequence_after = generation_divergence(job, plan.target, keep, temperature, settings)
-        yield job.tick()
+        sequence_before, sequence_after = generation_divergence(job, plan.target, keep, [1.0, temperature],
+                                                                settings)
+        yield job.tick(2)
         applied = after["kl_mean"] < before["kl_mean"]
         deployment = f"{plan.target} on every block" if plan.target != "none" else "the treated model"
         if applied:
