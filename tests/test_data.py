@@ -2,7 +2,7 @@ import pytest
 
 from modeldoctor.data import DataSpec, build_data, load_knowledge_probes
 from modeldoctor.data.sources import read_documents
-from modeldoctor.errors import DataError
+from modeldoctor.errors import DataError, ModelDoctorError
 
 
 def test_builtin_splits_are_disjoint_and_sized(llama_session):
@@ -42,3 +42,51 @@ def test_user_files(tmp_path, llama_session):
     short.write_text("Hi.", encoding="utf-8")
     with pytest.raises(DataError, match="too little text"):
         build_data(llama_session.model, llama_session.tokenizer, DataSpec(source=str(short)))
+
+
+def _rows(batches):
+    return [row[mask.bool()].tolist() for b in batches for row, mask in zip(b.input_ids, b.attention_mask)]
+
+
+def test_three_disjoint_splits_of_the_builtin_text(llama_session):
+    data = build_data(llama_session.model, llama_session.tokenizer,
+                      DataSpec(tokens=512, seq_len=128, calibration_tokens=256, selection_tokens=256))
+    assert (data.eval_tokens, data.selection_tokens, data.calibration_tokens) == (512, 256, 256)
+    splits = [set(map(tuple, _rows(b))) for b in (data.eval_batches, data.selection_batches,
+                                                   data.calibration_batches)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert data.describe()["selection_tokens"] == 256
+    view = data.selection_view()
+    assert view.eval_batches is data.selection_batches and view.calibration_key == data.calibration_key
+
+
+def test_a_one_document_text_is_split_by_position(tmp_path, llama_session):
+    """One document used to leave calibration empty, and fits silently fell back to the
+    evaluation text. Now the document is cut into three splits, and the data says so."""
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(f"word{i}" for i in range(300)), encoding="utf-8")
+    data = build_data(llama_session.model, llama_session.tokenizer,
+                      DataSpec(source=str(one), tokens=4096, seq_len=128, calibration_tokens=256,
+                               selection_tokens=256))
+    assert data.calibration_tokens == 256 and data.selection_tokens == 256
+    stream = [t for row in _rows(data.eval_batches) for t in row]
+    calibration = [t for row in _rows(data.calibration_batches) for t in row]
+    selection = [t for row in _rows(data.selection_batches) for t in row]
+    total = len(stream) + len(calibration) + len(selection)
+    assert total <= len(llama_session.tokenizer(one.read_text(), add_special_tokens=False)["input_ids"]) + 1
+    assert any("cut by token" in note for note in data.notes)
+
+
+def test_fits_refuse_a_text_without_calibration_tokens(tmp_path, llama_session):
+    """Too little text for a calibration split: Wanda (a fit) refuses instead of fitting on
+    the evaluation text."""
+    from modeldoctor.checkup.plan import CheckupPlan
+    from modeldoctor.checkup.run import checkup
+
+    short = tmp_path / "short.txt"
+    short.write_text("A short text that is only long enough for evaluation, nothing more.", encoding="utf-8")
+    data = build_data(llama_session.model, llama_session.tokenizer,
+                      DataSpec(source=str(short), tokens=64, seq_len=32, knowledge=False))
+    assert data.calibration_tokens < 32
+    with pytest.raises(ModelDoctorError, match="calibration tokens are needed"):
+        checkup(llama_session, CheckupPlan(modifications=["prune-wanda-50"], knowledge=False), data)

@@ -6,6 +6,7 @@ exactly after each probe, after an error and after a cancel.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from typing import Iterator
@@ -24,7 +25,7 @@ from modeldoctor.metrics.cascade import CascadeAccumulator
 from modeldoctor.metrics.divergence import (
     DivergenceAccumulator, answer_positions_mask, knowledge_correct_sparse,
 )
-from modeldoctor.modifications.base import create
+from modeldoctor.modifications.base import create, token_mask
 from modeldoctor.report.results import CheckupReport, ProbeRecord, ProbeSpec
 from modeldoctor.resources import resource
 from modeldoctor.session import Reference, Session
@@ -40,6 +41,8 @@ def _probe_cost(session: Session, spec: ProbeSpec, prefix_cache: bool) -> float:
     if spec.family == "decoding":
         return 8 * (anatomy.num_blocks + head)
     start = spec.block if prefix_cache else 0
+    if prefix_cache and spec.mode == "cumulative" and len(spec.targets) > 1:
+        start = anatomy.block_of(spec.targets[-1])  # resumes from the previous step's states
     return anatomy.num_blocks - start + head
 
 
@@ -48,16 +51,31 @@ def _decoding_prompts() -> list[str]:
 
 
 class _CumulativeCarry:
-    """Hidden states of the previous cumulative step, so step k restarts at target k's block."""
+    """What a later cumulative step starts from: the hidden states entering the block of its
+    newest target, as the probe of the targets before it left them (cumulative step k-1, or an
+    identical isolated probe). Step k then reruns only from that block. Only that one block's
+    states are kept, and only until the step that needs them has run."""
 
-    def __init__(self) -> None:
-        self.modification = None
-        self.states: dict[str, list[dict]] = {}
+    def __init__(self, probes: list[ProbeSpec], anatomy, prefix_cache: bool) -> None:
+        # (modification, targets) -> the block whose entering states a later step starts from
+        self.wanted: dict[tuple, int] = {}
+        if prefix_cache:
+            for spec in probes:
+                if spec.mode == "cumulative" and len(spec.targets) > 1:
+                    self.wanted[(spec.modification, spec.targets[:-1])] = anatomy.block_of(spec.targets[-1])
+        self.states: dict[tuple, tuple[int, dict[str, list]]] = {}
 
-    def start_state(self, spec: ProbeSpec, kind: str, batch: int, block: int):
-        if spec.mode != "cumulative" or spec.step == 1 or self.modification != spec.modification:
+    def capture_block(self, spec: ProbeSpec) -> int | None:
+        return self.wanted.get((spec.modification, spec.targets))
+
+    def keep(self, spec: ProbeSpec, block: int, states: dict[str, list]) -> None:
+        self.states[(spec.modification, spec.targets)] = (block, states)
+
+    def start(self, spec: ProbeSpec) -> tuple[int, dict[str, list]] | None:
+        """(block, states) to start this cumulative step from, or None to run from its first target."""
+        if spec.mode != "cumulative" or len(spec.targets) < 2:
             return None
-        return self.states[kind][batch].get(block)
+        return self.states.pop((spec.modification, spec.targets[:-1]), None)
 
 
 def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan, spec: ProbeSpec,
@@ -79,35 +97,47 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                            seconds=time.monotonic() - began)
 
     start = spec.block if plan.prefix_cache else 0
+    carried = carry.start(spec) if carry and plan.prefix_cache else None
+    if carried is not None:
+        start = carried[0]
+    capture = carry.capture_block(spec) if carry and plan.prefix_cache else None
+    captured: dict[str, list] = {"eval": [], "knowledge": []}
+
+    def hidden_for(kind: str, number: int):
+        return carried[1][kind][number] if carried is not None else None
+
     replayer = session.replayer
     want_attention = plan.attention and mod.family == "structure"
     if want_attention and ref.attention is None:  # before the modification is applied
         ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
         ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)
-    new_states: dict[str, list[dict]] = {"eval": [], "knowledge": []}
     with mod.applied(ctx, list(spec.targets)):
         divergence = DivergenceAccumulator()
         cascade = CascadeAccumulator(session.anatomy.num_blocks)
         for number, batch in enumerate(data.eval_batches):
             control.checkpoint()
             trace = ref.traces[number]
-            hidden = carry.start_state(spec, "eval", number, start) if carry and plan.prefix_cache else None
-            run = replayer.run_from(trace, start, hidden)
+            with token_mask(ctx, batch.attention_mask):  # padding stays out of per-sequence statistics
+                run = replayer.run_from(trace, start, hidden_for("eval", number))
             logits = run.logits if temperature == 1.0 else run.logits / temperature
             divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
                            batch.attention_mask)
             cascade.add(trace.states, run.states, batch.attention_mask)
-            new_states["eval"].append(run.states)
+            if capture is not None:
+                captured["eval"].append(run.states[capture])
+            del run
         metrics = divergence.summary()
         if plan.knowledge and data.knowledge_batches:
             hits = []
             for number, batch in enumerate(data.knowledge_batches):
                 control.checkpoint()
-                hidden = carry.start_state(spec, "knowledge", number, start) if carry and plan.prefix_cache else None
                 mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions)
-                run = replayer.run_from(ref.knowledge_traces[number], start, hidden, head_mask=mask)
+                with token_mask(ctx, batch.attention_mask):
+                    run = replayer.run_from(ref.knowledge_traces[number], start, hidden_for("knowledge", number),
+                                            keep_states=capture is not None, head_mask=mask)
                 hits += knowledge_correct_sparse(run.logits, mask, batch.answer_positions, batch.answer_tokens)
-                new_states["knowledge"].append(run.states)
+                if capture is not None:
+                    captured["knowledge"].append(run.states[capture])
             metrics["knowledge_accuracy"] = sum(hits) / len(hits)
             metrics["knowledge_ref"] = sum(ref.knowledge_hits) / len(ref.knowledge_hits)
         attention = {}
@@ -116,12 +146,17 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
             modified = attention_metrics.attention_maps(session.model, session.anatomy, ids)
             attention = attention_metrics.disruption(ref.attention, modified, session.anatomy.num_blocks)
-    if carry is not None:
-        carry.modification = spec.modification
-        carry.states = new_states
+    if capture is not None:
+        carry.keep(spec, capture, captured)
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
                        seconds=time.monotonic() - began)
+
+
+def probe_key(spec: ProbeSpec) -> tuple:
+    """Probes with equal keys measure the same thing (e.g. an isolated block probe and the
+    same block's sweep probe): one is measured, the others reuse it."""
+    return (spec.modification, spec.targets)
 
 
 def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
@@ -134,9 +169,14 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
         probes, skipped = build_probes(plan, session.anatomy)
         for note in data.notes:
             yield LogMessage(note, "warning")
-        yield Stage("reference", f"unmodified model on {data.eval_tokens} tokens")
-        ref = session.reference(data, control)
+        treated = session.treatment.original is not None
+        yield Stage("reference", f"{'treated' if treated else 'unmodified'} model on {data.eval_tokens} tokens")
+        # The model as it is now: after a weight-changing treatment the probes must replay the
+        # treated model's own states, so the reference is rebuilt for every weights_version.
+        ref = session.current_reference(data, control)
         report.reference = dict(ref.figures)
+        if treated:
+            report.reference["model"] = "treated: " + "; ".join(t["summary"] for t in session.treatment.applied)
         if any(create(p.modification).needs_input_norms for p in probes):
             yield Stage("calibration", f"activation norms on {data.calibration_tokens} calibration tokens")
             session.input_norms(data, control)
@@ -146,14 +186,26 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
         yield PlanReady(tuple(probes), tuple(skipped))
         for note in skipped:
             yield LogMessage(note)
-        costs = [_probe_cost(session, p, plan.prefix_cache) for p in probes]
+        firsts = {}
+        for spec in probes:
+            firsts.setdefault(probe_key(spec), spec)
+        repeats = len(probes) - len(firsts)
+        if repeats:
+            yield LogMessage(f"{repeats} probes measure the same as another one (e.g. a sweep point and the "
+                             "isolated probe of the same block); each is measured once.")
+        carry = _CumulativeCarry(probes, session.anatomy, plan.prefix_cache)
+        costs = [_probe_cost(session, p, plan.prefix_cache) if firsts[probe_key(p)] is p else 0.0 for p in probes]
         total_cost, done_cost = sum(costs), 0.0
         probe_began = time.monotonic()
-        carry = _CumulativeCarry()
+        measured: dict[tuple, ProbeRecord] = {}
         for spec, cost in zip(probes, costs):
             control.checkpoint()
             yield ProbeStarted(spec)
-            record = measure(session, ref, data, plan, spec, control, carry)
+            key = probe_key(spec)
+            if key in measured:
+                record = dataclasses.replace(measured[key], spec=spec, seconds=0.0)
+            else:
+                record = measured[key] = measure(session, ref, data, plan, spec, control, carry)
             report.probes.append(record)
             yield ProbeResult(record)
             done_cost += cost

@@ -1,7 +1,12 @@
-"""Deterministic token batches for evaluation and calibration, kept in separate splits.
+"""Deterministic token batches in three disjoint splits of the text.
 
-Documents are split before tokenizing: evaluation takes documents from the front of the
-source, calibration from the back, and no document feeds both.
+- evaluation: every reported figure (documents from the front of the source);
+- selection: every choice (roll-back, keep lists, best method, prompt or temperature);
+- calibration: every fit (activation norms, gradients, scales, a temperature).
+
+Documents are split before tokenizing: calibration takes documents from the back, selection
+the ones before those, and no document feeds two splits. A text with too few documents is
+split by token position instead (and says so), so no split ever borrows another's tokens.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ class DataSpec:
     tokens: int = 1024  # evaluation budget
     seq_len: int = 256
     calibration_tokens: int = 512
+    selection_tokens: int = 512
     batch_size: int = 4
     knowledge: bool = True  # also score the knowledge probes
     seed: int = 0
-    split: str = "eval"  # "calibration" for the view whose evaluation batches are the calibration split
+    split: str = "eval"  # "calibration" / "selection": a view whose evaluation batches are that split
 
     def describe(self) -> str:
         return f"{self.source}: {self.tokens} eval tokens in sequences of {self.seq_len}"
@@ -64,13 +70,43 @@ class EvalData:
     knowledge_batches: list[Batch]
     knowledge_probes: list[KnowledgeProbe]
     notes: list[str] = field(default_factory=list)
+    selection_batches: list[Batch] = field(default_factory=list)
 
     def calibration_view(self) -> "EvalData":
-        """The calibration split seen as evaluation data: treatments fit on it, never on eval."""
+        """The calibration split seen as evaluation data (a treatment measuring its own fit)."""
+        return self._view("calibration", self.calibration_batches)
+
+    def selection_view(self) -> "EvalData":
+        """The selection split seen as evaluation data: choices are measured on it, never on eval."""
+        return self._view("selection", self.selection_batches)
+
+    def _view(self, split: str, batches: list[Batch]) -> "EvalData":
         from dataclasses import replace
 
-        return EvalData(replace(self.spec, split="calibration", knowledge=False), self.calibration_batches, [],
-                        [], [], list(self.notes))
+        # The calibration split stays the calibration split: a fit made through any view is
+        # the same fit (and is cached once, see `calibration_key`).
+        return EvalData(replace(self.spec, split=split, knowledge=False), batches, self.calibration_batches,
+                        [], [], list(self.notes), self.selection_batches)
+
+    @property
+    def calibration_key(self) -> "DataSpec":
+        """What identifies the calibration split, whichever view of the data asks."""
+        from dataclasses import replace
+
+        return replace(self.spec, split="eval", knowledge=False)
+
+    def require_calibration(self, purpose: str, minimum: int = MIN_TOKENS) -> None:
+        if self.calibration_tokens < minimum:
+            raise DataError(
+                f"{purpose}: at least {minimum} calibration tokens are needed apart from the evaluation text, "
+                f"and this text leaves {self.calibration_tokens}. Choose fewer evaluation tokens or a longer text.")
+
+    def require_selection(self, purpose: str, minimum: int = MIN_TOKENS) -> None:
+        if self.selection_tokens < minimum:
+            raise DataError(
+                f"{purpose}: at least {minimum} selection tokens are needed apart from the evaluation and "
+                f"calibration text, and this text leaves {self.selection_tokens}. Choose fewer evaluation tokens "
+                "or a longer text.")
 
     @property
     def eval_tokens(self) -> int:
@@ -80,10 +116,16 @@ class EvalData:
     def calibration_tokens(self) -> int:
         return sum(b.num_tokens for b in self.calibration_batches)
 
+    @property
+    def selection_tokens(self) -> int:
+        return sum(b.num_tokens for b in self.selection_batches)
+
     def describe(self) -> dict:
         return {
             "source": self.spec.source, "seq_len": self.spec.seq_len, "seed": self.spec.seed,
+            "split": {"eval": "evaluation"}.get(self.spec.split, self.spec.split),
             "eval_tokens": self.eval_tokens, "calibration_tokens": self.calibration_tokens,
+            "selection_tokens": self.selection_tokens,
             "knowledge_probes": len(self.knowledge_probes), "notes": list(self.notes),
         }
 
@@ -160,25 +202,64 @@ def _stream(tokenizer, docs: list[str]) -> list[int]:
     return stream
 
 
-def split_documents(tokenizer, docs: list[str], eval_tokens: int, calib_tokens: int) -> tuple[list[int], list[int], list[str]]:
-    """Evaluation stream from the front documents, calibration from the back, disjoint."""
-    notes = []
+@dataclass
+class Splits:
+    evaluation: list[int]
+    selection: list[int]
+    calibration: list[int]
+    notes: list[str]
+
+
+def split_documents(tokenizer, docs: list[str], eval_tokens: int, calib_tokens: int,
+                    selection_tokens: int = 0) -> Splits:
+    """Evaluation from the front documents, calibration from the back, selection from the
+    documents before calibration's: disjoint by document. With fewer than three documents
+    the token stream is cut by position instead (evaluation, then selection, then calibration)."""
+    notes: list[str] = []
+    wanted = 1 + (calib_tokens > 0) + (selection_tokens > 0)
+    if len(docs) < wanted:
+        return _split_by_position(_stream(tokenizer, docs), eval_tokens, calib_tokens, selection_tokens)
     lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs]
-    eval_docs, used = [], 0
-    for doc, length in zip(docs, lengths):
-        if used >= eval_tokens and eval_docs:
-            break
-        eval_docs.append(doc)
-        used += length
-    rest = docs[len(eval_docs):]
-    if not rest and len(eval_docs) > 1:
-        rest = [eval_docs.pop()]  # always keep calibration data apart from evaluation data
-        notes.append("The text is short: evaluation got fewer tokens so calibration has its own.")
-    eval_stream = _stream(tokenizer, eval_docs)
-    calib_stream = _stream(tokenizer, list(reversed(rest)))[:calib_tokens]
+    eval_count, used = 0, 0
+    while eval_count < len(docs) and (used < eval_tokens or eval_count == 0):
+        used += lengths[eval_count]
+        eval_count += 1
+    if len(docs) - eval_count < wanted - 1:
+        eval_count = len(docs) - (wanted - 1)  # every split keeps documents of its own
+        notes.append("The text is short: evaluation got fewer tokens so calibration and selection have their own.")
+    rest = list(range(eval_count, len(docs)))[::-1]  # from the back
+
+    def take(budget: int, keep_for_later: int) -> list[int]:
+        taken, got = [], 0
+        while rest and len(rest) > keep_for_later and (got < budget or not taken):
+            index = rest.pop(0)
+            taken.append(index)
+            got += lengths[index]
+        return taken
+
+    calib_docs = take(calib_tokens, 1 if selection_tokens > 0 else 0) if calib_tokens > 0 else []
+    selection_docs = take(selection_tokens, 0) if selection_tokens > 0 else []
+    eval_stream = _stream(tokenizer, docs[:eval_count])
+    calib_stream = _stream(tokenizer, [docs[i] for i in calib_docs])[:calib_tokens]
+    selection_stream = _stream(tokenizer, [docs[i] for i in selection_docs])[:selection_tokens]
     if len(eval_stream) < eval_tokens:
         notes.append(f"Only {len(eval_stream)} evaluation tokens were available (asked for {eval_tokens}).")
-    return eval_stream, calib_stream, notes
+    return Splits(eval_stream, selection_stream, calib_stream, notes)
+
+
+def _split_by_position(stream: list[int], eval_tokens: int, calib_tokens: int, selection_tokens: int) -> Splits:
+    """One or two documents: cut the token stream into the three splits. Calibration and
+    selection get at most a quarter of the text each, evaluation the rest (up to its budget)."""
+    total = len(stream)
+    calib = min(calib_tokens, total // 4)
+    selection = min(selection_tokens, total // 4)
+    evaluation = min(eval_tokens, total - calib - selection)
+    notes = ["The text has too few documents to keep the splits in separate documents, so it is cut by token "
+             f"position: {evaluation} evaluation, {selection} selection and {calib} calibration tokens."]
+    if evaluation < eval_tokens:
+        notes.append(f"Only {evaluation} evaluation tokens were available (asked for {eval_tokens}).")
+    return Splits(stream[:evaluation], stream[total - calib - selection:total - calib], stream[total - calib:],
+                  notes)
 
 
 def knowledge_batches(tokenizer, probes: list[KnowledgeProbe], batch_size: int = 32) -> list[Batch]:
@@ -229,18 +310,25 @@ def build_data(model, tokenizer, spec: DataSpec) -> EvalData:
     pad = _pad_id(tokenizer)
     notes: list[str] = []
     if spec.source == "self":
-        eval_seqs = self_generated(model, tokenizer, spec.tokens, spec.seq_len, spec.seed)
-        calib_seqs = self_generated(model, tokenizer, spec.calibration_tokens, spec.seq_len, spec.seed + 1)
-        eval_seqs = _chunk([t for s in eval_seqs for t in s], spec.tokens, spec.seq_len)
-        calib_seqs = _chunk([t for s in calib_seqs for t in s], spec.calibration_tokens, spec.seq_len)
+        def generated(tokens: int, seed: int) -> list[list[int]]:
+            if tokens <= 0:
+                return []
+            rows = self_generated(model, tokenizer, tokens, spec.seq_len, seed)
+            return _chunk([t for row in rows for t in row], tokens, spec.seq_len)
+
+        eval_seqs = generated(spec.tokens, spec.seed)
+        calib_seqs = generated(spec.calibration_tokens, spec.seed + 1)
+        selection_seqs = generated(spec.selection_tokens, spec.seed + 2)
     else:
         if spec.source == "builtin":
             docs = read_documents(resource("data", "general_text.txt"))
         else:
             docs = read_documents(spec.source)
-        eval_stream, calib_stream, notes = split_documents(tokenizer, docs, spec.tokens, spec.calibration_tokens)
-        eval_seqs = _chunk(eval_stream, spec.tokens, spec.seq_len)
-        calib_seqs = _chunk(calib_stream, spec.calibration_tokens, spec.seq_len)
+        splits = split_documents(tokenizer, docs, spec.tokens, spec.calibration_tokens, spec.selection_tokens)
+        notes = splits.notes
+        eval_seqs = _chunk(splits.evaluation, spec.tokens, spec.seq_len)
+        calib_seqs = _chunk(splits.calibration, spec.calibration_tokens, spec.seq_len)
+        selection_seqs = _chunk(splits.selection, spec.selection_tokens, spec.seq_len)
         if sum(len(s) for s in eval_seqs) < MIN_TOKENS:
             raise DataError(
                 f"{Path(spec.source).name if spec.source != 'builtin' else 'The built-in text'} has too "
@@ -254,4 +342,5 @@ def build_data(model, tokenizer, spec: DataSpec) -> EvalData:
         knowledge_batches=knowledge_batches(tokenizer, probes) if probes else [],
         knowledge_probes=probes,
         notes=notes,
+        selection_batches=_batches(selection_seqs, spec.batch_size, pad),
     )

@@ -56,7 +56,7 @@ def validate(torch_model, tokenizer, data: EvalData, onnx_path: Path, prompts: l
         with original(), torch.inference_mode():
             ref_logits = torch_model(input_ids=torch.from_numpy(seq)).logits.float()
         mod_logits = torch.from_numpy(model.logits(seq)).float() / temperature
-        ref = RefLogProbs.from_logits(ref_logits, keep_full=True)
+        ref = RefLogProbs.from_logits(ref_logits)
         logq = torch.log_softmax(mod_logits, -1)
         ids = torch.from_numpy(seq)
         kl.append(ref.kl_to(logq).flatten().numpy())

@@ -127,7 +127,7 @@ def test_reference_stays_the_untreated_model(llama_session, small_data_spec):
 def test_temperature_fit_recovers_a_constructed_sharpening():
     torch.manual_seed(0)
     z = torch.randn(2, 16, 50) * 2
-    ref = RefLogProbs.from_logits(z, keep_full=True)
+    ref = RefLogProbs.from_logits(z)
     mask = torch.ones(2, 16, dtype=torch.bool)
     temperature, before, after = fit_temperature([ref], [z * 1.8], [mask])
     assert temperature == pytest.approx(1.8, rel=1e-3)
