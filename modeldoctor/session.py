@@ -18,7 +18,9 @@ from modeldoctor.checkup.replay import Replayer, Trace
 from modeldoctor.control import RunControl
 from modeldoctor.data import DataSpec, EvalData
 from modeldoctor.data.sources import build_data
-from modeldoctor.metrics.divergence import RefLogProbs, keep_full_reference, knowledge_correct, next_token_logprob
+from modeldoctor.metrics.divergence import (
+    ReferenceSpill, RefLogProbs, knowledge_correct, next_token_logprob, reference_fits_in_memory,
+)
 from modeldoctor.model import find_anatomy, load_model
 from modeldoctor.model.loading import LoadedModel
 from modeldoctor.model.summary import summarize
@@ -55,7 +57,8 @@ class Session:
         self.replayer = Replayer(self.model, self.anatomy)
         self.summary = summarize(loaded, self.anatomy)
         self._data: dict[DataSpec, EvalData] = {}
-        self._references: dict[DataSpec, Reference] = {}
+        self._references: dict[DataSpec, Reference] = {}  # of the untreated weights
+        self._current_references: dict[tuple[DataSpec, int], Reference] = {}  # of treated weights
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self.weights_version = 0  # bumped whenever a treatment changes the weights
@@ -76,15 +79,30 @@ class Session:
 
     def reference(self, data: EvalData, control: RunControl | None = None,
                   on_batch: Callable[[int, int], None] | None = None) -> Reference:
-        if data.spec in self._references:
-            return self._references[data.spec]
-        with self.original_weights():
-            return self._compute_reference(data, control or RunControl(), on_batch)
+        """The untreated model on `data`: what treatments and exports are measured against."""
+        if data.spec not in self._references:
+            with self.original_weights():
+                self._references[data.spec] = self._compute_reference(data, control or RunControl(), on_batch)
+        return self._references[data.spec]
+
+    def current_reference(self, data: EvalData, control: RunControl | None = None,
+                          on_batch: Callable[[int, int], None] | None = None) -> Reference:
+        """The model as it is now (treated or not) on `data`: what a checkup probes against.
+        Its traces feed the prefix cache, so they must come from the weights being probed: a
+        treatment that changes the weights makes a new one (keyed by `weights_version`)."""
+        if self.treatment.original is None:
+            return self.reference(data, control, on_batch)
+        key = (data.spec, self.weights_version)
+        if key not in self._current_references:
+            self._current_references.clear()  # older weights' references are never read again
+            self._current_references[key] = self._compute_reference(data, control or RunControl(), on_batch)
+        return self._current_references[key]
 
     def _compute_reference(self, data: EvalData, control: RunControl,
                            on_batch: Callable[[int, int], None] | None) -> Reference:
         vocab = int(self.anatomy.head.weight.shape[0])
-        keep_full = keep_full_reference(data.eval_tokens, vocab)
+        # Past the memory budget the probabilities go to disk: KL stays exact at any budget.
+        spill = None if reference_fits_in_memory(data.eval_tokens, vocab) else ReferenceSpill()
         traces, logprobs, next_lp = [], [], []
         nll_sum, nll_count = 0.0, 0
         total = len(data.eval_batches) + len(data.knowledge_batches)
@@ -94,7 +112,7 @@ class Session:
             if number == 0:
                 self.replayer.verify(trace, logits)
             traces.append(trace)
-            logprobs.append(RefLogProbs.from_logits(logits, keep_full))
+            logprobs.append(RefLogProbs.from_logits(logits, spill))
             lp = next_token_logprob(torch.log_softmax(logits.float(), dim=-1), batch.input_ids)
             next_lp.append(lp)
             valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()
@@ -114,15 +132,15 @@ class Session:
 
         figures = {"ppl": math.exp(nll_sum / max(nll_count, 1)), "tokens": float(data.eval_tokens),
                    "knowledge_accuracy": sum(hits) / len(hits) if hits else float("nan"),
-                   "reference_storage": "full" if keep_full else "top-k"}
-        reference = Reference(traces, logprobs, next_lp, k_traces, hits, figures)
-        self._references[data.spec] = reference
-        return reference
+                   "reference_storage": "memory" if spill is None else "disk"}
+        # The spill folder lives as long as the reference that reads from it.
+        return Reference(traces, logprobs, next_lp, k_traces, hits, figures, extras={"spill": spill})
 
     def input_norms(self, data: EvalData, control: RunControl | None = None) -> dict[str, torch.Tensor]:
         """L2 norm of each input feature of every block linear over the calibration split."""
-        if data.spec in self._input_norms:
-            return self._input_norms[data.spec]
+        if data.calibration_key in self._input_norms:
+            return self._input_norms[data.calibration_key]
+        data.require_calibration("Activation-aware modifications (Wanda, AWQ, SmoothQuant)")
         control = control or RunControl()
         sums = {name: None for name in self.anatomy.linear_names()}
         handles = []
@@ -140,8 +158,7 @@ class Session:
         for name in sums:
             handles.append(self.anatomy.linear(name).register_forward_pre_hook(hook(name, mask_holder)))
         try:
-            batches = data.calibration_batches or data.eval_batches
-            for batch in batches:
+            for batch in data.calibration_batches:
                 control.checkpoint()
                 mask_holder[0] = batch.attention_mask
                 with torch.inference_mode():
@@ -150,16 +167,19 @@ class Session:
             for handle in handles:
                 handle.remove()
         norms = {name: value.sqrt() for name, value in sums.items() if value is not None}
-        self._input_norms[data.spec] = norms
+        self._input_norms[data.calibration_key] = norms
         return norms
 
     def gradient_norms(self, data: EvalData, control: RunControl | None = None) -> dict[str, torch.Tensor]:
-        """Per weight of every block linear: sqrt of the summed squared gradient of the LM loss
+        """Per weight of every block linear, (out, in): sqrt of the summed squared gradient of the LM loss
         over calibration chunks of GRADIENT_CHUNK tokens (the empirical Fisher's diagonal, as
         LLM-Pruner and GBLM use). One gradient per chunk, not per batch: a batch's gradient
         averages its tokens' gradients away, and the sum of its square is a poor estimate."""
-        if data.spec in self._grad_norms:
-            return self._grad_norms[data.spec]
+        from modeldoctor.model.anatomy import weight_matrix
+
+        if data.calibration_key in self._grad_norms:
+            return self._grad_norms[data.calibration_key]
+        data.require_calibration("Gradient-aware pruning")
         control = control or RunControl()
         names = self.anatomy.linear_names()
         weights = {name: self.anatomy.linear(name).weight for name in names}
@@ -170,7 +190,7 @@ class Session:
                 param.requires_grad_(False)
             for weight in weights.values():
                 weight.requires_grad_(True)
-            for batch in data.calibration_batches or data.eval_batches:
+            for batch in data.calibration_batches:
                 for row, mask in zip(batch.input_ids, batch.attention_mask):
                     ids = row[mask.bool()]
                     for start in range(0, len(ids) - 1, GRADIENT_CHUNK):
@@ -187,8 +207,10 @@ class Session:
             for param, flag in saved.items():
                 param.requires_grad_(flag)
                 param.grad = None
-        norms = {name: value.sqrt() for name, value in sums.items()}
-        self._grad_norms[data.spec] = norms
+        # Stored (out, in) like weight_matrix, so no consumer has to guess a Conv1D's orientation.
+        norms = {name: weight_matrix(self.anatomy.linear(name), value.sqrt()).contiguous()
+                 for name, value in sums.items()}
+        self._grad_norms[data.calibration_key] = norms
         return norms
 
     def mod_context(self, data: EvalData | None = None, need_norms: bool = False,
