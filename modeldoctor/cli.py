@@ -159,6 +159,16 @@ def print_report(report, top: int = 15) -> None:
                   f"{m['kl_p99']:>8.3f} {m['same_top']:>8.1%} {m['ppl_ratio']:>7.3f} "
                   f"{(f'{knowl:.0%}' if knowl is not None else '-'):>7}  "
                   f"{probe.severity if probe.bleeding else 'healthy'}")
+    from modeldoctor.checkup.diagnosis import prefill_vs_decode
+
+    call_shapes = prefill_vs_decode(report)
+    if call_shapes:
+        print("\nPrefill vs decode under int8 dynamic (one activation range per sequence vs per token), mean KL:")
+        header = f"  {'linear':<34} {'prefill':>9} {'decode':>9} {'ratio':>7}"
+        print(header)
+        print("  " + "-" * (len(header) - 2))
+        for row in call_shapes[:top]:
+            print(f"  {row['linear'][:34]:<34} {row['prefill']:>9.4f} {row['decode']:>9.4f} {row['ratio']:>7.2f}")
     decoding = report.by_mode("decoding")
     if decoding:
         print("\nDecoding settings against greedy decoding:")

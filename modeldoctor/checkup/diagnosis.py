@@ -110,8 +110,55 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             f"{m['token_agreement']:.0%} of greedy tokens kept; first divergence after "
             f"{m['first_divergence']:.1f} tokens on average; trajectory KL {m['kl_trajectory']:.3g}.",
             record.severity, _sentence(TREATMENTS["decoding"]) if record.bleeding else ""))
+    call_shapes = _prefill_vs_decode_finding(report)
+    if call_shapes:
+        findings.append(call_shapes)
     findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
     return findings
+
+
+PREFILL, DECODE = "int8-dynamic", "int8-dynamic-decode"
+
+
+def prefill_vs_decode(report: CheckupReport) -> list[dict]:
+    """Per linear probed in isolation under both int8 dynamic call shapes: mean KL in a prefill
+    call (one activation range per sequence) and in one-token decode calls (one range per
+    token), and their ratio prefill / decode; the linears where they differ most come first."""
+    by_shape: dict[str, dict[str, ProbeRecord]] = {PREFILL: {}, DECODE: {}}
+    for record in report.by_mode("isolated"):
+        if record.spec.modification in by_shape and not record.spec.targets[0].isdigit():  # linears, not blocks
+            by_shape[record.spec.modification][record.spec.targets[0]] = record
+    rows = []
+    for linear, prefill in by_shape[PREFILL].items():
+        decode = by_shape[DECODE].get(linear)
+        if decode is None:
+            continue
+        ratio = max(prefill.score, 1e-12) / max(decode.score, 1e-12)  # a KL of exactly 0 still orders
+        rows.append({"linear": linear, "prefill": prefill.score, "decode": decode.score, "ratio": ratio,
+                     "prefill_record": prefill, "decode_record": decode})
+    rows.sort(key=lambda row: abs(np.log(row["ratio"])), reverse=True)
+    return rows
+
+
+def _prefill_vs_decode_finding(report: CheckupReport, named: int = 3) -> Finding | None:
+    rows = prefill_vs_decode(report)
+    if not rows:
+        return None
+    text = ("Prefill (one activation range per sequence) and one-token decoding (one range per token) "
+            "differ most in " + "; ".join(
+                f"{row['linear']} (mean KL {row['prefill']:.3g} prefill vs {row['decode']:.3g} decode, "
+                f"×{row['ratio']:.2g})" for row in rows[:named]) + ".")
+    only_prefill = [r["linear"] for r in rows if r["prefill_record"].bleeding and not r["decode_record"].bleeding]
+    only_decode = [r["linear"] for r in rows if r["decode_record"].bleeding and not r["prefill_record"].bleeding]
+    for label, names in (("prefill", only_prefill), ("decoding", only_decode)):
+        if names:
+            text += f" Bleeding in {label} only: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}."
+    split = [r for r in rows if r["linear"] in only_prefill + only_decode]
+    severity = _worst([r[key] for r in split for key in ("prefill_record", "decode_record")])
+    advice = ("A linear that bleeds under one call shape only matters as much as that call shape does in "
+              "your use: prefill for long prompts, decoding for long generations.") if split else ""
+    return Finding("int8-dynamic: prefill vs decode", text, severity, advice)
+
 
 
 def _sentence(text: str) -> str:

@@ -129,13 +129,18 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         metrics = divergence.summary()
         if plan.knowledge and data.knowledge_batches:
             hits = []
+            # A modified head sees every position, as deployed (int8 dynamic takes its range over
+            # them all); an unmodified one need only run at the answer positions.
+            head_modified = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
             for number, batch in enumerate(data.knowledge_batches):
                 control.checkpoint()
                 mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions)
                 with token_mask(ctx, batch.attention_mask):
                     run = replayer.run_from(ref.knowledge_traces[number], start, hidden_for("knowledge", number),
-                                            keep_states=capture is not None, head_mask=mask)
-                hits += knowledge_correct_sparse(run.logits, mask, batch.answer_positions, batch.answer_tokens)
+                                            keep_states=capture is not None,
+                                            head_mask=None if head_modified else mask)
+                answer_logits = run.logits[mask] if head_modified else run.logits
+                hits += knowledge_correct_sparse(answer_logits, mask, batch.answer_positions, batch.answer_tokens)
                 if capture is not None:
                     captured["knowledge"].append(run.states[capture])
             metrics["knowledge_accuracy"] = sum(hits) / len(hits)

@@ -33,6 +33,22 @@ class ModContext:
     grad_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     # Linears left untouched (kept in higher precision by a mixed-precision plan).
     keep: frozenset[str] = frozenset()
+    # (B, T) mask of the real tokens of the padded batch running now, set with `token_mask`;
+    # None outside a batch (e.g. generation, batch 1): then every call's tensor is all real.
+    token_mask: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def token_mask(ctx: ModContext, attention_mask: torch.Tensor | None) -> Iterator[None]:
+    """Tell the applied modification which positions of the batch about to run are real
+    tokens, not right padding: `with token_mask(ctx, batch.attention_mask): run the batch`.
+    Modifications that depend on what one runtime call sees (int8 dynamic's activation
+    range) read it; padding never reaches a deployed model."""
+    previous, ctx.token_mask = ctx.token_mask, attention_mask
+    try:
+        yield
+    finally:
+        ctx.token_mask = previous
 
 
 class Modification:

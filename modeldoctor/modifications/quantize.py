@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from modeldoctor.errors import UnsupportedModelError
 from modeldoctor.modifications.base import ModContext, WeightModification, register
 
 
@@ -56,18 +57,45 @@ def _rtn(match):
     return RoundToNearest(match[0], int(match["bits"]), group, symmetric=not match["asym"])
 
 
-def ort_dynamic_quantize_activation(x: torch.Tensor) -> torch.Tensor:
-    """onnxruntime's DynamicQuantizeLinear then dequantize: uint8, asymmetric, one scale per
-    tensor. Each sequence of the batch gets its own scale, as when onnxruntime runs one
-    sequence per call."""
-    flat = x.reshape(x.shape[0], -1) if x.dim() > 2 else x.reshape(1, -1)
-    low = flat.amin(-1, keepdim=True).clamp(max=0)
-    high = flat.amax(-1, keepdim=True).clamp(min=0)
+def _dequantized_uint8(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """DynamicQuantizeLinear's arithmetic, then DequantizeLinear: the range is widened to hold
+    0, scale = range / 255, zero point rounded (half to even, as onnxruntime does)."""
+    low, high = low.clamp(max=0), high.clamp(min=0)
     scale = (high - low) / 255.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = torch.clamp(torch.round(-low / scale), 0, 255)
-    q = torch.clamp(torch.round(flat / scale) + zero, 0, 255)
-    return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+    return (q - zero) * scale
+
+
+def ort_dynamic_quantize_activation(x: torch.Tensor, valid: torch.Tensor | None = None,
+                                    per_token: bool = False) -> torch.Tensor:
+    """onnxruntime's DynamicQuantizeLinear then dequantize: uint8, asymmetric, one range per
+    runtime call over everything that call's input holds. Which values share a call:
+
+    - `per_token`: each token alone (one-token decode calls).
+    - `valid`, a (B, T) mask of real tokens: each sequence's real tokens (its batch-1 prefill
+      call); padded positions are quantized with their sequence's range, and nothing reads them.
+    - neither: each sequence of a (B, T, F) input, all its positions (B calls of batch 1,
+      unpadded); a 2-D input is one call.
+    """
+    xf = x.float()
+    real = None
+    if per_token:
+        calls = xf.reshape(-1, 1, x.shape[-1])
+    elif valid is not None:
+        batch, tokens = valid.shape
+        if tuple(x.shape[:-1]) != (batch, tokens) and not (x.dim() == 2 and x.shape[0] == batch * tokens):
+            raise UnsupportedModelError(
+                f"A linear's input {tuple(x.shape)} does not line up with the batch's tokens "
+                f"({batch} × {tokens}); its int8 dynamic activation ranges cannot be simulated.")
+        calls = xf.reshape(batch, tokens, -1)
+        real = valid.to(device=x.device, dtype=torch.bool)[..., None]
+    else:
+        calls = xf.reshape(x.shape[0], 1, -1) if x.dim() > 2 else xf.reshape(1, 1, -1)
+    low = (calls if real is None else calls.masked_fill(~real, float("inf"))).amin(dim=(1, 2), keepdim=True)
+    high = (calls if real is None else calls.masked_fill(~real, float("-inf"))).amax(dim=(1, 2), keepdim=True)
+    return _dequantized_uint8(calls, low, high).reshape(x.shape).to(x.dtype)
 
 
 def ort_int8_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -78,20 +106,42 @@ def ort_int8_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Dynamic(WeightModification):
-    """Predicts what onnxruntime's quantize_dynamic (per-tensor int8) does to a linear."""
+    """What onnxruntime's quantize_dynamic (int8 weights per tensor, uint8 activations with one
+    range per call) does to a linear in a prefill call: a sequence of N tokens processed at
+    once, its activation range taken over those N real tokens. That is how export validation
+    and a prompt's prefill run. The batch's padding is kept out of each sequence's range
+    through the mask that the code running the batch sets with `token_mask`; without one,
+    each sequence of the call's input is taken as all real (generation runs batch 1)."""
 
     family = "quantize"
+    per_token = False
 
     def new_weight(self, ctx, linear, weight):
         return ort_int8_weight(weight)
 
     def extra_hooks(self, ctx: ModContext, linear: str, module: torch.nn.Module) -> list:
         def quantize_input(mod, args):
-            return (ort_dynamic_quantize_activation(args[0]),) + tuple(args[1:])
+            x = ort_dynamic_quantize_activation(args[0], None if self.per_token else ctx.token_mask, self.per_token)
+            return (x,) + tuple(args[1:])
         return [module.register_forward_pre_hook(quantize_input)]
 
 
-@register(r"int8-dynamic", "int8 weights + per-call uint8 activations, as onnxruntime quantize_dynamic",
-          ("int8-dynamic",))
+class Int8DynamicDecode(Int8Dynamic):
+    """The same int8 dynamic model in one-token decode calls: each token's activations get
+    their own range. With a KV cache every token's keys and values come from the call that
+    processed it, so per-token ranges in one full forward pass are exact for pure decoding
+    (every token fed alone); a real generation prefills its prompt (`int8-dynamic`) first."""
+
+    per_token = True
+
+
+@register(r"int8-dynamic", "int8 weights + uint8 activations, one range per sequence (a prefill call), "
+          "as onnxruntime quantize_dynamic", ("int8-dynamic",))
 def _int8_dynamic(match):
     return Int8Dynamic(match[0])
+
+
+@register(r"int8-dynamic-decode", "int8 dynamic as in one-token decode calls: one activation range per token",
+          ("int8-dynamic-decode",))
+def _int8_dynamic_decode(match):
+    return Int8DynamicDecode(match[0])
