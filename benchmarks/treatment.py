@@ -36,7 +36,7 @@ def main() -> None:
     from modeldoctor.treatment.run import treat
 
     session = sample_session()
-    data = session.data(DataSpec(tokens=args.tokens, seq_len=256, calibration_tokens=512))
+    data = session.data(DataSpec(tokens=args.tokens, seq_len=256, calibration_tokens=512, selection_tokens=512))
     runs = {
         "int8": TreatmentPlan(["smoothquant", "mixed-precision"], target="int8-dynamic", budget=args.budget),
         "int4": TreatmentPlan(["awq", "mixed-precision", "calibrate-temperature", "recovery-prompts"],
@@ -59,8 +59,11 @@ def main() -> None:
     def row(group, label, figures, note=""):
         rows.append((group, label, figures.get("kl_mean"), figures.get("same_top"), figures.get("ppl"), note))
 
-    print(f"\nSmolLM2-135M-Instruct, {data.eval_tokens} held-out tokens, {data.calibration_tokens} calibration "
-          f"tokens; reference perplexity {next(iter(reports.values())).reference['ppl']:.3f}")
+    print(f"\nSmolLM2-135M-Instruct (weights from a Q4_1 GGUF: int4 figures flatter methods that recover its grid). "
+          f"Fits on {data.calibration_tokens} calibration tokens, every choice (roll-back, keep list, α, method, "
+          f"temperature, prompt) on {data.selection_tokens} selection tokens, every figure below on "
+          f"{data.eval_tokens} held-out evaluation tokens that no choice saw; reference perplexity "
+          f"{next(iter(reports.values())).reference['ppl']:.3f} (evaluation split)")
     if "int8" in reports:
         int8_rows(outcome, row, args.budget)
     if "int4" in reports:

@@ -35,4 +35,4 @@ def llama_session(llama_dir):
 def small_data_spec():
     from modeldoctor.data import DataSpec
 
-    return DataSpec(tokens=192, seq_len=64, calibration_tokens=128, batch_size=2)
+    return DataSpec(tokens=192, seq_len=64, calibration_tokens=128, selection_tokens=128, batch_size=2)

@@ -6,8 +6,9 @@ whole-model figures before and after, per-layer bars before and after on the sam
 and whether it was applied (a treatment that makes the deployed model worse on held-out
 text is rolled back and says so).
 
-Every fit uses the calibration split; every figure it reports is measured on the
-evaluation split, against the untreated model.
+Every fit uses the calibration split; every choice (roll-back, keep list, best method,
+prompt or temperature) is made on the selection split; every figure it reports is measured
+on the evaluation split, against the untreated model. No choice ever sees the evaluation split.
 """
 
 from __future__ import annotations
@@ -150,12 +151,14 @@ def _load_builtin() -> None:
 # ---- measuring ------------------------------------------------------------------------------
 
 class Job:
-    """What a treatment works with: the session, both splits, the plan, and a progress clock."""
+    """What a treatment works with: the session, the three splits, the plan, and a progress clock.
+    `data` (evaluation) is for reported figures, `selection` for choices, `calibration` for fits."""
 
     def __init__(self, session: Session, data: EvalData, plan: TreatmentPlan, control: RunControl,
                  total_units: int) -> None:
         self.session, self.data, self.plan, self.control = session, data, plan, control
         self.calibration = data.calibration_view()
+        self.selection = data.selection_view()
         self.total_units, self.done_units = max(total_units, 1), 0
         self.began = time.monotonic()
         self.stage = ""
@@ -183,7 +186,8 @@ class Job:
     def whole_model(self, modification: str, keep: list[str] | None = None, temperature: float | None = None,
                     on: EvalData | None = None, knowledge: bool = True) -> dict[str, float]:
         """The deployed model (treated weights + the modification on every block, `keep`
-        left in fp32, logits divided by `temperature`) against the untreated reference."""
+        left in fp32, logits divided by `temperature`) against the untreated reference, on
+        `on` (default: the evaluation split)."""
         data = on or self.data
         state = self.session.treatment
         keep = self.kept_for(modification) if keep is None else keep
@@ -202,6 +206,10 @@ class Job:
                                        frozenset(keep))
         with mod.applied(ctx, self.all_blocks):
             yield
+
+    def choice_kl(self, modification: str, keep: list[str] | None = None, temperature: float | None = None) -> float:
+        """Mean KL of a deployment on the selection split: what choices compare."""
+        return self.whole_model(modification, keep, temperature, on=self.selection, knowledge=False)["kl_mean"]
 
     def isolated(self, modification: str, targets: list[str], keep: list[str] | None = None,
                  on: EvalData | None = None) -> Iterator[Event | float]:

@@ -2,9 +2,10 @@
 
 A compressed model's next-token distributions are often too sharp or too flat compared with
 the original's. One temperature T for the deployed model's logits is fitted on calibration
-text to minimise KL(original ‖ deployed / T); the figures before and after are measured on
-the evaluation split, together with how far generations under the user's decoding settings
-drift from the original's. T goes into the exported generation config.
+text to minimise KL(original ‖ deployed / T); it is kept only if it lowers KL on the selection
+split; the figures before and after are measured on the evaluation split, together with how
+far generations under the user's decoding settings drift from the original's. T goes into
+the exported generation config.
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ class TemperatureCalibration(Treatment):
         temperature, fit_before, fit_after = fit_temperature(refs, logits, masks)
         del logits
         yield job.tick()
+        job.stage = "decoding calibration: checking it on selection text"
+        choice_before = job.choice_kl(plan.target, keep=keep, temperature=1.0)
+        choice_after = job.choice_kl(plan.target, keep=keep, temperature=temperature)
         job.stage = "decoding calibration: held-out figures"
         before = job.whole_model(plan.target, keep=keep, temperature=1.0)
         yield job.tick()
@@ -141,7 +145,7 @@ class TemperatureCalibration(Treatment):
         sequence_before, sequence_after = generation_divergence(job, plan.target, keep, [1.0, temperature],
                                                                 settings)
         yield job.tick(2)
-        applied = after["kl_mean"] < before["kl_mean"]
+        applied = choice_after < choice_before
         deployment = f"{plan.target} on every block" if plan.target != "none" else "the treated model"
         if applied:
             state.temperature, state.temperature_for = temperature, plan.target
@@ -150,7 +154,7 @@ class TemperatureCalibration(Treatment):
                        f"{sequence_after['token_agreement']:.0%}.")
         else:
             verdict = (f"Not applied: the best temperature on calibration text ({temperature:.3f}) does not lower "
-                       f"the held-out KL ({before['kl_mean']:.4f} → {after['kl_mean']:.4f}).")
+                       f"KL on the selection text ({choice_before:.4f} → {choice_after:.4f}).")
         if not settings.do_sample:
             verdict += " Greedy decoding ignores temperature, so its generations are unchanged."
         table = [{"decoding": plan.decoding, "temperature": 1.0, **sequence_before},
@@ -159,4 +163,5 @@ class TemperatureCalibration(Treatment):
             name=self.name, title=f"{self.title} for {deployment}", deployment=deployment, before=before,
             after=after, applied=applied, verdict=verdict, summary=f"logits ÷ {temperature:.3f} (calibrated temperature, in the exported generation config)",
             table=table, details={"temperature": temperature, "calibration_kl_before": fit_before,
-                                  "calibration_kl_after": fit_after, "logit_bias": "not fitted"})
+                                  "calibration_kl_after": fit_after, "logit_bias": "not fitted",
+                                  "selection_kl": {"before": choice_before, "after": choice_after}})

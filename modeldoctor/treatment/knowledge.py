@@ -56,6 +56,15 @@ def score(session, probes: list[KnowledgeProbe], control) -> tuple[np.ndarray, n
     return correct, confidence
 
 
+def per_input_accuracy(scored: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray]:
+    """Accuracy when each probe takes the prompt the model is most confident under (the answer
+    is never looked at), and which prompt that was; `scored` holds (correct, confidence) per prompt."""
+    correct = np.stack([c for c, _ in scored])  # prompts x probes
+    confidence = np.stack([k for _, k in scored])
+    pick = confidence.argmax(0)
+    return float(correct[pick, np.arange(correct.shape[1])].mean()), pick
+
+
 @register
 class KnowledgeRecovery(Treatment):
     name = "recovery-prompts"
@@ -88,15 +97,17 @@ class KnowledgeRecovery(Treatment):
                 compressed[prompt] = (chosen_half, held_out)
                 yield job.tick(2)
         yield job.tick()
+        # Every choice (best prompt, which rule, whether to apply) on the selection half.
         best = max(pool, key=lambda p: (compressed[p][0][0].mean(), p == NO_PROMPT))
-        held = np.stack([compressed[p][1][0] for p in pool])  # prompts x probes
-        confidence = np.stack([compressed[p][1][1] for p in pool])
-        per_input = held[confidence.argmax(0), np.arange(held.shape[1])]
+        chosen_per_input = {half: per_input_accuracy([compressed[p][half] for p in pool]) for half in (0, 1)}
+        choice = {"compressed": float(compressed[NO_PROMPT][0][0].mean()),
+                  "best_prompt": float(compressed[best][0][0].mean()), "per_input": chosen_per_input[0][0]}
+        rule = "per-input" if choice["per_input"] >= choice["best_prompt"] else "best-prompt"
+        applied = choice["per_input" if rule == "per-input" else "best_prompt"] > choice["compressed"]
+        confidence_choice = chosen_per_input[1][1]
         figures = {"original": float(original.mean()), "compressed": float(compressed[NO_PROMPT][1][0].mean()),
-                   "best_prompt": float(compressed[best][1][0].mean()), "per_input": float(per_input.mean())}
-        recovered = max(figures["best_prompt"], figures["per_input"])
-        applied = recovered > figures["compressed"]
-        rule = "per-input" if figures["per_input"] >= figures["best_prompt"] else "best-prompt"
+                   "best_prompt": float(compressed[best][1][0].mean()), "per_input": chosen_per_input[1][0]}
+        recovered = figures["per_input" if rule == "per-input" else "best_prompt"]
         deployment = f"{plan.target} on every block" if plan.target != "none" else "the treated model"
         if applied:
             session.treatment.recovery = {"rule": rule, "best_prompt": best, "pool": pool[1:],
@@ -106,16 +117,17 @@ class KnowledgeRecovery(Treatment):
                        f"{deployment} {figures['compressed']:.1%}, with the best prompt {figures['best_prompt']:.1%}, "
                        f"with per-input selection {figures['per_input']:.1%}.")
         else:
-            verdict = (f"Not applied: no recovery prompt helped {deployment} on held-out probes "
-                       f"({figures['compressed']:.1%} without, {figures['best_prompt']:.1%} with the best prompt, "
-                       f"{figures['per_input']:.1%} per input).")
+            verdict = (f"Not applied: no recovery prompt helped {deployment} on the selection half of the probes "
+                       f"({choice['compressed']:.1%} without, {choice['best_prompt']:.1%} with the best prompt, "
+                       f"{choice['per_input']:.1%} per input).")
         table = [{"prompt": p or "(none)", "selection_accuracy": float(compressed[p][0][0].mean()),
                   "held_out_accuracy": float(compressed[p][1][0].mean()),
-                  "chosen_per_input": float((confidence.argmax(0) == i).mean())} for i, p in enumerate(pool)]
+                  "chosen_per_input": float((confidence_choice == i).mean())} for i, p in enumerate(pool)]
         return Outcome(
             name=self.name, title=f"{self.title} for {deployment}", deployment=deployment,
             before={"knowledge_accuracy": figures["compressed"]},
-            after={"knowledge_accuracy": max(figures["best_prompt"], figures["per_input"])}, applied=applied,
+            after={"knowledge_accuracy": recovered if applied else figures["compressed"]}, applied=applied,
             verdict=verdict, summary=f"recovery prompts ({rule})", table=table,
-            details={"accuracy": figures, "best_prompt": best, "rule": rule, "selection_probes": len(selection),
+            details={"accuracy": figures, "selection_accuracy": choice, "best_prompt": best, "rule": rule,
+                     "selection_probes": len(selection),
                      "evaluation_probes": len(evaluation)})

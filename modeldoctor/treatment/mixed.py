@@ -1,9 +1,10 @@
 """Mixed-precision fallback under a budget: which linears stay in fp32.
 
-Each block linear's isolated KL under the target quantization is measured on the
-calibration split; an exact 0/1 knapsack then keeps in fp32 the set of linears that removes
-the most KL within the budget (a fraction of the block linears' weights). The plan is
-verified on the evaluation split and rejected if the deployed model gets no better.
+Which linears to keep is a choice, so it is made on the selection split: each block linear's
+isolated KL under the target quantization is measured there, an exact 0/1 knapsack keeps in
+fp32 the set of linears that removes the most KL within the budget (a fraction of the block
+linears' weights), and the plan is rejected if the deployed model gets no better on the
+selection split. The figures it reports are the evaluation split's.
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ class MixedPrecision(Treatment):
     order = 3
     title = "Mixed precision under a budget"
     summary = ("keeps in fp32 the linears whose quantization costs most, as many as the budget allows "
-               "(exact knapsack on calibration scores), then verifies the plan on held-out text")
+               "(exact knapsack on selection-text scores), kept only if it helps there; figures on held-out text")
 
     def check(self, plan):
         if plan.target == "none":
             raise PlanError("Mixed precision needs a quantization to treat (int8-dynamic, int4, …).")
 
     def units(self, session, plan):
-        return len(session.anatomy.linear_names()) + 2 * session.anatomy.num_blocks + 2
+        return len(session.anatomy.linear_names()) + 2 * session.anatomy.num_blocks + 4
 
     def run(self, job):
         session, plan = job.session, job.plan
@@ -81,16 +82,21 @@ class MixedPrecision(Treatment):
         linears = anatomy.linear_names()
         sizes = {n: int(anatomy.linear(n).weight.numel()) for n in linears}
         total = sum(sizes.values())
-        job.stage = f"mixed precision: {plan.target} on each linear (calibration text)"
+        job.stage = f"mixed precision: {plan.target} on each linear (selection text)"
         values: list[float] = []
-        yield from collect(job.isolated(plan.target, linears, keep=[], on=job.calibration), values)
+        yield from collect(job.isolated(plan.target, linears, keep=[], on=job.selection), values)
         scores = dict(zip(linears, values))
         chosen = choose_kept(scores, sizes, int(plan.budget * total))
         kept_weights = sum(sizes[n] for n in chosen)
         bits = weight_bits(plan.target)
         effective = (bits * (total - kept_weights) + 32 * kept_weights) / total
         current = job.kept_for(plan.target)
-        job.stage = "mixed precision: verifying on held-out text"
+        job.stage = "mixed precision: checking the plan on selection text"
+        choice_before = job.choice_kl(plan.target, keep=current)
+        yield job.tick()
+        choice_after = job.choice_kl(plan.target, keep=chosen)
+        yield job.tick()
+        job.stage = "mixed precision: held-out figures"
         before = job.whole_model(plan.target, keep=current)
         yield job.tick()
         after = job.whole_model(plan.target, keep=chosen)
@@ -100,7 +106,7 @@ class MixedPrecision(Treatment):
         after_layers: list[float] = []
         yield from collect(job.isolated(plan.target, blocks, keep=current), before_layers)
         yield from collect(job.isolated(plan.target, blocks, keep=chosen), after_layers)
-        applied = bool(chosen) and after["kl_mean"] < before["kl_mean"]
+        applied = bool(chosen) and choice_after < choice_before
         share = kept_weights / total
         if applied:
             session.treatment.keep, session.treatment.keep_for = list(chosen), plan.target
@@ -109,14 +115,15 @@ class MixedPrecision(Treatment):
         else:
             verdict = ("Rejected: " + ("no linear fits the budget" if not chosen else
                                        f"keeping {len(chosen)} linears in fp32 does not improve {plan.target} on "
-                                       f"held-out text ({figures_text(before, after, ('kl_mean',))})") +
+                                       f"the selection text (mean KL {choice_before:.4f} → {choice_after:.4f})") +
                        "; the previous plan stands.")
         return Outcome(
             name=self.name, title=f"{self.title} for {plan.target} ({plan.budget:.0%} of weights)",
             deployment=f"{plan.target} on every block", before=before, after=after, applied=applied,
             verdict=verdict, summary=f"{len(chosen)} linears kept in fp32 for {plan.target} ({share:.0%} of weights)",
             layers={"modification": plan.target, "targets": blocks, "before": before_layers, "after": after_layers},
-            table=[{"linear": n, "calibration_kl": scores[n], "weights": sizes[n]} for n in
+            table=[{"linear": n, "selection_kl": scores[n], "weights": sizes[n]} for n in
                    sorted(chosen, key=scores.get, reverse=True)],
             details={"kept": chosen, "kept_share": share, "effective_bits": effective, "weight_bits": bits,
-                     "budget": plan.budget, "scores": scores})
+                     "budget": plan.budget, "scores": scores,
+                     "selection_kl": {"before": choice_before, "after": choice_after}})

@@ -2,8 +2,9 @@
 
 Importance |W|·(‖x‖ + α·‖∂L/∂W‖) (Wanda's activation norms plus first-order loss gradients
 accumulated over calibration batches), pruned per output row to the requested sparsity, or
-2:4. α is chosen on the calibration split; magnitude, Wanda and gradient-aware pruning are
-then compared on the evaluation split and the best is written into the treated model.
+2:4. α and the best of magnitude, Wanda and gradient-aware pruning are chosen on the
+selection split; the evaluation split reports all three, and the best is written into the
+treated model.
 """
 
 from __future__ import annotations
@@ -62,22 +63,22 @@ class GradientPruning(Treatment):
     def run(self, job):
         session, plan = job.session, job.plan
         methods = method_names(plan.sparsity, plan.pattern)
-        job.stage = "gradient-aware pruning: loss gradients and α on calibration text"
+        job.stage = "gradient-aware pruning: loss gradients (calibration text), α (selection text)"
         yield job.tick(0)
         fits = {}
         for alpha in ALPHAS:
-            name = with_alpha(methods["gradient-aware"], alpha)
-            fits[alpha] = job.whole_model(name, keep=[], temperature=1.0, on=job.calibration, knowledge=False)["kl_mean"]
+            fits[alpha] = job.choice_kl(with_alpha(methods["gradient-aware"], alpha), keep=[], temperature=1.0)
             yield job.tick()
         alpha = min(fits, key=fits.get)
         methods["gradient-aware"] = with_alpha(methods["gradient-aware"], alpha)
         job.stage = "gradient-aware pruning: magnitude vs Wanda vs gradient-aware"
         rows = []
         for label, name in methods.items():
+            choice = fits[alpha] if label == "gradient-aware" else job.choice_kl(name, keep=[], temperature=1.0)
             figures = job.whole_model(name, keep=[], temperature=1.0)
-            rows.append({"method": label, "modification": name, **figures})
+            rows.append({"method": label, "modification": name, **figures, "selection_kl": choice})
             yield job.tick()
-        best = min(rows, key=lambda r: r["kl_mean"])
+        best = min(rows, key=lambda r: r["selection_kl"])  # chosen on selection text, reported on held-out
         wanda = next(r for r in rows if r["method"] == "Wanda")
         gradient = next(r for r in rows if r["method"] == "gradient-aware")
         job.stage = "gradient-aware pruning: per block"
@@ -86,7 +87,7 @@ class GradientPruning(Treatment):
         after_layers: list[float] = []
         yield from collect(job.isolated(wanda["modification"], blocks, keep=[]), before_layers)
         yield from collect(job.isolated(gradient["modification"], blocks, keep=[]), after_layers)
-        before = {k: v for k, v in wanda.items() if k not in ("method", "modification")}
+        before = {k: v for k, v in wanda.items() if k not in ("method", "modification", "selection_kl")}
         session.begin_weight_treatment()
         bake(session, best["modification"], job.data)
         session.weights_changed(function_preserving=False)
@@ -97,8 +98,8 @@ class GradientPruning(Treatment):
             verdict = (f"Gradient-aware pruning (α = {alpha:g}) beats Wanda at {amount}: "
                        f"{figures_text(wanda, gradient)}; its weights are now the treated model's.")
         else:
-            verdict = (f"Gradient-aware pruning did not win on this model at {amount} "
-                       f"(mean KL {gradient['kl_mean']:.4f} against {best['method']}'s {best['kl_mean']:.4f}); "
+            verdict = (f"Gradient-aware pruning did not win on this model at {amount} (selection-text mean KL "
+                       f"{gradient['selection_kl']:.4f} against {best['method']}'s {best['selection_kl']:.4f}); "
                        f"the {best['method']} result was written instead.")
         return Outcome(
             name=self.name, title=f"{self.title} to {amount} sparsity",
@@ -108,5 +109,5 @@ class GradientPruning(Treatment):
             layers={"modification": f"{wanda['modification']} → {gradient['modification']}", "targets": blocks,
                     "before": before_layers, "after": after_layers, "before_label": "Wanda",
                     "after_label": "gradient-aware"},
-            table=rows, details={"alpha": alpha, "alpha_fit_kl": {f"{a:g}": v for a, v in fits.items()},
+            table=rows, details={"alpha": alpha, "alpha_selection_kl": {f"{a:g}": v for a, v in fits.items()},
                                  "written": best["modification"]})

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
-from modeldoctor.errors import CancelledError, DataError, ModelDoctorError
+from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Stage, TreatmentResult, run_to_end
 from modeldoctor.session import Session
 from modeldoctor.treatment.base import Job, TreatmentPlan, TreatmentReport, get, rollback_point
@@ -28,15 +28,15 @@ def run_treatments(session: Session, plan: TreatmentPlan, data: EvalData,
     rollback = None
     try:
         plan.validate()
-        if not data.calibration_batches:
-            raise DataError("Treatments need calibration text apart from the evaluation text; the data is too "
-                            "short to split. Choose fewer evaluation tokens or a longer text.")
+        data.require_calibration("Treatments fit on calibration text")
+        data.require_selection("Treatments choose on selection text")
         chosen = [get(name) for name in plan.treatments]
         job = Job(session, data, plan, control, 1 + sum(t.units(session, plan) for t in chosen))
         rollback = rollback_point(session)
-        yield Stage("reference", f"untreated model on {data.eval_tokens} evaluation and "
-                                 f"{data.calibration_tokens} calibration tokens")
+        yield Stage("reference", f"untreated model on {data.eval_tokens} evaluation, {data.selection_tokens} "
+                                 f"selection and {data.calibration_tokens} calibration tokens")
         report.reference = dict(session.reference(data, control).figures)
+        session.reference(job.selection, control)
         session.reference(job.calibration, control)
         yield job.tick()
         for treatment in chosen:

@@ -69,7 +69,7 @@ def find_scale_groups(session, batch) -> list[ScaleGroup]:
             consumers = [f"{part.index}.{rel}" for rel in part.linears if inputs.get(f"{part.index}.{rel}") is out]
             if consumers:
                 groups.append(ScaleGroup(part.index, consumers, "norm", name))
-        if part.mlp_down:
+        if part.mlp_down and part.mlp_name:  # the factor search runs the MLP module alone
             factor = _linear_factor(session, part)
             if factor:
                 groups.append(ScaleGroup(part.index, [f"{part.index}.{part.mlp_down}"], "rows", factor))
@@ -266,6 +266,7 @@ class _ScalingTreatment(Treatment):
         before_layers: list[float] = []
         yield from collect(job.isolated(plan.target, blocks), before_layers)
         before = job.whole_model(plan.target)
+        choice_before = job.choice_kl(plan.target)
         yield job.tick()
         rollback = rollback_point(session)
         session.begin_weight_treatment()
@@ -280,23 +281,26 @@ class _ScalingTreatment(Treatment):
         after_layers: list[float] = []
         yield from collect(job.isolated(plan.target, blocks), after_layers)
         after = job.whole_model(plan.target)
+        choice_after = job.choice_kl(plan.target)
         yield job.tick()
-        applied = summary["scaled"] > 0 and after["kl_mean"] < before["kl_mean"]
+        # Kept or rolled back on the selection split; the figures shown are the evaluation split's.
+        applied = summary["scaled"] > 0 and choice_after < choice_before
         if applied:
             verdict = (f"{self.label} scales folded into {summary['scaled']} of {summary['groups']} layer groups: "
                        f"{figures_text(before, after)}.")
         else:
             rollback()
             why = (f"no layer group gained from {self.label} scaling" if not summary["scaled"] else
-                   f"{self.label} scaling made {plan.target} worse on held-out text "
-                   f"({figures_text(before, after, ('kl_mean',))})")
+                   f"{self.label} scaling made {plan.target} worse on the selection text (mean KL "
+                   f"{choice_before:.4f} → {choice_after:.4f})")
             verdict = f"Rolled back: {why}."
         return Outcome(
             name=self.name, title=f"{self.label} scaling for {plan.target}",
             deployment=f"{plan.target} on every block", before=before, after=after, applied=applied,
             verdict=verdict, summary=f"{self.label} scales in {summary['scaled']} layer groups",
             layers={"modification": plan.target, "targets": blocks, "before": before_layers, "after": after_layers},
-            details={**summary, "float_model_kl_after_fold": float_change})
+            details={**summary, "float_model_kl_after_fold": float_change,
+                     "selection_kl": {"before": choice_before, "after": choice_after}})
 
 
 @register

@@ -40,8 +40,9 @@ class TreatmentPage(QWidget):
         self.threshold = 0.01
         self.recommendations: list = []
         layout = QVBoxLayout(self)
-        intro = QLabel("<h2>Treatment</h2>Each treatment is fitted on calibration text and measured on the held-out "
-                       "evaluation text against the original model. One that makes things worse is rolled back. "
+        intro = QLabel("<h2>Treatment</h2>Each treatment is fitted on calibration text, kept or rolled back on "
+                       "separate selection text, and measured on held-out evaluation text (which no choice sees) "
+                       "against the original model. One that makes things worse is rolled back. "
                        "Treatments apply in order and build on each other; the treated model is what Export "
                        "exports. Your model files are never written.")
         intro.setWordWrap(True)
@@ -366,7 +367,7 @@ EXTRA_COLUMNS = {
     "method": ("method", "{}"), "linear": ("kept in fp32", "{}"), "prompt": ("recovery prompt", "{}"),
     "decoding": ("decoding", "{}"), "temperature": ("temperature", "{:.3f}"),
     "kl_mean": ("mean KL", "{:.4f}"), "same_top": ("top-1", "{:.1%}"), "ppl": ("perplexity", "{:.3f}"),
-    "calibration_kl": ("KL on calibration", "{:.4f}"), "weights": ("weights", "{:,}"),
+    "selection_kl": ("KL on selection text", "{:.4f}"), "weights": ("weights", "{:,}"),
     "token_agreement": ("tokens kept", "{:.0%}"), "first_divergence": ("first divergence", "{:.1f}"),
     "kl_trajectory": ("trajectory KL", "{:.3f}"), "selection_accuracy": ("selection half", "{:.1%}"),
     "held_out_accuracy": ("held-out half", "{:.1%}"), "chosen_per_input": ("chosen per input", "{:.0%}"),
