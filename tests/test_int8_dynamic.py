@@ -201,3 +201,18 @@ def test_cli_prints_the_prefill_vs_decode_table(llama_dir, tmp_path, capsys):
     table = captured.out.split("Prefill vs decode")[1].split("\n\n")[0]
     lines = [line for line in table.splitlines() if "_proj" in line]
     assert {line.split()[0] for line in lines} == {"0.mlp.down_proj", "1.self_attn.k_proj"}
+
+
+def test_bleeding_under_decode_recommends_a_valid_int8_dynamic_treatment():
+    from modeldoctor.checkup.verdict import judge
+    from modeldoctor.report import CheckupReport
+    from modeldoctor.report.results import ProbeRecord, ProbeSpec
+    from modeldoctor.treatment.base import TreatmentPlan
+    from modeldoctor.treatment.recommend import recommend
+
+    spec = ProbeSpec(0, "int8-dynamic-decode", "quantize", "isolated", ("0.mlp.down_proj",), 0)
+    record = ProbeRecord(spec, {"kl_mean": 0.5}, *judge({"kl_mean": 0.5}, "quantize", 0.01)[:3])
+    report = CheckupReport(model={}, plan={}, data={}, reference={}, probes=[record])
+    advice = recommend(report)[0]
+    assert advice.target == "int8-dynamic-decode" and "smoothquant" in advice.treatments
+    TreatmentPlan(list(advice.treatments), target=advice.target).validate()  # no PlanError

@@ -35,7 +35,7 @@ def recommend(report: CheckupReport) -> list[Recommendation]:
         family = bleeding[0].spec.family
         where = _where(bleeding)
         if family == "quantize":
-            scaling = "smoothquant" if name == "int8-dynamic" else "awq"
+            scaling = "smoothquant" if name.startswith("int8-dynamic") else "awq"  # prefill or decode calls
             label = "smoothing (SmoothQuant)" if scaling == "smoothquant" else "AWQ scaling"
             treatments = [scaling, "mixed-precision"]
             knowledge = [r.metrics.get("knowledge_accuracy") for r in isolated]

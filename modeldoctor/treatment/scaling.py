@@ -314,7 +314,7 @@ class SmoothQuantTreatment(_ScalingTreatment):
                "calibration text), folded into the norms and MLP linears so the float model is unchanged")
 
     def check(self, plan):
-        if plan.target != "int8-dynamic":
+        if not plan.target.startswith("int8-dynamic"):  # int8-dynamic or int8-dynamic-decode
             raise PlanError("SmoothQuant scaling treats int8-dynamic; for weight-only int-N choose AWQ scaling.")
 
 
