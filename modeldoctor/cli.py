@@ -91,9 +91,15 @@ def cmd_checkup(args) -> int:
     session = _open_session(args)
     source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
     spec = DataSpec(source=source, tokens=args.tokens, seq_len=args.seq_len,
-                    calibration_tokens=args.calibration_tokens, knowledge=not args.no_knowledge, seed=args.seed)
+                    calibration_tokens=args.calibration_tokens, selection_tokens=args.selection_tokens,
+                    knowledge=not args.no_knowledge, seed=args.seed)
     print(f"Preparing evaluation data ({spec.describe()}) …", file=sys.stderr)
     data = session.data(spec)
+    if args.split == "selection":  # figures that will make choices (e.g. an export's fp32 list)
+        data = data.selection_view()
+        data.require_selection("A checkup on the selection text")
+        print(f"Measuring on the selection split ({data.eval_tokens} tokens), not the evaluation text.",
+              file=sys.stderr)
     control = RunControl()
     bar = None
     final = None
@@ -270,7 +276,8 @@ def cmd_treat(args) -> int:
     session = _open_session(args)
     source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
     spec = DataSpec(source=source, tokens=args.tokens, seq_len=min(256, args.tokens),
-                    calibration_tokens=args.calibration_tokens, seed=args.seed)
+                    calibration_tokens=args.calibration_tokens, selection_tokens=args.selection_tokens,
+                    seed=args.seed)
     data = session.data(spec)
     control = RunControl()
     bar = tqdm(total=1, unit="pass", file=sys.stderr, disable=args.quiet,
@@ -418,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="decode-sample", help="your decoding settings, e.g. decode-temp-0.7")
     p.add_argument("--threshold", type=float, default=0.01, help="bleeding threshold, mean KL in nats")
     p.add_argument("--data", default="builtin", help="builtin, self, or a .txt/.jsonl file")
-    p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (held out from the fits)")
-    p.add_argument("--calibration-tokens", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (held out from fits and choices)")
+    p.add_argument("--calibration-tokens", type=int, default=512, help="tokens the treatments fit on")
+    p.add_argument("--selection-tokens", type=int, default=512,
+                   help="tokens the choices are made on (roll-back, keep list, method, temperature)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="treatment-results", help="folder for treatment.json")
     p.add_argument("--save-model", metavar="DIR", help="also save the treated model as a safetensors folder")
@@ -442,7 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="builtin", help="builtin, self (sampled from the model), or a .txt/.jsonl file")
     p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (default 1024)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--calibration-tokens", type=int, default=512)
+    p.add_argument("--calibration-tokens", type=int, default=512, help="tokens that Wanda / gradients fit on")
+    p.add_argument("--selection-tokens", type=int, default=512, help="tokens kept apart for choices")
+    p.add_argument("--split", choices=("evaluation", "selection"), default="evaluation",
+                   help="which text the figures are on: 'selection' for a checkup whose figures choose what an "
+                        "export keeps in fp32, so the export's validation stays held out")
     p.add_argument("--threshold", type=float, default=0.01, help="bleeding threshold, mean KL in nats")
     p.add_argument("--targets", help="only these blocks or linears, comma-separated (e.g. 0,1 or 3.mlp.down_proj)")
     p.add_argument("--no-knowledge", action="store_true", help="skip the knowledge probes")
