@@ -147,7 +147,8 @@ def cmd_checkup(args) -> int:
 def print_report(report, top: int = 15) -> None:
     ref = report.reference
     knowledge = ref.get("knowledge_accuracy")
-    print(f"\nReference: perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
+    print(f"\nFigures on {report.measured_on()}.")
+    print(f"Reference: perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
           + (f", knowledge probes {knowledge:.1%}" if knowledge == knowledge and knowledge is not None else ""))
     threshold = report.findings.get("threshold", report.plan.get("threshold"))
     ranked = [p for p in report.probes if p.spec.mode == "isolated"]

@@ -255,3 +255,14 @@ def test_checkup_after_a_weight_changing_treatment_replays_the_treated_model(lla
     llama_session.reset_treatments()
     again = checkup(llama_session, plan, data)
     assert "model" not in again.reference
+
+
+def test_every_report_says_which_text_its_figures_are_on(llama_session, small_data_spec):
+    data = llama_session.data(small_data_spec)
+    plan = CheckupPlan(modifications=["int4"], knowledge=False, targets=["0"])
+    on_eval = checkup(llama_session, plan, data)
+    on_selection = checkup(llama_session, plan, data.selection_view())
+    assert "evaluation split of the built-in text" in on_eval.measured_on()
+    assert "selection split" in on_selection.measured_on()
+    assert on_selection.reference["tokens"] == data.selection_tokens
+    assert on_selection.probes[0].score != on_eval.probes[0].score  # other tokens, other figure

@@ -36,7 +36,7 @@ def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -
              f"{model.get('parameters', 0) / 1e6:.1f} M parameters · {report.status} in {report.elapsed_s:.0f} s · "
              f"reference perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
              + (f", knowledge probes {ref['knowledge_accuracy']:.1%}" if ref.get("knowledge_accuracy") is not None
-                else "") + "</p>", "<h2>Diagnosis</h2>"]
+                else "") + f"<br>Every figure is on {html.escape(report.measured_on())}.</p>", "<h2>Diagnosis</h2>"]
     for finding in diagnose(report):
         parts.append(f"<div class='finding' style='border-color:{SEVERITY_COLORS[finding.severity]}'>"
                      f"<b>{html.escape(finding.title)}</b> {_badge(finding.severity)}<br>{html.escape(finding.text)}"

@@ -99,6 +99,20 @@ class CheckupReport:
     def modifications(self) -> list[str]:
         return list(dict.fromkeys(p.spec.modification for p in self.probes))
 
+    def measured_on(self) -> str:
+        """Which text every figure of this report is on, in words."""
+        data = self.data
+        source = {"builtin": "the built-in text", "self": "text the model wrote"}.get(
+            data.get("source"), Path(str(data.get("source", "?"))).name)
+        split = data.get("split", "evaluation")
+        tokens = int(self.reference.get("tokens", data.get("eval_tokens", 0)))
+        text = f"{tokens} tokens of the {split} split of {source}"
+        if split == "evaluation" and data.get("calibration_tokens"):
+            text += f" (fits on {data['calibration_tokens']} separate calibration tokens)"
+        if self.reference.get("model"):
+            text += f"; reference: the {self.reference['model']}"
+        return text
+
     # ---- files ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return _json_safe({

@@ -40,7 +40,8 @@ class DiagnosisPage(QWidget):
         parts = [f"<p>{html.escape(str(report.model.get('name')))}: reference perplexity "
                  f"<b>{ref.get('ppl', float('nan')):.3f}</b> on {int(ref.get('tokens', 0))} tokens"
                  + (f", knowledge probes <b>{knowledge:.1%}</b>" if knowledge is not None else "")
-                 + f". {len(report.probes)} probes, {report.status}.</p>"]
+                 + f". {len(report.probes)} probes, {report.status}. Figures on "
+                 f"{html.escape(report.measured_on())}.</p>"]
         for finding in diagnose(report):
             color = SEVERITY_COLORS[finding.severity]
             parts.append(f"<h3 style='color:{color}'>{html.escape(finding.title)}</h3>"
