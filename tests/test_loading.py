@@ -119,3 +119,63 @@ def test_invalid_config_json(llama_dir, tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         load_model(folder)
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _break_dtype(path):
+    """A complete file whose header names a dtype safetensors does not know."""
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"F32"', b'"X32"', 1))
+
+
+def _shard(folder):
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    make_model("llama").save_pretrained(folder, max_shard_size="50KB")
+    assert (folder / "model.safetensors.index.json").exists()
+
+
+# Each corruption: how to make it, and the file the one-line message must name.
+CORRUPTIONS = {
+    "truncated tokenizer.json": (lambda f: _truncate(f / "tokenizer.json"), "tokenizer.json"),
+    "tokenizer.json not a tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"model": 3}'), "tokenizer.json"),
+    "truncated tokenizer_config.json": (lambda f: _truncate(f / "tokenizer_config.json"), "tokenizer_config.json"),
+    "truncated special_tokens_map.json": (lambda f: _truncate(f / "special_tokens_map.json"),
+                                          "special_tokens_map.json"),
+    "truncated generation_config.json": (lambda f: _truncate(f / "generation_config.json"),
+                                         "generation_config.json"),
+    "truncated config.json": (lambda f: _truncate(f / "config.json"), "config.json"),
+    "truncated safetensors": (lambda f: _truncate(f / "model.safetensors"), "model.safetensors"),
+    "safetensors header with an unknown dtype": (lambda f: _break_dtype(f / "model.safetensors"), "model.safetensors"),
+    "truncated shard index": (lambda f: (_shard(f), _truncate(f / "model.safetensors.index.json")),
+                              "model.safetensors.index.json"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_file_is_one_line_naming_it(llama_dir, tmp_path, corruption):
+    folder = _copy(llama_dir, tmp_path / "m")
+    corrupt, file = CORRUPTIONS[corruption]
+    corrupt(folder)
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(folder)
+    message = str(caught.value)
+    assert file in message and "\n" not in message
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_cli_reports_corrupt_file_as_bad_input(llama_dir, tmp_path, capsys, corruption):
+    from modeldoctor.cli import main
+
+    folder = _copy(llama_dir, tmp_path / "m")
+    corrupt, file = CORRUPTIONS[corruption]
+    corrupt(folder)
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    # Only the "Loading …" progress line may come before the one-line error.
+    lines = [line for line in err.strip().splitlines() if not line.startswith("Loading ")]
+    assert len(lines) == 1 and lines[0].startswith("modeldoctor: error:") and file in lines[0], err
+    assert "internal error" not in err and "Traceback" not in err

@@ -20,9 +20,10 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
-    weight = module.weight
+def weight_matrix(module: nn.Module, stored_like_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight as (out_features, in_features); a view, so in-place edits reach the module.
+    Given a tensor stored like the weight parameter (its gradient, say), orients that instead."""
+    weight = module.weight if stored_like_weight is None else stored_like_weight
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 

@@ -13,6 +13,11 @@ from modeldoctor.errors import ModelLoadError, UnsafeModelError, UnsupportedMode
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Model Doctor never fetches weights at run time.
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# JSON files transformers reads beside config.json. It drops some of them silently when they
+# are corrupt (generation_config.json, special_tokens_map.json), which would change the
+# model's behaviour without a word; others fail deep inside a library without naming the file.
+SIDECAR_JSON = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 CONVERT_HINT = (
     "Convert it to safetensors first (for example with transformers: "
     "model.save_pretrained(folder, safe_serialization=True)), or opt in to pickle loading "
@@ -55,13 +60,25 @@ def _read_config(folder: Path) -> dict:
         ggufs = sorted(folder.glob("*.gguf"))
         hint = f" It holds {ggufs[0].name}: open that file instead." if ggufs else ""
         raise ModelLoadError(f"{folder} has no config.json, so it is not a model folder.{hint}")
+    return _read_json_object(config_path)
+
+
+def _read_json_object(path: Path) -> dict:
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}).") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_path} does not hold a JSON object.")
-    return config
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}).") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object.")
+    return value
+
+
+def _check_sidecar_json(folder: Path) -> None:
+    for name in SIDECAR_JSON:
+        if (folder / name).is_file():
+            _read_json_object(folder / name)
 
 
 def check_architecture(config: dict) -> None:
@@ -86,7 +103,10 @@ def check_architecture(config: dict) -> None:
 
 
 def _check_safetensors(files: list[Path]) -> str:
-    """Read each header and check the file holds all the bytes it announces."""
+    """Read each header and check the file holds all the bytes it announces, and that
+    safetensors itself accepts the header (dtypes, shapes, offsets)."""
+    from safetensors import SafetensorError, safe_open
+
     dtypes: set[str] = set()
     for file in files:
         size = file.stat().st_size
@@ -112,12 +132,20 @@ def _check_safetensors(files: list[Path]) -> str:
                 f"{file.name} is truncated: it announces {8 + header_len + end:,} bytes but "
                 f"holds {size:,}. Copy or download it again."
             )
+        try:
+            with safe_open(str(file), framework="pt"):  # parses the header only; no tensor is read
+                pass
+        except SafetensorError as exc:
+            # Its messages can list every dtype it knows; what went wrong comes first.
+            reason = _first_line(exc).split(", expected one of")[0]
+            raise ModelLoadError(f"{file.name} is not a valid safetensors file ({reason}).") from None
     return "/".join(sorted(dtypes)) or "unknown"
 
 
 def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
     config = _read_config(folder)
     check_architecture(config)
+    _check_sidecar_json(folder)
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if safetensors:
@@ -149,6 +177,13 @@ def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
         raise ModelLoadError(
             f"{folder} has no usable tokenizer (tokenizer.json or tokenizer_config.json): "
             f"{_first_line(exc)}"
+        ) from None
+    except Exception as exc:
+        # The tokenizers library raises a bare Exception for a tokenizer.json it cannot parse.
+        if type(exc) is not Exception or not (folder / "tokenizer.json").is_file():
+            raise
+        raise ModelLoadError(
+            f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read: {_first_line(exc)}"
         ) from None
     model.eval()
     return LoadedModel(model, tokenizer, folder, fmt, stored)

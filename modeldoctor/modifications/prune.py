@@ -125,13 +125,13 @@ def _structured(match):
 
 
 def gradient_score(ctx: ModContext, linear: str, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """|W| * (||x_j|| + alpha * G_ij), the gradient norm rescaled to the activation norms' mean
-    so that alpha weighs the two on the same footing (alpha = 0 is Wanda)."""
+    """|W| * (||x_j|| + alpha * G_ij) on the (out, in) weight, the gradient norm rescaled to the
+    activation norms' mean so that alpha weighs the two on the same footing (alpha = 0 is Wanda).
+    The session stores G in (out, in) orientation for every linear, Conv1D included."""
     norms = ctx.input_norms.get(linear)
     grads = ctx.grad_norms.get(linear)
     if norms is None or grads is None:
         raise PlanError(f"Gradient-aware pruning needs calibration activations and gradients for {linear}.")
-    grads = grads.t() if grads.shape != weight.shape else grads  # Conv1D stores (in, out)
     scaled = grads / grads.mean().clamp(min=1e-20) * norms.mean()
     return weight.abs() * (norms[None, :] + alpha * scaled)
 

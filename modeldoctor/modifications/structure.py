@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+from typing import TYPE_CHECKING, Iterator
 
 from torch import nn
 
 from modeldoctor.modifications.base import Modification, register
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
 
 class _StandIn(nn.Module):
@@ -24,27 +29,98 @@ class _StandIn(nn.Module):
             return getattr(self._modules["block"], name)
 
 
-class SkippedBlock(_StandIn):
-    """Stands in for a removed block: passes the hidden state through unchanged."""
+def cache_slot(block: nn.Module, position: int) -> int:
+    """The KV-cache index the block's attention writes: the layer_idx transformers gave it
+    when building the model, else its position in the block list."""
+    found = {m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    return found.pop() if len(found) == 1 else position
 
-    def __init__(self, block: nn.Module, returns_tuple: bool) -> None:
+
+def caches_in(args: tuple, kwargs: dict) -> list[Cache]:
+    """The KV caches a block call carries, whatever the family names the argument
+    (past_key_values, layer_past, positional)."""
+    from transformers.cache_utils import Cache  # here, so listing modifications never pays for transformers
+
+    caches: list[Cache] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            value = getattr(value, "self_attention_cache", value)  # EncoderDecoderCache
+            if not any(value is c for c in caches):
+                caches.append(value)
+    return caches
+
+
+class SkippedBlock(_StandIn):
+    """Stands in for a removed block: passes the hidden state through unchanged. With a KV
+    cache it still records one placeholder position per token in the block's slot: the model
+    sizes its attention masks from a layer's cached length (layer 0's, or the first sliding
+    layer's), and an empty slot there would mask out everything generated so far."""
+
+    def __init__(self, block: nn.Module, returns_tuple: bool, slot: int) -> None:
         super().__init__(block)
-        self.returns_tuple = returns_tuple
+        self.returns_tuple, self.slot = returns_tuple, slot
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        caches = caches_in(args, kwargs)
+        if caches:
+            # (batch, 1 head, tokens, 1): a non-empty tensor, since an empty one reads as length 0.
+            placeholder = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
+            for cache in caches:
+                cache.update(placeholder, placeholder, self.slot, {"cache_position": kwargs.get("cache_position")})
         return (hidden,) if self.returns_tuple else hidden
 
 
 class DuplicatedBlock(_StandIn):
-    """Runs the same block twice in a row, sharing its weights."""
+    """Runs the same block twice in a row, sharing its weights. The second run keeps its keys
+    and values in a cache slot of its own past the model's last layer (`extra_slot`): in the
+    block's own slot it would attend to its first run's keys as if they were earlier tokens.
+    The slots are swapped for the second run, so the attention writes "its" index unchanged
+    and every cache operation (beam reordering, cropping) sees the extra slot as a layer."""
+
+    def __init__(self, block: nn.Module, slot: int, extra_slot: int) -> None:
+        super().__init__(block)
+        self.slot, self.extra_slot = slot, extra_slot
 
     def forward(self, *args, **kwargs):
+        caches = caches_in(args, kwargs)
+        for cache in caches:
+            self._reserve_extra_slot(cache)
         out = self.block(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-        if args:
-            return self.block(hidden, *args[1:], **kwargs)
-        return self.block(**{**kwargs, "hidden_states": hidden})
+        with _slots_swapped(caches, self.slot, self.extra_slot):
+            if args:
+                return self.block(hidden, *args[1:], **kwargs)
+            return self.block(**{**kwargs, "hidden_states": hidden})
+
+    def _reserve_extra_slot(self, cache: Cache) -> None:
+        """Append cache layers up to the extra slot, made like the block's own slot (sliding
+        window and all). Called before the block's first run, while its own slot is still
+        empty when the cache is new."""
+        layers = cache.layers
+        if len(layers) > self.extra_slot:
+            return
+        make = cache.layer_class_to_replicate
+        if make is None:
+            template = layers[self.slot]
+            if template.is_initialized:
+                raise RuntimeError("A KV cache filled before a block was duplicated cannot be continued "
+                                   "with the duplicate: it has no keys for the block's second run.")
+            make = lambda: copy.deepcopy(template)  # noqa: E731
+        while len(layers) <= self.extra_slot:
+            layers.append(make())
+
+
+@contextlib.contextmanager
+def _slots_swapped(caches: list[Cache], slot: int, other: int) -> Iterator[None]:
+    def swap():
+        for cache in caches:
+            cache.layers[slot], cache.layers[other] = cache.layers[other], cache.layers[slot]
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 class StructureChange(Modification):
@@ -63,9 +139,12 @@ class StructureChange(Modification):
         blocks = ctx.anatomy.block_list
         originals = {int(t): blocks[int(t)] for t in targets}
         try:
-            for index, block in originals.items():
-                blocks[index] = (SkippedBlock(block, ctx.anatomy.block_returns_tuple) if self.action == "remove"
-                                 else DuplicatedBlock(block))
+            # Extra cache slots in block order, after the model's own layers, so a cache
+            # grows them one by one as the duplicates first run.
+            for extra, (index, block) in enumerate(sorted(originals.items())):
+                slot = cache_slot(block, index)
+                blocks[index] = (SkippedBlock(block, ctx.anatomy.block_returns_tuple, slot)
+                                 if self.action == "remove" else DuplicatedBlock(block, slot, len(blocks) + extra))
             yield
         finally:
             for index, block in originals.items():
