@@ -175,7 +175,7 @@ def print_report(report, top: int = 15) -> None:
         print(header)
         print("  " + "-" * (len(header) - 2))
         for row in call_shapes[:top]:
-            print(f"  {row['linear'][:34]:<34} {row['prefill']:>9.4f} {row['decode']:>9.4f} {row['ratio']:>7.2f}")
+            print(f"  {row['linear'][:34]:<34} {row['prefill']:>9.3g} {row['decode']:>9.3g} {row['ratio']:>7.2f}")
     decoding = report.by_mode("decoding")
     if decoding:
         print("\nDecoding settings against greedy decoding:")
