@@ -199,13 +199,14 @@ class Job:
 
     @contextlib.contextmanager
     def deployed(self, modification: str, keep: list[str] | None = None):
-        """The treated model with the modification on every block (`keep` left in fp32)."""
+        """The treated model with the modification on every block (`keep` left in fp32). Yields
+        the modification's context: padded batches run under `token_mask(ctx, mask)`."""
         mod = create(modification)
         keep = self.kept_for(modification) if keep is None else keep
         ctx = self.session.mod_context(self.data, mod.needs_input_norms, self.control, mod.needs_gradients,
                                        frozenset(keep))
         with mod.applied(ctx, self.all_blocks):
-            yield
+            yield ctx
 
     def choice_kl(self, modification: str, keep: list[str] | None = None, temperature: float | None = None) -> float:
         """Mean KL of a deployment on the selection split: what choices compare."""

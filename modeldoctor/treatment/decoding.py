@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from modeldoctor.metrics.decoding import NEW_TOKENS, generate, processors
-from modeldoctor.modifications.base import create
+from modeldoctor.modifications.base import create, token_mask
 from modeldoctor.treatment.base import Outcome, Treatment, figures_text, register
 
 LOG_T_RANGE = (-1.2, 1.2)  # T from 0.30 to 3.3
@@ -62,10 +62,11 @@ def deployed_logits(job, modification: str, keep: list[str]) -> tuple[list, list
     session, data = job.session, job.calibration
     ref = session.reference(data, job.control)
     logits = []
-    with job.deployed(modification, keep):
-        for trace in ref.traces:
+    with job.deployed(modification, keep) as ctx:
+        for trace, batch in zip(ref.traces, data.eval_batches):
             job.control.checkpoint()
-            logits.append(session.replayer.run_from(trace, 0, keep_states=False).logits.float())
+            with token_mask(ctx, batch.attention_mask):  # padded rows: each sequence its own call
+                logits.append(session.replayer.run_from(trace, 0, keep_states=False).logits.float())
     return ref.logprobs, logits, [b.attention_mask.bool() for b in data.eval_batches]
 
 

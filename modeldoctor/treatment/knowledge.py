@@ -10,12 +10,15 @@ of its top next token; the answer is never looked at).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from modeldoctor.data.sources import KnowledgeProbe, knowledge_batches, load_knowledge_probes
 from modeldoctor.errors import PlanError
 from modeldoctor.metrics.divergence import knowledge_correct
+from modeldoctor.modifications.base import token_mask
 from modeldoctor.resources import resource
 from modeldoctor.treatment.base import Outcome, Treatment, register
 
@@ -40,13 +43,15 @@ def with_prompt(prompt: str, probes: list[KnowledgeProbe]) -> list[KnowledgeProb
     return [KnowledgeProbe(p.topic, f"{prompt}\n{p.prompt}", p.answer) for p in probes]
 
 
-def score(session, probes: list[KnowledgeProbe], control) -> tuple[np.ndarray, np.ndarray]:
-    """Per probe, in order: answered correctly, and the model's confidence in its first answer token."""
+def score(session, probes: list[KnowledgeProbe], control, ctx=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe, in order: answered correctly, and the model's confidence in its first answer
+    token. `ctx`: the deployed modification's context, told which positions are padding."""
     correct = np.zeros(len(probes), dtype=bool)
     confidence = np.zeros(len(probes))
     for batch in knowledge_batches(session.tokenizer, probes):
         control.checkpoint()
-        with torch.inference_mode():
+        masked = token_mask(ctx, batch.attention_mask) if ctx is not None else contextlib.nullcontext()
+        with masked, torch.inference_mode():
             logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                    use_cache=False).logits.float()
         hits = knowledge_correct(logits, batch.answer_positions, batch.answer_tokens)
@@ -89,11 +94,11 @@ class KnowledgeRecovery(Treatment):
             original, _ = score(session, evaluation, job.control)
         yield job.tick()
         compressed = {}
-        with job.deployed(plan.target):
+        with job.deployed(plan.target) as ctx:
             for prompt in pool:
                 job.stage = f"knowledge recovery: prompt {pool.index(prompt) + 1} of {len(pool)}"
-                chosen_half = score(session, with_prompt(prompt, selection), job.control)
-                held_out = score(session, with_prompt(prompt, evaluation), job.control)
+                chosen_half = score(session, with_prompt(prompt, selection), job.control, ctx)
+                held_out = score(session, with_prompt(prompt, evaluation), job.control, ctx)
                 compressed[prompt] = (chosen_half, held_out)
                 yield job.tick(2)
         yield job.tick()

@@ -106,12 +106,26 @@ def _linear_factor(session, part) -> str | None:
     return None
 
 
+@dataclass
+class GroupInputs:
+    """Calibration inputs of one scale group, (sequences, tokens, features) right-padded with
+    zeros, and which positions are real tokens (sequences, tokens)."""
+
+    x: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.x[self.valid]
+
+
 def collect_inputs(session, groups: list[ScaleGroup], data: EvalData,
-                   control: RunControl | None = None) -> dict[int, torch.Tensor]:
-    """Calibration inputs of each group, (sequences, tokens, features)."""
+                   control: RunControl | None = None) -> dict[int, GroupInputs]:
+    """Calibration inputs of each group; batches of any width, padding marked, never counted."""
     control = control or RunControl()
     anatomy = session.anatomy
     gathered: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(groups))}
+    masks: list[torch.Tensor] = []
     handles = []
     for i, group in enumerate(groups):
         handles.append(anatomy.linear(group.consumers[0]).register_forward_pre_hook(
@@ -119,27 +133,36 @@ def collect_inputs(session, groups: list[ScaleGroup], data: EvalData,
     try:
         for batch in data.calibration_batches:
             control.checkpoint()
+            masks.append(batch.attention_mask.bool())
             with torch.inference_mode():
                 session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {i: torch.cat(chunks) for i, chunks in gathered.items() if chunks}
+    if not masks:
+        return {}
+    width = max(m.shape[1] for m in masks)
+    valid = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+    return {i: GroupInputs(torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c in chunks]),
+                           valid)
+            for i, chunks in gathered.items() if len(chunks) == len(masks)}
 
 
 def _weights(session, group: ScaleGroup) -> list[torch.Tensor]:
     return [weight_matrix(session.anatomy.linear(n)).detach().float() for n in group.consumers]
 
 
-def smoothquant_scales(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+def smoothquant_scales(inputs: GroupInputs, weights: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
     """SmoothQuant: s = max|x|^a / max|W|^(1-a), a searched to minimise the int8-dynamic error
-    of the group's outputs (as onnxruntime computes them). Returns (s, a); a = -1: no scaling."""
-    x_max = x.abs().amax(dim=(0, 1)).clamp(min=1e-5)
+    of the group's outputs (as onnxruntime computes them: one activation range per sequence's
+    real tokens, a prefill call). Returns (s, a); a = -1: no scaling."""
+    x, valid = inputs.x, inputs.valid
+    x_max = inputs.rows.abs().amax(0).clamp(min=1e-5)
     w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
-    exact = [x @ w.t() for w in weights]
+    exact = [inputs.rows @ w.t() for w in weights]
 
     def error(s: torch.Tensor) -> float:
-        xq = ort_dynamic_quantize_activation(x / s)
+        xq = ort_dynamic_quantize_activation(x / s, valid=valid)[valid]
         return sum(float(((xq @ ort_int8_weight(w * s).t()) - y).pow(2).sum()) for w, y in zip(weights, exact))
 
     best_s, best_a, best = torch.ones_like(x_max), -1.0, error(torch.ones_like(x_max))
@@ -151,12 +174,12 @@ def smoothquant_scales(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[to
     return best_s, best_a
 
 
-def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group: int | None,
+def awq_scales(inputs: GroupInputs, weights: list[torch.Tensor], bits: int, group: int | None,
                symmetric: bool) -> tuple[torch.Tensor, float]:
     """AWQ: s = mean|x|^a (normalised), a searched to minimise the weight-only quantization
-    error of the group's outputs. a = 0 is no scaling."""
-    x_mean = x.abs().mean(dim=(0, 1)).clamp(min=1e-5)
-    flat = x.reshape(-1, x.shape[-1])
+    error of the group's outputs over the real tokens. a = 0 is no scaling."""
+    flat = inputs.rows
+    x_mean = flat.abs().mean(0).clamp(min=1e-5)
     exact = [flat @ w.t() for w in weights]
     best_s, best_a, best = torch.ones_like(x_mean), 0.0, None
     for alpha in ALPHAS:
@@ -208,6 +231,9 @@ def apply_scaling(session, data: EvalData, method: str, bits: int = 4, group_siz
     alphas, skipped = {}, []
     for i, group in enumerate(groups):
         control.checkpoint()
+        if i not in inputs:  # its consumer did not run on every calibration batch
+            skipped.append(f"{group.block}:{group.producer}")
+            continue
         weights = _weights(session, group)
         x = inputs[i]
         if method == "smoothquant":
