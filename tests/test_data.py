@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from modeldoctor.data import DataSpec, build_data, load_knowledge_probes
 from modeldoctor.data.sources import read_documents
@@ -15,12 +16,25 @@ def test_builtin_splits_are_disjoint_and_sized(llama_session):
 
 
 def test_knowledge_probes_are_many_and_scored_on_answers(llama_session):
+    """Each row's scored positions predict exactly the text of its own probe's answer, right
+    after that probe's question: read back by decoding the tokens, not by the batcher's indices."""
     probes = load_knowledge_probes()
     assert len(probes) >= 200 and len({p.topic for p in probes}) >= 6
-    data = build_data(llama_session.model, llama_session.tokenizer, DataSpec(tokens=64, seq_len=64))
-    batch = data.knowledge_batches[0]
-    for row, (positions, answer) in enumerate(zip(batch.answer_positions, batch.answer_tokens)):
-        assert [int(batch.input_ids[row, p + 1]) for p in positions] == answer
+    tokenizer = llama_session.tokenizer
+    data = build_data(llama_session.model, tokenizer, DataSpec(tokens=64, seq_len=64))
+    seen = []
+    for batch in data.knowledge_batches:
+        for row, (positions, answer) in enumerate(zip(batch.answer_positions, batch.answer_tokens)):
+            probe = probes[batch.probe_indices[row]]
+            seen.append(batch.probe_indices[row])
+            ids = batch.input_ids[row].tolist()
+            # A prediction at position p is of token p + 1: the answer's tokens, in order, without a gap.
+            assert positions == list(range(positions[0], positions[0] + len(answer)))
+            assert ids[positions[0] + 1:positions[-1] + 2] == answer
+            assert tokenizer.decode(answer).strip() == probe.answer
+            assert tokenizer.decode(ids[:positions[0] + 1]).strip().endswith(probe.prompt)
+            assert batch.attention_mask[row, :positions[-1] + 2].all()  # all of it real text, no padding
+    assert sorted(seen) == list(range(len(probes)))  # every probe scored exactly once
 
 
 def test_self_generated_is_deterministic(llama_session):
@@ -56,8 +70,15 @@ def test_three_disjoint_splits_of_the_builtin_text(llama_session):
                                                    data.calibration_batches)]
     assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
     assert data.describe()["selection_tokens"] == 256
+    # Measured through the selection view, a figure is on the selection text, and a fit made
+    # through it is the fit made on the calibration text.
     view = data.selection_view()
-    assert view.eval_batches is data.selection_batches and view.calibration_key == data.calibration_key
+    assert set(map(tuple, _rows(view.eval_batches))) == splits[1]
+    assert set(map(tuple, _rows(view.calibration_batches))) == splits[2]
+    from modeldoctor.session import Session
+
+    through_view, direct = llama_session.input_norms(view), Session(llama_session.loaded).input_norms(data)
+    assert through_view.keys() == direct.keys() and all(torch.equal(through_view[n], direct[n]) for n in direct)
 
 
 def test_a_one_document_text_is_split_by_position(tmp_path, llama_session):

@@ -63,40 +63,75 @@ def test_two_bits_bleed_more_than_eight(model_dirs, small_data_spec, family):
     assert report.probes[1].bleeding and not report.probes[0].bleeding
 
 
-def test_rtn_uses_at_most_two_to_the_bits_levels():
+def test_rtn_rounds_to_the_nearest_of_at_most_two_to_the_bits_levels():
+    """Round-to-nearest: at most 2^bits levels per row (or group), every weight within half a
+    grid step of its value, and symmetric grids represent each row's largest |w| exactly.
+    The step is the range a b-bit grid must span divided by its number of intervals."""
     weight = torch.randn(8, 64)
     for bits in (2, 3, 4):
         for group in (None, 32):
             for symmetric in (True, False):
                 q = quantize_rtn(weight, bits, group, symmetric)
-                chunks = q.reshape(8, -1, group or 64)
-                for row in chunks.reshape(-1, group or 64):
-                    assert len(torch.unique(row)) <= 2 ** bits
-                assert (q - weight).abs().max() < weight.abs().max()
+                size = group or 64
+                w_rows, q_rows = weight.reshape(-1, size), q.reshape(-1, size)
+                for w_row, q_row in zip(w_rows, q_rows):
+                    assert len(torch.unique(q_row)) <= 2 ** bits
+                    if symmetric:
+                        step = float(w_row.abs().max()) / (2 ** (bits - 1) - 1)
+                        peak = int(w_row.abs().argmax())
+                        assert float(q_row[peak]) == pytest.approx(float(w_row[peak]), rel=1e-5)
+                    else:  # the range widened to hold 0, 2^bits - 1 intervals
+                        step = (max(float(w_row.max()), 0.0) - min(float(w_row.min()), 0.0)) / (2 ** bits - 1)
+                    assert float((q_row - w_row).abs().max()) <= step / 2 * (1 + 1e-4) + 1e-7, (bits, group,
+                                                                                               symmetric)
 
 
-def test_magnitude_and_wanda_hit_exact_sparsity():
+def test_magnitude_and_wanda_zero_exactly_the_lowest_scores():
     weight = torch.randn(16, 40)
     pruned = prune_lowest(weight, weight.abs(), 0.5, per_row=False)
-    assert int((pruned == 0).sum()) == 320
+    zeroed = pruned == 0
+    assert int(zeroed.sum()) == 320
+    # Every weight removed has a smaller magnitude than every weight kept, and kept ones are untouched.
+    assert weight.abs()[zeroed].max() < weight.abs()[~zeroed].min()
+    assert torch.equal(pruned[~zeroed], weight[~zeroed])
     score = weight.abs() * torch.rand(40)[None]
     pruned = prune_lowest(weight, score, 0.3, per_row=True)
-    assert ((pruned == 0).sum(1) == 12).all()
+    zeroed = pruned == 0
+    assert (zeroed.sum(1) == 12).all()
+    for row in range(16):
+        assert score[row][zeroed[row]].max() < score[row][~zeroed[row]].min()
+    assert torch.equal(pruned[~zeroed], weight[~zeroed])
 
 
-def test_two_of_four_pattern():
+def test_two_of_four_keeps_the_two_highest_scores_of_every_group():
     weight = torch.randn(4, 16)
-    pruned = n_of_m(weight, weight.abs())
-    assert ((pruned.reshape(4, 4, 4) != 0).sum(-1) == 2).all()
+    score = torch.rand(4, 16)
+    pruned = n_of_m(weight, score)
+    for row in range(4):
+        for start in range(0, 16, 4):
+            kept = sorted(range(start, start + 4), key=lambda c: float(score[row, c]))[2:]
+            expected = [float(weight[row, c]) if c in kept else 0.0 for c in range(start, start + 4)]
+            assert pruned[row, start:start + 4].tolist() == expected
 
 
-def test_structured_pruning_zeroes_whole_heads(llama_session):
+def test_structured_pruning_zeroes_the_lowest_norm_heads_and_channels(llama_session):
+    """Whole heads (column groups of the attention output) or whole MLP channels (columns of the
+    down projection) go, the ones of lowest norm; every other column is left as it was."""
     anatomy = llama_session.anatomy
-    o_proj = anatomy.blocks[0].linears[anatomy.blocks[0].attention_out]
-    with create("prune-heads-50").applied(llama_session.mod_context(), ["0"]):
-        columns = weight_matrix(o_proj).reshape(anatomy.hidden_size, anatomy.num_heads, anatomy.head_dim)
-        zero_heads = (columns == 0).all(dim=(0, 2))
-        assert int(zero_heads.sum()) == anatomy.num_heads // 2
+    part = anatomy.blocks[0]
+    for name, rel, group in (("prune-heads-50", part.attention_out, anatomy.head_dim), ("prune-channels-25",
+                                                                                        part.mlp_down, 1)):
+        linear = part.linears[rel]
+        before = weight_matrix(linear).detach().clone()
+        units = before.shape[1] // group
+        norms = [float(before[:, u * group:(u + 1) * group].norm()) for u in range(units)]
+        expected = set(sorted(range(units), key=norms.__getitem__)[:round(units * int(name.split("-")[-1]) / 100)])
+        with create(name).applied(llama_session.mod_context(), ["0"]):
+            after = weight_matrix(linear).detach().clone()
+        gone = {u for u in range(units) if not after[:, u * group:(u + 1) * group].any()}
+        assert gone == expected, name
+        kept = [c for u in range(units) if u not in gone for c in range(u * group, (u + 1) * group)]
+        assert torch.equal(after[:, kept], before[:, kept]), name
 
 
 def test_int8_dynamic_activation_matches_onnxruntime():

@@ -37,12 +37,25 @@ def test_load_plan_run_diagnose(qtbot, window, llama_dir, screenshots):
     assert report.status == "completed"
     window.run_page.modification.setCurrentText("int2")
     window.run_page.redraw()
-    bars = window.run_page.model.bars()
-    int2 = [p for p in report.probes if p.spec.modification == "int2"]
-    assert len(window.run_page.bars.bars.opts["x"]) == len(int2) == 3
-    expected = [SEVERITY_COLORS[p.severity if p.bleeding else "healthy"] for p in int2]
-    assert _bar_colors(window) == expected
-    assert bars.values == [p.score for p in int2]
+    chart = window.run_page.bars
+    int2 = sorted((p for p in report.probes if p.spec.modification == "int2" and p.spec.mode == "isolated"),
+                  key=lambda p: int(p.spec.targets[0]))
+    assert list(chart.bars.opts["x"]) == [0, 1, 2] and chart.bottom.labels == ["0", "1", "2"] and len(int2) == 3
+    # What a user reads off the chart: each bar's height, through the left axis's own tick labels,
+    # is its block's mean KL from the report; bars over the threshold line are the ones over it.
+    heights = np.asarray(chart.bars.opts["height"], dtype=float)
+    axis = chart.getAxis("left")
+    at0, at1 = (float(axis.tickStrings([v], 1.0, 1.0)[0]) for v in (0.0, 1.0))
+    kl = np.array([p.metrics["kl_mean"] for p in int2])
+    np.testing.assert_allclose(at0 * (at1 / at0) ** heights, kl, rtol=1e-6)
+    threshold = report.plan["threshold"]
+    assert list(heights > chart.threshold_line.value()) == list(kl > threshold)
+    # Colours: green exactly for the probes that do not bleed, and never a milder colour for a larger KL.
+    colors = _bar_colors(window)
+    assert [c == SEVERITY_COLORS["healthy"] for c in colors] == [not p.bleeding for p in int2]
+    scale = list(SEVERITY_COLORS.values())
+    ranks = [scale.index(c) for _, c in sorted(zip(kl, colors))]
+    assert ranks == sorted(ranks)
     window.run_page.grab().save(str(screenshots / "tiny-run.png"))
     window.go(4)
     text = window.diagnosis_page.text.toPlainText()

@@ -33,8 +33,19 @@ def test_recommendation_then_treat_draws_before_and_after(qtbot, window, llama_d
     qtbot.waitUntil(lambda: not window.runner.busy and bool(page.outcomes), timeout=120000)
     outcome = page.outcomes[0]
     blocks = window.state.session.anatomy.num_blocks
-    assert len(page.before_bars.opts["x"]) == len(page.after_bars.opts["x"]) == blocks
-    np.testing.assert_allclose(page.after_bars.opts["x"] - page.before_bars.opts["x"], 0.4)
+    before_x, after_x = (np.asarray(bars.opts["x"], dtype=float) for bars in (page.before_bars, page.after_bars))
+    assert len(before_x) == len(after_x) == blocks
+    # Each layer's pair stands side by side (before left, after right) without overlapping, inside
+    # its own slot on the layer axis.
+    width, slots = page.before_bars.opts["width"], np.arange(blocks)
+    assert np.all(after_x - before_x >= width - 1e-9)
+    assert np.all(before_x - width / 2 >= slots - 0.5 - 1e-9) and np.all(after_x + width / 2 <= slots + 0.5 + 1e-9)
+    # Heights read back through the chart's own KL axis are the outcome's per-layer figures.
+    axis = page.chart.getAxis("left")
+    at0, at1 = (float(axis.tickStrings([v], 1.0, 1.0)[0]) for v in (0.0, 1.0))
+    for bars, values in ((page.before_bars, outcome.layers["before"]), (page.after_bars, outcome.layers["after"])):
+        heights = np.asarray(bars.opts["height"], dtype=float)
+        np.testing.assert_allclose(at0 * (at1 / at0) ** heights, np.maximum(values, at0), rtol=1e-6)
     assert page.figures.rowCount() >= 3 and page.figures.item(0, 0).text() == "mean KL"
     assert page.verdict.text()
     assert page.eta.text() == "completed"

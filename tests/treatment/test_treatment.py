@@ -12,6 +12,7 @@ from modeldoctor.control import RunControl
 from modeldoctor.errors import ModelDoctorError, PlanError
 from modeldoctor.events import Finished, Progress, TreatmentResult
 from modeldoctor.metrics.divergence import RefLogProbs
+from modeldoctor.modifications.base import create
 from modeldoctor.session import Session
 from modeldoctor.treatment.base import TreatmentPlan, treatments
 from modeldoctor.treatment.decoding import fit_temperature
@@ -25,6 +26,20 @@ def logits_of(session, data):
     ids = data.eval_batches[0].input_ids
     with torch.inference_mode():
         return session.model(input_ids=ids, attention_mask=data.eval_batches[0].attention_mask).logits
+
+
+def batch_logits(session, batches):
+    with torch.inference_mode():
+        return [session.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches]
+
+
+def token_kl(reference, modified, batches) -> float:
+    """Mean KL(reference ‖ modified) in nats over the real (unpadded) tokens of the batches."""
+    values = []
+    for ref, mod, batch in zip(reference, modified, batches):
+        logp, logq = torch.log_softmax(ref.double(), -1), torch.log_softmax(mod.double(), -1)
+        values.append((logp.exp() * (logp - logq)).sum(-1)[batch.attention_mask.bool()])
+    return float(torch.cat(values).mean())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt2"])
@@ -80,7 +95,7 @@ def test_smoothquant_lowers_int8_dynamic_kl_on_activation_outliers(llama_dir, sm
     assert len(outcome.layers["before"]) == len(outcome.layers["after"]) == session.anatomy.num_blocks
 
 
-def test_gradient_pruning_hits_the_exact_sparsity_and_can_be_reset(llama_session, small_data_spec):
+def test_gradient_pruning_hits_the_exact_sparsity_and_can_be_reset(llama_dir, llama_session, small_data_spec):
     session = llama_session
     digest = session.weights_digest()
     data = session.data(small_data_spec)
@@ -91,10 +106,24 @@ def test_gradient_pruning_hits_the_exact_sparsity_and_can_be_reset(llama_session
         weight = session.anatomy.linear(name).weight
         assert int((weight == 0).sum()) == weight.numel() // 2, name
     assert not session.treatment.function_preserving
-    # The method best on the selection text is what was written; its held-out figures are the result's.
-    best = min(outcome.table, key=lambda row: row["selection_kl"])
-    assert outcome.details["written"] == best["modification"]
-    assert outcome.after["kl_mean"] == pytest.approx(best["kl_mean"], rel=1e-4)
+    # Measured here on a fresh copy of the untreated model, with a KL written in the test: each
+    # method's selection-split figure is real, the written method has the lowest, and the
+    # result's held-out figure is the pruned model's own KL from the original on the evaluation text.
+    original = Session.open(llama_dir)
+    fresh = original.data(small_data_spec)
+    reference = batch_logits(original, fresh.selection_batches)
+    selection_kl = {}
+    for row in outcome.table:
+        mod = create(row["modification"])
+        ctx = original.mod_context(fresh, mod.needs_input_norms, need_gradients=mod.needs_gradients)
+        with mod.applied(ctx, [str(b) for b in range(original.anatomy.num_blocks)]):
+            selection_kl[row["modification"]] = token_kl(reference, batch_logits(original, fresh.selection_batches),
+                                                         fresh.selection_batches)
+        assert row["selection_kl"] == pytest.approx(selection_kl[row["modification"]], rel=1e-3), row["method"]
+    assert outcome.details["written"] == min(selection_kl, key=selection_kl.get)
+    held_out = token_kl(batch_logits(original, data.eval_batches), batch_logits(session, data.eval_batches),
+                        data.eval_batches)
+    assert outcome.after["kl_mean"] == pytest.approx(held_out, rel=1e-3)
     session.reset_treatments()
     assert session.weights_digest() == digest
 
@@ -234,12 +263,55 @@ def test_knowledge_scores_map_back_to_their_probes(llama_session, small_data_spe
         assert alone_confidence[0] == pytest.approx(confidence[index], rel=1e-4)
 
 
-def test_recovery_prompts_report_the_four_accuracies(llama_session, small_data_spec):
-    data = llama_session.data(small_data_spec)
-    outcome = treat(llama_session, TreatmentPlan(["recovery-prompts"], target="int3"), data).outcomes[0]
-    assert set(outcome.details["accuracy"]) == {"original", "compressed", "best_prompt", "per_input"}
-    assert all(0 <= v <= 1 for v in outcome.details["accuracy"].values())
-    assert len(outcome.table) >= 5
+def _token(tokenizer, text):
+    (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return token
+
+
+def _make_a_bigram_model_answer_a(session):
+    """Zero every block's output projections, so each prediction depends on the current token
+    alone, then wire the head so that "s" is followed by " " and " " by "A": the model answers
+    "A" to any question ending in "s", whatever comes before, and nothing else."""
+    tokenizer, anatomy = session.tokenizer, session.anatomy
+    with torch.no_grad():
+        for part in anatomy.blocks:
+            part.linears[part.attention_out].weight.zero_()
+            part.linears[part.mlp_down].weight.zero_()
+        embedding = session.model.get_input_embeddings().weight
+        for before, after in (("s", " "), (" ", "A")):
+            direction = embedding[_token(tokenizer, before)]
+            anatomy.head.weight[_token(tokenizer, after)] += 60 * direction / direction.norm()
+
+
+def test_recovery_prompts_report_the_accuracies_of_a_model_whose_answers_are_known(
+        llama_session, small_data_spec, monkeypatch):
+    """40 probes; the model knows exactly those whose answer is "A": 15 of the 20 held-out ones
+    and 5 of the 20 selection ones. No prompt can change a bigram model's answer, and int3 leaves
+    zeroed projections zero, so every held-out accuracy is 75 %, every selection one 25 %, and
+    no prompt is applied."""
+    import modeldoctor.treatment.knowledge as knowledge
+    from modeldoctor.data import KnowledgeProbe
+
+    session = llama_session
+    _make_a_bigram_model_answer_a(session)
+    data = session.data(small_data_spec)
+    count = 40
+    selection, evaluation = (set(map(int, half)) for half in
+                             split_probes(list(range(count)), seed=data.spec.seed))  # which index lands where
+    known = set(sorted(evaluation)[:15]) | set(sorted(selection)[:5])
+    probes = [KnowledgeProbe("test", f"Fact number {i} is", "A" if i in known else "B") for i in range(count)]
+    monkeypatch.setattr(knowledge, "load_knowledge_probes", lambda: probes)
+    correct, _ = score(session, probes, RunControl())  # the wiring works: exactly the "A" probes
+    assert set(map(int, correct.nonzero()[0])) == known
+
+    outcome = treat(session, TreatmentPlan(["recovery-prompts"], target="int3"), data).outcomes[0]
+    assert outcome.details["evaluation_probes"] == outcome.details["selection_probes"] == 20
+    assert outcome.details["accuracy"] == pytest.approx(
+        {"original": 0.75, "compressed": 0.75, "best_prompt": 0.75, "per_input": 0.75})
+    assert outcome.details["selection_accuracy"] == pytest.approx(
+        {"compressed": 0.25, "best_prompt": 0.25, "per_input": 0.25})
+    assert not outcome.applied and outcome.after["knowledge_accuracy"] == pytest.approx(0.75)
+    assert len(outcome.table) >= 5 and all(row["held_out_accuracy"] == pytest.approx(0.75) for row in outcome.table)
 
 
 def test_treatments_compose_and_cancel_rolls_the_run_back(llama_session, small_data_spec):
@@ -314,6 +386,34 @@ def test_saved_treated_model_reopens_with_its_choices(llama_dir, small_data_spec
         save_treated_model(session, folder)
 
 
+def weight_key(linear) -> bytes:
+    """A linear's weight as an ONNX MatMul holds it: (in, out), float32 bytes."""
+    from modeldoctor.model.anatomy import weight_matrix
+
+    return weight_matrix(linear).detach().t().contiguous().float().numpy().tobytes()
+
+
+def float_matmul_weights(path) -> set[bytes]:
+    """The float constant weights (or transposes of them) of every MatMul/Gemm in an ONNX file."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in constants and constants[node.input[0]].ndim == 2:
+            constants[node.output[0]] = constants[node.input[0]].T
+    found = set()
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in constants:
+            weight = constants[node.input[1]]
+            if any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute):
+                weight = weight.T
+            if weight.dtype.kind == "f":
+                found.add(weight.astype("float32").copy(order="C").tobytes())
+    return found
+
+
 def test_export_of_a_treated_model(llama_dir, small_data_spec, tmp_path):
     """Kept linears and the temperature reach the export; validation compares with the untreated model."""
     from dataclasses import replace
@@ -328,7 +428,13 @@ def test_export_of_a_treated_model(llama_dir, small_data_spec, tmp_path):
                                "int8", budget_kl=10.0, prompts=["Hello"]))
     result = events[-1].report
     assert events[-1].reason == "completed", events
-    assert result.excluded_linears == ["0.mlp.down_proj", "1.mlp.down_proj"]
+    # In the file itself: the kept linears' treated (pruned) weights feed float MatMuls; the other
+    # down projection's does not.
+    floats = float_matmul_weights(tmp_path / "onnx" / "model.onnx")
+    down = {name: weight_key(session.anatomy.linear(name)) for name in ("0.mlp.down_proj", "1.mlp.down_proj",
+                                                                        "2.mlp.down_proj")}
+    assert down["0.mlp.down_proj"] in floats and down["1.mlp.down_proj"] in floats
+    assert down["2.mlp.down_proj"] not in floats
     assert result.validation["kl_mean"] > 0.05  # pruned: far from the original, which is what it is compared with
     card = json.loads((tmp_path / "onnx" / "modeldoctor.json").read_text())
     assert [t["name"] for t in card["treatments_applied"]] == ["prune-grad", "calibrate-temperature"][
