@@ -492,3 +492,23 @@ def test_diagnosis_recommends_treatments_and_the_cli_takes_them(llama_dir, small
     assert saved["plan"]["target"] == "int8-dynamic"  # the --target default picks the int8 recommendation
     assert [o["name"] for o in saved["outcomes"]] == ["smoothquant", "mixed-precision"]
     assert "→ int8-dynamic bleeds" in capsys.readouterr().err
+
+
+def test_scale_search_ignores_padding_and_takes_batches_of_any_width(llama_session):
+    """Calibration batches of different widths used to crash the scale search, and padded
+    positions entered both the activation maxima and SmoothQuant's error."""
+    from modeldoctor.data import DataSpec
+    from modeldoctor.treatment.scaling import collect_inputs, find_scale_groups, smoothquant_scales, _weights
+
+    data = llama_session.data(DataSpec(tokens=64, seq_len=32, calibration_tokens=86, selection_tokens=32,
+                                       batch_size=2, knowledge=False))
+    assert len({b.input_ids.shape[1] for b in data.calibration_batches}) > 1  # (2, 32) ... (1, 22)
+    groups = find_scale_groups(llama_session, data.calibration_batches[0])
+    inputs = collect_inputs(llama_session, groups, data)
+    first = inputs[0]
+    assert first.rows.shape[0] == data.calibration_tokens
+    # Garbage in the padded positions changes nothing: they are never read.
+    scales, alpha = smoothquant_scales(first, _weights(llama_session, groups[0]))
+    first.x[~first.valid] = 1e4
+    again, alpha_again = smoothquant_scales(first, _weights(llama_session, groups[0]))
+    assert alpha == alpha_again and torch.equal(scales, again)
