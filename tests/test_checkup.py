@@ -113,7 +113,7 @@ def test_prefix_cache_gives_the_same_numbers(llama_session, small_data_spec, sco
 def test_linear_scope_and_sweep_plan(llama_session):
     probes, skipped = build_probes(CheckupPlan(modifications=["int4", "remove"], scope="linears"),
                                    llama_session.anatomy)
-    assert sum(p.modification == "int4" for p in probes) == 21
+    assert sum(p.modification == "int4" for p in probes) == 22  # 21 block linears and the head
     assert any("blocks only" in s for s in skipped)
     probes, _ = build_probes(CheckupPlan(modifications=["bits-sweep"], modes=("sweep",)), llama_session.anatomy)
     assert len(probes) == 5 * (1 + 3)

@@ -22,6 +22,8 @@ CONFIGS = {
     "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                  pad_token_id=0),
+    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=512, word_embed_proj_dim=32),
     "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512),
 }

@@ -41,7 +41,7 @@ def ranges(indices: list[int]) -> str:
 
 
 def _targets_text(records: list[ProbeRecord]) -> str:
-    if all("." not in r.spec.targets[0] for r in records):
+    if all(r.spec.targets[0].isdigit() for r in records):  # blocks (linears, the head too, are names)
         return "block" + ("s " if len(records) > 1 else " ") + ranges([int(r.spec.targets[0]) for r in records])
     return ", ".join(r.spec.targets[0] for r in records[:8]) + (" …" if len(records) > 8 else "")
 
@@ -158,7 +158,6 @@ def _prefill_vs_decode_finding(report: CheckupReport, named: int = 3) -> Finding
     advice = ("A linear that bleeds under one call shape only matters as much as that call shape does in "
               "your use: prefill for long prompts, decoding for long generations.") if split else ""
     return Finding("int8-dynamic: prefill vs decode", text, severity, advice)
-
 
 
 def _sentence(text: str) -> str:

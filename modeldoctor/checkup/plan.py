@@ -49,7 +49,9 @@ class CheckupPlan:
 
 
 def scope_targets(anatomy: Anatomy, scope: str, only: list[str] | None = None) -> list[str]:
-    every = [str(b.index) for b in anatomy.blocks] if scope == "blocks" else anatomy.linear_names()
+    """Blocks, or every linear: the block linears and the LM head ("head"), which the export
+    quantizes like any other linear."""
+    every = [str(b.index) for b in anatomy.blocks] if scope == "blocks" else anatomy.linear_targets()
     if only is None:
         return every
     unknown = [t for t in only if t not in every]

@@ -21,17 +21,22 @@ from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Stage
-from modeldoctor.export.mapping import map_linears
 from modeldoctor.export.onnx_export import export_fp32
-from modeldoctor.export.quantize import PRECISIONS, quantize_model, refuse_collapse_modes
+from modeldoctor.export.quantize import INT4_BLOCK, PRECISIONS, quantize_export
 from modeldoctor.export.validate import latency, validate
 from modeldoctor.export.runtime import OnnxCausalLM
+from modeldoctor.model.anatomy import HEAD
+from modeldoctor.modifications.base import target_linears
 from modeldoctor.report.results import CheckupReport
 from modeldoctor.session import Session
 
 DEFAULT_BUDGET_KL = 0.02
-# Which checkup modification predicts each export precision, most faithful first.
-PREDICTORS = {"int8": ("int8-dynamic",), "int4": ("int4-g32-asym", "int4-g32", "int4-g64-asym", "int4")}
+# The modification that simulates exactly what each precision's export writes: onnxruntime's
+# quantize_dynamic (int8 weights per tensor, uint8 activations per call), and MatMulNBits
+# (4-bit blocks of 32 along the input, with zero points); fp32 writes the model as it is.
+# Only a probe, keep list or temperature made for exactly that format predicts or tunes it.
+EXPORT_FORMATS = {"fp32": "none", "int8": "int8-dynamic", "int4": f"int4-g{INT4_BLOCK}-asym"}
+PREDICTORS = {precision: mod for precision, mod in EXPORT_FORMATS.items() if precision != "fp32"}
 
 
 @dataclass
@@ -46,47 +51,75 @@ class ExportResult:
     fp32: dict[str, float]
     message: str
     notes: list[str] = field(default_factory=list)
+    predicted_by: str | None = None  # the checkup modification whose probes predicted this export
+    predicted_kl: float | None = None  # sum of their isolated KLs over what the export quantizes
+    missing_checkup: str | None = None  # the modification to run a checkup of, when none predicted it
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def predicted_kl(report: CheckupReport, precision: str) -> tuple[str | None, dict[str, float], set[str]]:
-    """(modification used, isolated KL per target, targets the verdict calls bleeding)."""
-    for name in PREDICTORS.get(precision, ()):
-        probes = [p for p in report.probes if p.spec.modification == name and p.spec.mode == "isolated"]
-        if probes:
-            return name, {p.spec.targets[0]: p.score for p in probes}, {p.spec.targets[0] for p in probes if p.bleeding}
-    return None, {}, set()
+def predicted_kl(report: CheckupReport | None, precision: str) -> tuple[str | None, dict[str, float], set[str]]:
+    """(modification used, isolated KL per target, targets the verdict calls bleeding), from the
+    checkup's probes of exactly the format the export writes; (None, {}, set()) without them."""
+    name = PREDICTORS.get(precision)
+    probes = [p for p in report.probes if p.spec.modification == name and p.spec.mode == "isolated"] \
+        if report is not None and name else []
+    if not probes:
+        return None, {}, set()
+    return name, {p.spec.targets[0]: p.score for p in probes}, {p.spec.targets[0] for p in probes if p.bleeding}
+
+
+def missing_checkup(report: CheckupReport | None, precision: str) -> str | None:
+    """The modification a checkup must probe to predict this export, when the report has none."""
+    if precision not in PREDICTORS or predicted_kl(report, precision)[0] is not None:
+        return None
+    return PREDICTORS[precision]
+
+
+def missing_checkup_text(precision: str) -> str:
+    name = PREDICTORS[precision]
+    return (f"No checkup of {name} (what the {precision} export writes) predicts this export, so nothing is kept in "
+            f"fp32 automatically and there is no predicted KL; run a checkup of {name} at linear scope to get both.")
+
+
+def remaining_kl(session: Session, kl: dict[str, float], excluded: list[str]) -> float:
+    """Predicted KL of the export: the isolated KLs of the probed targets it quantizes (a
+    block counts unless every linear in it is kept)."""
+    kept = set(excluded)
+    return float(sum(v for t, v in kl.items() if not set(target_linears(session.anatomy, t)) <= kept))
+
+
+def free_exclusions(session: Session, precision: str) -> tuple[list[str], list[str]]:
+    """Linears that stay fp32 unless a keep list says otherwise, and why: a head tied to the
+    token embedding shares the fp32 weight the embedding lookup keeps anyway, so keeping it
+    costs no space, while quantizing it writes a quantized copy beside that weight."""
+    if precision == "fp32" or not session.anatomy.head_tied:
+        return [], []
+    return [HEAD], ["The LM head shares the token embedding's weight, so it stays fp32 at no cost in size "
+                    "(quantizing it would add a quantized copy); untick 'head' to quantize it anyway."]
 
 
 def choose_exclusions(session: Session, report: CheckupReport | None, precision: str,
                       budget_kl: float) -> tuple[list[str], list[str]]:
-    """Linears to keep in fp32: every bleeding one, then the worst others until the sum of the
-    remaining predicted KLs fits half the budget (isolated KLs roughly add up)."""
-    notes: list[str] = []
-    if report is None or precision == "fp32":
-        return [], notes
+    """Linears to keep in fp32: a tied head (free), every bleeding one, then the worst others
+    until the sum of the remaining predicted KLs fits half the budget (isolated KLs roughly
+    add up)."""
+    free, notes = free_exclusions(session, precision)
     modification, kl, bleeding = predicted_kl(report, precision)
     if modification is None:
-        notes.append(f"The checkup has no {' or '.join(PREDICTORS[precision])} probes, so no layer is kept in "
-                      "fp32 automatically.")
-        return [], notes
-    anatomy = session.anatomy
-
-    def expand(target: str) -> list[str]:
-        return [target] if "." in target else [f"{target}.{rel}" for rel in anatomy.blocks[int(target)].linears]
-
-    chosen = [t for t in sorted(kl, key=kl.get, reverse=True) if t in bleeding]
-    remaining = sum(v for t, v in kl.items() if t not in bleeding)
-    for target in sorted((t for t in kl if t not in bleeding), key=kl.get, reverse=True):
+        return free, notes
+    chosen = free + [t for t in sorted(kl, key=kl.get, reverse=True) if t in bleeding and t not in free]
+    remaining = sum(v for t, v in kl.items() if t not in chosen)
+    for target in sorted((t for t in kl if t not in chosen), key=kl.get, reverse=True):
         if remaining <= budget_kl / 2:
             break
         chosen.append(target)
         remaining -= kl[target]
     notes.append(f"From the checkup's {modification} probes: {len(bleeding)} bleeding and "
-                 f"{len(chosen) - len(bleeding)} more to fit the budget; predicted KL of the rest {remaining:.4f}.")
-    return [n for t in chosen for n in expand(t)], notes
+                 f"{len(chosen) - len(set(bleeding) | set(free))} more to fit the budget; predicted KL of the rest "
+                 f"{remaining:.4f}.")
+    return list(dict.fromkeys(n for t in chosen for n in target_linears(session.anatomy, t))), notes
 
 
 def export_model(session: Session, data: EvalData, target: str | os.PathLike, precision: str = "int8",
@@ -102,14 +135,39 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
             raise ModelDoctorError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
         prepare_target(target, overwrite, session.summary.memory_bytes * 3)
         treated = session.treatment
+        written_format = EXPORT_FORMATS[precision]
+        notes: list[str] = []
         if exclude is not None:
-            excluded, notes = list(exclude), []
-        elif precision in PREDICTORS and treated.keep and treated.keep_for in PREDICTORS[precision]:
-            excluded = list(treated.keep)
-            notes = [f"Keeping the {len(excluded)} linears that the mixed-precision treatment chose for "
-                     f"{treated.keep_for} in fp32."]
+            excluded = list(exclude)
+        elif precision != "fp32" and treated.keep and treated.keep_for == written_format:
+            free, notes = free_exclusions(session, precision)
+            excluded = list(dict.fromkeys(list(treated.keep) + free))
+            notes.insert(0, f"Keeping the {len(treated.keep)} linears that the mixed-precision treatment chose for "
+                            f"{treated.keep_for} in fp32.")
+        elif precision != "fp32":
+            if treated.keep:
+                notes.append(f"The mixed-precision keep list was chosen for {treated.keep_for}, not for "
+                             f"{written_format} (what this export writes), so it is not used.")
+            excluded, chosen_notes = choose_exclusions(session, report, precision, budget_kl)
+            notes += chosen_notes
         else:
-            excluded, notes = choose_exclusions(session, report, precision, budget_kl)
+            excluded = []
+        unknown = [n for n in excluded if n not in set(session.anatomy.linear_targets())]
+        if unknown:
+            raise ModelDoctorError(f"No linear named {', '.join(unknown[:5])} in this model; cannot keep it in fp32 "
+                                   f"(linears are named like {session.anatomy.linear_names()[0]}, the LM head 'head').")
+        predictor, kl, _ = predicted_kl(report, precision)
+        missing = missing_checkup(report, precision)
+        if missing:
+            notes.append(missing_checkup_text(precision))
+        elif predictor and HEAD not in excluded and HEAD not in kl:
+            notes.append(f"The checkup did not probe the LM head (it does at linear scope), so the predicted KL "
+                         f"leaves out what {precision} costs there.")
+        if treated.temperature != 1.0 and treated.temperature_for != written_format:
+            notes.append(f"The calibrated temperature {treated.temperature:.3f} was fitted for "
+                         f"{treated.temperature_for}, not for {written_format} (what this export writes), so it "
+                         "is not applied.")
+        temperature = treated.temperature if treated.temperature_for == written_format else 1.0
         for note in notes:
             yield LogMessage(note)
         yield Stage("export", "optimum-onnx, fp32, with past key values")
@@ -122,18 +180,12 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         if precision == "fp32":
             final = fp32_path.parent
         else:
-            import onnx
-
-            mapping, missing = map_linears(onnx.load(str(fp32_path)), session.anatomy)
-            unknown = [n for n in excluded if n not in mapping]
-            if unknown:
-                raise ModelDoctorError(f"No ONNX node computes {', '.join(unknown[:5])}; cannot keep it in fp32.")
-            excluded_nodes = [mapping[n] for n in excluded]
-            yield Stage("quantize", f"{precision}, {len(excluded_nodes)} MatMuls kept in fp32")
+            yield Stage("quantize", f"{precision}, {len(excluded)} linears kept in fp32")
             final = staging / "model"
             final.mkdir()
-            quantize_model(fp32_path, final / fp32_path.name, precision, excluded_nodes)
-            refuse_collapse_modes(final / fp32_path.name)
+            excluded_nodes = quantize_export(fp32_path, final / fp32_path.name, precision, session.anatomy,
+                                             excluded, staging / "prepared")
+            shutil.rmtree(staging / "prepared", ignore_errors=True)
             for extra in fp32_path.parent.iterdir():
                 if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
                     shutil.copy2(extra, final / extra.name)
@@ -141,8 +193,6 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         yield Stage("validate", f"against the torch model on {data.eval_tokens} tokens")
         from modeldoctor.checkup.run import _decoding_prompts
 
-        temperature = treated.temperature if treated.temperature_for in (PREDICTORS.get(precision, ()) + ("none",)) \
-            else 1.0
         if temperature != 1.0:
             _set_generation_temperature(final, temperature)
         figures = validate(session.model, session.tokenizer, data, final / fp32_path.name,
@@ -153,7 +203,9 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
                    f"top-1 {figures['same_top']:.1%}; size {figures['size_bytes'] / fp32['size_bytes']:.0%} of fp32; "
                    f"latency ×{figures.get('latency_ratio', 1):.2f}")
         result = ExportResult(str(target) if passed else None, precision, passed, budget_kl, excluded,
-                              excluded_nodes, figures, fp32, message, notes)
+                              excluded_nodes, figures, fp32, message, notes, predicted_by=predictor,
+                              predicted_kl=remaining_kl(session, kl, excluded) if predictor else None,
+                              missing_checkup=missing)
         if not passed:
             yield Failed(f"Export over budget, nothing written: {message}. Keep more layers in fp32 "
                          "(or treat the bleeding ones) and export again.")
@@ -192,7 +244,8 @@ def _write_card(folder: Path, result: ExportResult, report: CheckupReport | None
             "calibrated_temperature": temperature,
             "recovery_prompts": treatment.get("recovery") if treatment else None,
             "validation": result.validation, "fp32_onnx": result.fp32, "budget_kl": result.budget_kl,
-            "passed": result.passed, "notes": result.notes}
+            "passed": result.passed, "notes": result.notes, "predicted_by": result.predicted_by,
+            "predicted_kl": result.predicted_kl, "missing_checkup": result.missing_checkup}
     if report is not None:
         from modeldoctor.checkup.diagnosis import diagnose
 

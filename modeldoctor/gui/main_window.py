@@ -98,6 +98,7 @@ class MainWindow(QMainWindow):
         self.treatment_page.resetRequested.connect(self.reset_treatments)
         self.export_page.exportRequested.connect(self.start_export)
         self.export_page.cancelRequested.connect(self.cancel_job)
+        self.export_page.checkupRequested.connect(self.start_checkup_of)
 
         self._restore_settings()
         self.update_steps()
@@ -295,10 +296,10 @@ class MainWindow(QMainWindow):
         self.plan_page.show_summary(len(probes), seconds)
         self.update_steps()
 
-    def start_checkup(self) -> None:
+    def start_checkup(self, plan: CheckupPlan | None = None) -> None:
         if self.state.session is None or self._busy_refuse():
             return
-        plan = self.plan_page.plan()
+        plan = plan if isinstance(plan, CheckupPlan) else self.plan_page.plan()  # a QAction passes a bool
         spec = self.data_page.spec()
         try:
             plan.validate()
@@ -328,6 +329,14 @@ class MainWindow(QMainWindow):
         self.update_steps()
         self.go(3)
         self.statusBar().showMessage("Checkup running …")
+
+    def start_checkup_of(self, modification: str) -> None:
+        """A checkup of exactly one modification, per linear, with the Plan page's other settings
+        (the Export page asks for the format its export writes)."""
+        from dataclasses import replace
+
+        self.start_checkup(replace(self.plan_page.plan(), modifications=[modification], scope="linears",
+                                   modes=("isolated",), targets=None))
 
     def _pause(self, paused: bool) -> None:
         if paused:

@@ -96,12 +96,13 @@ class CheckupViewModel:
         Block scope: layers x modifications. Linear scope: blocks x sub-layers of the
         selected modification."""
         isolated = [r for r in self.records if r.spec.mode == "isolated"]
-        linear = any("." in r.spec.targets[0] for r in isolated)
+        linear = any(not r.spec.targets[0].isdigit() for r in isolated)
         if linear:
             chosen = [r for r in isolated if r.spec.modification == self.selected]
-            rows = list(dict.fromkeys(r.spec.targets[0].split(".", 1)[0] for r in chosen))
-            cols = list(dict.fromkeys(r.spec.targets[0].split(".", 1)[1] for r in chosen))
-            key = lambda r: tuple(r.spec.targets[0].split(".", 1))  # noqa: E731
+            # "3.mlp.down_proj" -> row 3, column mlp.down_proj; the LM head ("head") is its own row and column
+            key = lambda r: tuple((r.spec.targets[0].split(".", 1) * 2)[:2])  # noqa: E731
+            rows = list(dict.fromkeys(key(r)[0] for r in chosen))
+            cols = list(dict.fromkeys(key(r)[1] for r in chosen))
         else:
             chosen = isolated
             rows = list(dict.fromkeys(r.spec.targets[0] for r in chosen))

@@ -3,6 +3,9 @@
 Blocks are the ModuleList of identical layers; the head and embeddings come from the
 transformers API; the final norm(s) and each block's output projections are found by
 watching the order in which modules run during one tiny forward pass.
+
+Linears are named "block.relative.name" ("3.mlp.down_proj"), and the LM head is the linear
+named HEAD: it runs after the last block, so it belongs to no block.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import torch
 from torch import nn
 
 from modeldoctor.errors import UnsupportedModelError
+
+HEAD = "head"  # the LM head's linear name: a probe, keep and export target like any block linear
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -59,6 +64,7 @@ class Anatomy:
     head: nn.Module
     tail: list[nn.Module]  # modules between the last block and the head (the final norm)
     tail_names: list[str]
+    head_name: str  # the head module's full name in the model, e.g. lm_head
     hidden_size: int
     num_heads: int
     head_dim: int
@@ -69,24 +75,47 @@ class Anatomy:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def head_tied(self) -> bool:
+        """The head reuses the token embedding's weight (one tensor serves both)."""
+        return self.head.weight is self.embedding.weight
+
     def linear_names(self) -> list[str]:
         """All block linears as "block.relative.name", in depth then run order."""
         return [f"{b.index}.{rel}" for b in self.blocks for rel in b.linears]
 
+    def linear_targets(self) -> list[str]:
+        """Every linear a modification, a keep list or the export can name: the block linears,
+        then the LM head (HEAD)."""
+        return self.linear_names() + [HEAD]
+
     def linear(self, name: str) -> nn.Module:
-        index, rel = split_linear_name(name)
+        if name == HEAD:
+            return self.head
         try:
+            index, rel = split_linear_name(name)
             return self.blocks[index].linears[rel]
-        except (IndexError, KeyError):
+        except (ValueError, IndexError, KeyError):
             raise KeyError(f"no linear named {name}") from None
 
     def block_of(self, target: str) -> int:
+        """The first block a target's modification changes the input of; the head comes after
+        the last block (num_blocks), so a probe of it replays only the final norm and the head."""
+        if target == HEAD:
+            return self.num_blocks
         return split_linear_name(target)[0] if "." in target else int(target)
 
     def qualified_name(self, name: str) -> str:
         """The module's full name in the model, e.g. model.layers.3.mlp.down_proj."""
+        if name == HEAD:
+            return self.head_name
         index, rel = split_linear_name(name)
         return f"{self.blocks_path}.{index}.{rel}"
+
+
+def is_block_target(target: str) -> bool:
+    """A block index ("3"), as opposed to a linear ("3.mlp.down_proj" or HEAD)."""
+    return target.isdigit()
 
 
 def split_linear_name(name: str) -> tuple[int, str]:
@@ -131,7 +160,10 @@ def find_anatomy(model: nn.Module) -> Anatomy:
         attention = next((n for n, m in named.items() if _is_attention(n, m)), None)
         mlp = next((n for n, m in named.items() if _is_mlp(n, m)), None)
         attn_lin = [n for n in linears if attention and n.startswith(attention + ".")]
-        mlp_lin = [n for n in linears if mlp and n.startswith(mlp + ".")]
+        if mlp is not None:
+            mlp_lin = [n for n in linears if n.startswith(mlp + ".")]
+        else:  # no MLP module: its linears sit in the block itself (OPT's fc1, fc2)
+            mlp_lin = [n for n in linears if not (attention and n.startswith(attention + "."))]
         norms = [n for n, m in named.items() if "norm" in type(m).__name__.lower()]
         blocks.append(BlockParts(
             index=index, module=block, linears=linears, attention_name=attention, mlp_name=mlp,
@@ -154,7 +186,7 @@ def find_anatomy(model: nn.Module) -> Anatomy:
     head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
     anatomy = Anatomy(
         blocks_path=blocks_path, blocks=blocks, embedding=embedding, head=head,
-        tail=[modules[n] for n in after], tail_names=after, hidden_size=hidden,
+        tail=[modules[n] for n in after], tail_names=after, head_name=head_name, hidden_size=hidden,
         num_heads=heads, head_dim=head_dim, block_list=block_list, block_returns_tuple=returns_tuple,
     )
     return anatomy

@@ -25,6 +25,7 @@ class ModelSummary:
     compute_dtype: str
     memory_bytes: int
     tokenizer: str
+    head_tied: bool = False  # the LM head ("head", a linear like the others) shares the embedding's weight
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -33,7 +34,9 @@ class ModelSummary:
         return [
             ("Model", self.name), ("Format", self.format), ("Family", self.family),
             ("Architecture", self.architecture), ("Blocks", str(self.blocks)),
-            ("Linear layers", str(self.linears)), ("Parameters", f"{self.parameters / 1e6:,.1f} M"),
+            ("Linear layers", f"{self.linears} in the blocks, and the LM head"),
+            ("LM head", "linear 'head', " + ("tied to the token embedding" if self.head_tied else "its own weights")),
+            ("Parameters", f"{self.parameters / 1e6:,.1f} M"),
             ("Hidden size / heads", f"{self.hidden_size} / {self.heads}"),
             ("Stored as", self.stored_dtype), ("Runs in", self.compute_dtype),
             ("Memory", f"{self.memory_bytes / 2**20:,.0f} MiB"),
@@ -57,4 +60,5 @@ def summarize(loaded: LoadedModel, anatomy: Anatomy) -> ModelSummary:
         hidden_size=anatomy.hidden_size, heads=anatomy.num_heads,
         vocab_size=int(anatomy.head.weight.shape[0]), stored_dtype=loaded.stored_dtype,
         compute_dtype=dtype, memory_bytes=memory, tokenizer=type(loaded.tokenizer).__name__,
+        head_tied=anatomy.head_tied,
     )

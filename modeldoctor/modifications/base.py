@@ -1,8 +1,8 @@
 """Reversible modifications and the registry that names them.
 
 A modification is applied to a list of targets (block indices as "3", or linears as
-"3.mlp.down_proj") inside a context manager that restores the model exactly on exit,
-also when the body raises or is cancelled.
+"3.mlp.down_proj" and "head", the LM head) inside a context manager that restores the model
+exactly on exit, also when the body raises or is cancelled.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from modeldoctor.errors import PlanError
 from modeldoctor.model import Anatomy
-from modeldoctor.model.anatomy import weight_matrix
+from modeldoctor.model.anatomy import HEAD, is_block_target, weight_matrix
 
 SCOPES = ("blocks", "linears")
 
@@ -65,7 +65,9 @@ class Modification:
         self.name = name
 
     def applies_to(self, anatomy: Anatomy, target: str) -> bool:
-        return True
+        # The session collects calibration statistics (input norms, gradients) for the block
+        # linears only, so what needs them cannot be applied to the head.
+        return target != HEAD or not (self.needs_input_norms or self.needs_gradients)
 
     def applied(self, ctx: ModContext, targets: list[str]) -> contextlib.AbstractContextManager:
         raise NotImplementedError
@@ -75,8 +77,8 @@ class Modification:
 
 
 def target_linears(anatomy: Anatomy, target: str) -> list[str]:
-    """A block target expands to all its linears; a linear target is itself."""
-    if "." in target:
+    """A block target expands to all its linears; a linear target (the head too) is itself."""
+    if not is_block_target(target):
         return [target]
     index = int(target)
     return [f"{index}.{rel}" for rel in anatomy.blocks[index].linears]
@@ -110,11 +112,24 @@ class WeightModification(Modification):
 
 @contextlib.contextmanager
 def preserved_weights(anatomy: Anatomy, linears: list[str]) -> Iterator[None]:
-    """Copy weights and biases of the named linears, and write them back bit-exact on exit."""
+    """Copy weights and biases of the named linears, and write them back bit-exact on exit.
+
+    A head tied to the token embedding gets a private copy of the shared weight for the
+    duration instead: the export quantizes the head's MatMul while the embedding lookup keeps
+    reading fp32 weights, so writing through the shared tensor would also change the
+    embedding. On exit the shared parameter itself is put back."""
     saved = []
+    untied = []
     for name in dict.fromkeys(linears):
         module = anatomy.linear(name)
-        for param in (module.weight, getattr(module, "bias", None)):
+        if name == HEAD and anatomy.head_tied:
+            shared = module.weight
+            module.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            untied.append((module, shared))
+            params = (getattr(module, "bias", None),)
+        else:
+            params = (module.weight, getattr(module, "bias", None))
+        for param in params:
             if param is not None:
                 saved.append((param, param.detach().clone()))
     try:
@@ -123,6 +138,8 @@ def preserved_weights(anatomy: Anatomy, linears: list[str]) -> Iterator[None]:
         with torch.no_grad():
             for param, original in saved:
                 param.copy_(original)
+        for module, shared in untied:
+            module.weight = shared
 
 
 @contextlib.contextmanager

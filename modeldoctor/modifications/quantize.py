@@ -8,8 +8,19 @@ from modeldoctor.errors import UnsupportedModelError
 from modeldoctor.modifications.base import ModContext, WeightModification, register
 
 
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves go away from zero (torch.round sends them to the even neighbour)."""
+    truncated = x.trunc()
+    return torch.where((x - truncated).abs() == 0.5, truncated + x.sign(), torch.round(x))
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, group: int | None = None, symmetric: bool = True) -> torch.Tensor:
-    """Fake-quantize an (out, in) weight: per output channel, or per group of `group` inputs."""
+    """Fake-quantize an (out, in) weight: per output channel, or per group of `group` inputs.
+
+    The asymmetric path is onnxruntime's MatMulNBits block quantizer (MLAS range2scalezp),
+    what the int4 export writes: the range widened to hold 0, scale = range / (2^bits - 1),
+    zero point = roundf(-min / scale), q = roundf(w · (1 / scale) + zero point), all in
+    float32 with C rounding (halves away from zero)."""
     out_features, in_features = weight.shape
     w = weight.float()
     if group:
@@ -28,9 +39,12 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group: int | None = None, symm
         qmax = 2 ** bits - 1
         low = w.amin(-1, keepdim=True).clamp(max=0)
         high = w.amax(-1, keepdim=True).clamp(min=0)
-        scale = ((high - low) / qmax).clamp(min=1e-12)
-        zero = torch.round(-low / scale)
-        q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+        scale = (high - low) / qmax
+        nonzero = scale != 0
+        safe = torch.where(nonzero, scale, torch.ones_like(scale))
+        zero = torch.where(nonzero, _round_half_away(torch.clamp(-low / safe, 0, qmax)), torch.zeros_like(scale))
+        reciprocal = torch.where(nonzero, 1.0 / safe, torch.zeros_like(scale))
+        q = torch.clamp(_round_half_away(w * reciprocal + zero), 0, qmax)
         deq = (q - zero) * scale
     deq = deq.reshape(out_features, -1)[:, :in_features]
     return deq.to(weight.dtype)

@@ -18,7 +18,7 @@ class Recommendation:
 
 
 def _where(records) -> str:
-    if all("." not in r.spec.targets[0] for r in records):
+    if all(r.spec.targets[0].isdigit() for r in records):  # blocks (linears, the head too, are names)
         return "blocks " + ranges([int(r.spec.targets[0]) for r in records])
     names = [r.spec.targets[0] for r in records]
     return ", ".join(names[:4]) + (" …" if len(names) > 4 else "")

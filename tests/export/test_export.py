@@ -50,11 +50,12 @@ def test_every_linear_maps_to_an_existing_matmul(exported):
     session, path = exported
     model = onnx.load(str(path))
     mapping, missing = map_linears(model, session.anatomy)
-    assert not missing and len(mapping) == 21
+    assert not missing and len(mapping) == 22  # 21 block linears and the head
     nodes = {n.name: n for n in model.graph.node}
     assert all(nodes[name].op_type == "MatMul" for name in mapping.values())
-    assert len(set(mapping.values())) == 21
+    assert len(set(mapping.values())) == 22
     assert mapping["1.mlp.down_proj"].startswith("/model/layers.1/mlp/down_proj")
+    assert mapping["head"] == "/lm_head/MatMul"
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])

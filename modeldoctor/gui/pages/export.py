@@ -13,7 +13,9 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from modeldoctor.export.pipeline import DEFAULT_BUDGET_KL, PREDICTORS, predicted_kl
+from modeldoctor.export.pipeline import (
+    DEFAULT_BUDGET_KL, PREDICTORS, missing_checkup, missing_checkup_text, predicted_kl,
+)
 from modeldoctor.gui.plots import LabelAxis, LogAxis
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
 
@@ -23,6 +25,7 @@ KEPT_COLOR = (150, 150, 150)
 class ExportPage(QWidget):
     exportRequested = Signal()
     cancelRequested = Signal()
+    checkupRequested = Signal(str)  # a checkup of exactly this modification, the format the export writes
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -73,6 +76,9 @@ class ExportPage(QWidget):
         self.keep_note = QLabel()
         self.keep_note.setWordWrap(True)
         keep_layout.addWidget(self.keep_note)
+        self.run_checkup = QPushButton()
+        self.run_checkup.hide()
+        keep_layout.addWidget(self.run_checkup)
         form_box.addWidget(keep_box, 1)
         buttons = QHBoxLayout()
         self.start = QPushButton("Export and validate")
@@ -118,6 +124,7 @@ class ExportPage(QWidget):
         self.start.clicked.connect(self.exportRequested)
         self.cancel.clicked.connect(self.cancelRequested)
         self.more.clicked.connect(lambda: self.keep_more(5))
+        self.run_checkup.clicked.connect(lambda: self.checkupRequested.emit(self.run_checkup.property("modification")))
         self.precision_group.buttonToggled.connect(lambda *a: self.refresh_suggestions())
         self.budget.valueChanged.connect(lambda *a: self.refresh_suggestions())
         self.keep.itemChanged.connect(lambda *a: self._draw_prediction())
@@ -134,26 +141,27 @@ class ExportPage(QWidget):
         """A (new) model or checkup: list its linears and tick the suggested ones."""
         self._session = session
         self.report = report
-        self.linears = session.anatomy.linear_names() if session is not None else []
+        self.linears = session.anatomy.linear_targets() if session is not None else []  # the head too
         if session is not None and not self.folder.text():
             self.folder.setText(str(Path.home() / f"{session.summary.name}-onnx"))
         self.refresh_suggestions()
 
     def refresh_suggestions(self) -> None:
-        from modeldoctor.export.pipeline import choose_exclusions
+        from modeldoctor.export.pipeline import choose_exclusions, free_exclusions
 
         precision = self.precision()
         self.predicted = {}
         chosen, notes = [], []
-        if self.report is not None and precision != "fp32":
+        if self._session is not None and precision != "fp32":
             _, kl, _ = predicted_kl(self.report, precision)
-            self.predicted = {t: v for t, v in kl.items() if "." in t}
-            if self._session is not None:
-                chosen, notes = choose_exclusions(self._session, self.report, precision, self.budget.value())
+            self.predicted = {t: v for t, v in kl.items() if not t.isdigit()}  # linears, the head too
+            chosen, notes = choose_exclusions(self._session, self.report, precision, self.budget.value())
         treated = self._session.treatment if self._session is not None else None
-        if treated is not None and precision != "fp32" and treated.keep and treated.keep_for in PREDICTORS[precision]:
-            chosen = list(treated.keep)
-            notes = [f"Ticked by the mixed-precision treatment for {treated.keep_for} ({len(chosen)} linears)."]
+        if treated is not None and precision != "fp32" and treated.keep and treated.keep_for == PREDICTORS[precision]:
+            free, free_notes = free_exclusions(self._session, precision)
+            chosen = list(dict.fromkeys(list(treated.keep) + free))
+            notes = [f"Ticked by the mixed-precision treatment for {treated.keep_for} "
+                     f"({len(treated.keep)} linears)."] + free_notes
         self.keep.blockSignals(True)
         self.keep.clear()
         for name in sorted(self.linears, key=lambda n: self.predicted.get(n, 0), reverse=True):
@@ -165,13 +173,20 @@ class ExportPage(QWidget):
             self.keep.addItem(item)
         self.keep.blockSignals(False)
         self.keep.setEnabled(precision != "fp32")
+        # Only a checkup of exactly what the export writes predicts it; offer to run that one.
+        missing = missing_checkup(self.report, precision) if self._session is not None else None
         if precision == "fp32":
             self.keep_note.setText("fp32 keeps every layer in full precision.")
+        elif missing:
+            self.keep_note.setText(" ".join(notes + [missing_checkup_text(precision)]))
+            self.run_checkup.setText(f"Run the {missing} checkup (linear scope)")
+            self.run_checkup.setProperty("modification", missing)
         elif not self.predicted:
-            self.keep_note.setText(" ".join(notes) or f"Run a checkup with linear scope and "
-                                   f"{PREDICTORS[precision][0]} to get suggestions.")
+            self.keep_note.setText(" ".join(notes) or f"The {PREDICTORS[precision]} checkup probed blocks only; "
+                                   "a checkup at linear scope ranks single layers.")
         else:
             self.keep_note.setText(" ".join(notes))
+        self.run_checkup.setVisible(bool(missing))
         self._draw_prediction()
 
     def kept(self) -> list[str]:
@@ -219,7 +234,10 @@ class ExportPage(QWidget):
                 ("first divergence", f"{v['greedy_first_divergence']:.1f} tokens"),
                 ("size on disk", f"{v['size_bytes'] / 2**20:,.0f} MiB ({v['size_bytes'] / fp32['size_bytes']:.0%})"),
                 ("latency vs fp32 ONNX", f"×{v.get('latency_ratio', 1):.2f}"),
-                ("kept in fp32", f"{len(result.excluded_linears)} layers")]
+                ("kept in fp32", f"{len(result.excluded_linears)} layers"),
+                ("predicted mean KL", f"{result.predicted_kl:.4f} ({result.predicted_by} checkup)"
+                 if result.predicted_kl is not None else f"none: no {result.missing_checkup} checkup"
+                 if result.missing_checkup else "—")]
         self.table.setRowCount(len(rows))
         for r, (key, value) in enumerate(rows):
             self.table.setItem(r, 0, QTableWidgetItem(key))

@@ -1,0 +1,124 @@
+"""An export is predicted and tuned only by what simulates exactly the format it writes."""
+
+import json
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from modeldoctor.checkup.plan import CheckupPlan
+from modeldoctor.checkup.run import checkup
+from modeldoctor.data import DataSpec
+from modeldoctor.events import LogMessage
+from modeldoctor.export.pipeline import PREDICTORS, choose_exclusions, export_model
+from modeldoctor.export.quantize import INT4_BLOCK
+from modeldoctor.modifications.base import create
+from modeldoctor.modifications.quantize import quantize_rtn
+
+SPEC = DataSpec(tokens=128, seq_len=64, calibration_tokens=64, knowledge=False)
+
+
+def matmulnbits_weight(weight: torch.Tensor) -> np.ndarray:
+    """The (out, in) weight that onnxruntime's int4 export computes with for this linear: the
+    graph of one MatMul quantized by the exporter's quantizer, run on the identity."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out_features, in_features = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "one_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])],
+        [numpy_helper.from_array(weight.t().contiguous().numpy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    logging.disable(logging.INFO)
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=False,
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    finally:
+        logging.disable(logging.NOTSET)
+    assert [n.op_type for n in quantizer.model.model.graph.node] == ["MatMulNBits"]
+    session = ort.InferenceSession(quantizer.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.eye(in_features, dtype=np.float32)})[0].T
+
+
+def test_int4_export_format_is_what_the_int4_prediction_simulates():
+    assert PREDICTORS["int4"] == "int4-g32-asym" and PREDICTORS["int8"] == "int8-dynamic"
+    torch.manual_seed(0)
+    ties = torch.zeros(6, 40)  # 40 inputs: a padded second block
+    ties[0, :32] = torch.linspace(-0.75, 3.0, 32)  # scale 0.25, zero point 3: w / scale + 3 hits halves
+    ties[0, 2:8] = torch.tensor([0.125, -0.125, 0.375, -0.375, 0.625, 1.125])
+    ties[1] = torch.rand(40) + 0.5  # all positive
+    ties[2] = -torch.rand(40) - 0.5  # all negative
+    ties[3, 5] = 1.0  # a single nonzero value; ties[4] stays all zero
+    ties[5] = torch.randn(40) * 1e-3
+    for weight in (ties, torch.randn(24, 96) * 0.2, torch.randn(8, 64).pow(3)):
+        expected = matmulnbits_weight(weight)
+        simulated = quantize_rtn(weight, 4, INT4_BLOCK, symmetric=False).numpy()
+        np.testing.assert_array_equal(simulated, expected)
+        assert torch.equal(create("int4-g32-asym").new_weight(None, "x", weight), torch.from_numpy(expected))
+
+
+@pytest.fixture(scope="module")
+def int4_channel_checkup(model_dirs):
+    """A linear-scope checkup of plain int4 (per channel, symmetric): not what the int4 export writes."""
+    from modeldoctor.session import Session
+
+    session = Session.open(model_dirs["llama"])
+    data = session.data(SPEC)
+    report = checkup(session, CheckupPlan(modifications=["int4"], scope="linears", knowledge=False,
+                                          threshold=1e-4), data)
+    assert any(p.bleeding for p in report.probes)
+    return session, report
+
+
+def test_other_formats_probes_do_not_predict_the_export(int4_channel_checkup, tmp_path):
+    session, report = int4_channel_checkup
+    assert choose_exclusions(session, report, "int4", 0.02)[0] == []
+    events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int4", report, budget_kl=100.0,
+                               prompts=["Hi"]))
+    result = events[-1].report
+    assert events[-1].reason == "completed"
+    assert result.excluded_linears == [] and result.predicted_kl is None
+    assert result.missing_checkup == "int4-g32-asym" and result.predicted_by is None
+    notes = [e.message for e in events if isinstance(e, LogMessage)]
+    assert any("int4-g32-asym" in n and "checkup" in n for n in notes)
+    card = json.loads((tmp_path / "out" / "modeldoctor.json").read_text())
+    assert card["missing_checkup"] == "int4-g32-asym"
+
+
+def test_the_exact_format_predicts_the_export(llama_session, tmp_path):
+    data = llama_session.data(SPEC)
+    report = checkup(llama_session, CheckupPlan(modifications=["int4-g32-asym"], scope="linears", knowledge=False,
+                                                threshold=1e-4), data)
+    events = list(export_model(llama_session, data, tmp_path / "out", "int4", report, budget_kl=100.0,
+                               prompts=["Hi"]))
+    result = events[-1].report
+    bleeding = {p.spec.targets[0] for p in report.probes if p.bleeding}
+    assert bleeding and bleeding <= set(result.excluded_linears)
+    assert result.predicted_by == "int4-g32-asym" and result.missing_checkup is None
+    assert result.predicted_kl == pytest.approx(sum(p.score for p in report.probes
+                                                    if p.spec.targets[0] not in result.excluded_linears))
+
+
+def test_keep_list_and_temperature_apply_only_to_their_own_format(llama_session, tmp_path):
+    state = llama_session.treatment
+    state.keep, state.keep_for = ["0.mlp.down_proj", "head"], "int4"
+    state.temperature, state.temperature_for = 1.25, "int4"
+    events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "a", "int4", budget_kl=100.0,
+                               prompts=["Hi"]))
+    assert events[-1].reason == "completed" and events[-1].report.excluded_linears == []
+    config = json.loads((tmp_path / "a" / "generation_config.json").read_text())
+    assert "modeldoctor_calibrated_temperature" not in config
+    notes = " ".join(e.message for e in events if isinstance(e, LogMessage))
+    assert "chosen for int4, not for int4-g32-asym" in notes and "fitted for int4" in notes
+
+    state.keep_for = state.temperature_for = "int4-g32-asym"
+    events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "b", "int4", budget_kl=100.0,
+                               prompts=["Hi"]))
+    assert events[-1].reason == "completed" and events[-1].report.excluded_linears == ["0.mlp.down_proj", "head"]
+    config = json.loads((tmp_path / "b" / "generation_config.json").read_text())
+    assert config["modeldoctor_calibrated_temperature"] == pytest.approx(1.25)
