@@ -70,7 +70,8 @@ def main() -> None:
         proto = onnx.load(str(onnx_path))
         mapping, missing = map_linears(proto, session.anatomy)
         del proto
-        print(f"mapped {len(mapping)} of {len(names)} linears to MatMul nodes; missing: {missing or 'none'}")
+        print(f"mapped {len(mapping)} of {len(session.anatomy.linear_targets())} linears (block linears and the LM "
+              f"head) to MatMul nodes; missing: {missing or 'none'}")
         fp32 = OnnxCausalLM(onnx_path)
         reference = [fp32.logits(seq) for seq in sequences]
         torch_logits = [session.model(input_ids=torch.from_numpy(seq)).logits.numpy() for seq in sequences]

@@ -150,6 +150,12 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
                              f"{written_format} (what this export writes), so it is not used.")
             excluded, chosen_notes = choose_exclusions(session, report, precision, budget_kl)
             notes += chosen_notes
+            if report is not None and report.data.get("split", "evaluation") == "evaluation" \
+                    and data.spec.split == "eval" and predicted_kl(report, precision)[0]:
+                # A choice made on the text that then validates it is not held out.
+                notes.append("The fp32 list comes from a checkup on the evaluation text, which this validation "
+                             "also reads, so its figures are not fully held out; for held-out figures run the "
+                             "checkup on the selection text (modeldoctor checkup --split selection).")
         else:
             excluded = []
         unknown = [n for n in excluded if n not in set(session.anatomy.linear_targets())]

@@ -26,6 +26,7 @@ from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.errors import PlanError
 from modeldoctor.events import Event, Progress
+from modeldoctor.model.anatomy import HEAD
 from modeldoctor.modifications.base import create
 from modeldoctor.report.results import ProbeSpec, _atomic_write, _json_safe
 from modeldoctor.session import Session
@@ -183,6 +184,14 @@ class Job:
     def all_blocks(self) -> list[str]:
         return [str(b.index) for b in self.session.anatomy.blocks]
 
+    def deployment_targets(self, modification: str) -> list[str]:
+        """What the export quantizes under this modification: every block, and the LM head
+        unless it is tied to the embedding (a tied head stays fp32 at no cost, see the export)."""
+        anatomy = self.session.anatomy
+        mod = create(modification)
+        head = [] if anatomy.head_tied or not mod.applies_to(anatomy, HEAD) else [HEAD]
+        return self.all_blocks + head
+
     def whole_model(self, modification: str, keep: list[str] | None = None, temperature: float | None = None,
                     on: EvalData | None = None, knowledge: bool = True) -> dict[str, float]:
         """The deployed model (treated weights + the modification on every block, `keep`
@@ -193,7 +202,8 @@ class Job:
         keep = self.kept_for(modification) if keep is None else keep
         temperature = (state.temperature if state.temperature_for == modification else 1.0) \
             if temperature is None else temperature
-        spec = ProbeSpec(0, modification, create(modification).family, "sweep-model", tuple(self.all_blocks), 0)
+        spec = ProbeSpec(0, modification, create(modification).family, "sweep-model",
+                         tuple(self.deployment_targets(modification)), 0)
         record = self._measure(data, spec, frozenset(keep), temperature, knowledge, prefix_cache=False)
         return dict(record.metrics)
 
@@ -205,7 +215,7 @@ class Job:
         keep = self.kept_for(modification) if keep is None else keep
         ctx = self.session.mod_context(self.data, mod.needs_input_norms, self.control, mod.needs_gradients,
                                        frozenset(keep))
-        with mod.applied(ctx, self.all_blocks):
+        with mod.applied(ctx, self.deployment_targets(modification)):
             yield ctx
 
     def choice_kl(self, modification: str, keep: list[str] | None = None, temperature: float | None = None) -> float:

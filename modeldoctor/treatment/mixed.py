@@ -13,6 +13,7 @@ import math
 from functools import reduce
 
 from modeldoctor.errors import PlanError
+from modeldoctor.model.anatomy import HEAD
 from modeldoctor.modifications.base import create
 from modeldoctor.treatment.base import Outcome, Treatment, collect, figures_text, register
 
@@ -79,7 +80,8 @@ class MixedPrecision(Treatment):
     def run(self, job):
         session, plan = job.session, job.plan
         anatomy = session.anatomy
-        linears = anatomy.linear_names()
+        # Candidates: every linear the deployment quantizes (an untied LM head included).
+        linears = anatomy.linear_names() + [t for t in job.deployment_targets(plan.target) if t == HEAD]
         sizes = {n: int(anatomy.linear(n).weight.numel()) for n in linears}
         total = sum(sizes.values())
         job.stage = f"mixed precision: {plan.target} on each linear (selection text)"
