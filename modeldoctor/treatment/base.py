@@ -185,11 +185,13 @@ class Job:
         return [str(b.index) for b in self.session.anatomy.blocks]
 
     def deployment_targets(self, modification: str) -> list[str]:
-        """What the export quantizes under this modification: every block, and the LM head
-        unless it is tied to the embedding (a tied head stays fp32 at no cost, see the export)."""
+        """Where the deployment changes the model: every block, and for a quantization also the
+        LM head, as the export quantizes it, unless the head is tied to the embedding (a tied
+        head stays fp32 at no cost, see the export). Pruning treats block linears only."""
         anatomy = self.session.anatomy
         mod = create(modification)
-        head = [] if anatomy.head_tied or not mod.applies_to(anatomy, HEAD) else [HEAD]
+        quantizes_head = mod.family == "quantize" and not anatomy.head_tied and mod.applies_to(anatomy, HEAD)
+        head = [HEAD] if quantizes_head else []
         return self.all_blocks + head
 
     def whole_model(self, modification: str, keep: list[str] | None = None, temperature: float | None = None,
