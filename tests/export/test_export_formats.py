@@ -100,8 +100,17 @@ def test_the_exact_format_predicts_the_export(llama_session, tmp_path):
     bleeding = {p.spec.targets[0] for p in report.probes if p.bleeding}
     assert bleeding and bleeding <= set(result.excluded_linears)
     assert result.predicted_by == "int4-g32-asym" and result.missing_checkup is None
-    assert result.predicted_kl == pytest.approx(sum(p.score for p in report.probes
-                                                    if p.spec.targets[0] not in result.excluded_linears))
+    # The prediction is about the written file: with the three worst linears kept, onnxruntime's
+    # measured KL of the quantized rest lands near the predicted one (isolated KLs add up
+    # roughly, not exactly), and well below the export that keeps nothing.
+    worst = [p.spec.targets[0] for p in sorted(report.probes, key=lambda p: p.score, reverse=True)[:3]]
+    repaired = list(export_model(llama_session, data, tmp_path / "repaired", "int4", report, exclude=worst,
+                                 budget_kl=100.0, prompts=["Hi"]))[-1].report
+    naive = list(export_model(llama_session, data, tmp_path / "naive", "int4", report, exclude=[], budget_kl=100.0,
+                              prompts=["Hi"]))[-1].report
+    for export in (repaired, naive):
+        assert 0.5 * export.validation["kl_mean"] <= export.predicted_kl <= 2.0 * export.validation["kl_mean"]
+    assert repaired.validation["kl_mean"] < 0.8 * naive.validation["kl_mean"]
 
 
 def test_keep_list_and_temperature_apply_only_to_their_own_format(llama_session, tmp_path):
