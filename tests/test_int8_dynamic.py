@@ -17,7 +17,6 @@ from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.checkup.run import checkup
 from modeldoctor.cli import main
 from modeldoctor.data import DataSpec, EvalData
-from modeldoctor.data.sources import Batch
 from modeldoctor.export.quantize import quantize_model
 from modeldoctor.modifications.base import create, token_mask
 from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, ort_int8_weight
@@ -123,18 +122,10 @@ def test_token_mask_is_restored_after_the_batch(llama_session):
 
 
 def _eval_data(sequences: list[list[int]], batch_size: int, pad_id: int, seed: int) -> EvalData:
-    batches = []
-    for start in range(0, len(sequences), batch_size):
-        group = sequences[start:start + batch_size]
-        width = max(len(s) for s in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        batches.append(Batch(ids, mask))
+    from modeldoctor.data.sources import _batches
+
     spec = DataSpec(tokens=sum(map(len, sequences)), seq_len=64, batch_size=batch_size, knowledge=False, seed=seed)
-    return EvalData(spec, batches, [], [], [])
+    return EvalData(spec, _batches(sequences, batch_size, pad_id), [], [], [])
 
 
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8-dynamic-decode"])

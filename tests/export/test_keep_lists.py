@@ -1,46 +1,16 @@
 """The exported graph has exactly the precision per linear that the keep list asks for, in every family."""
 
-import hashlib
-
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx_graph import float_linears
 
 from modeldoctor.data import DataSpec
 from modeldoctor.events import Failed
 from modeldoctor.export.pipeline import export_model
-from modeldoctor.model.anatomy import weight_matrix
 from modeldoctor.session import Session
 
 SPEC = DataSpec(tokens=128, seq_len=64, calibration_tokens=64, knowledge=False)
 QUANTIZED_OPS = {"int8": {"MatMulInteger", "DynamicQuantizeMatMul"}, "int4": {"MatMulNBits"}}
-
-
-def _digest(array: np.ndarray) -> str:
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    return f"{array.shape}:{hashlib.sha1(array.tobytes()).hexdigest()}"
-
-
-def float_linears(path, session) -> set[str]:
-    """The linears (by weight content) that some float MatMul/Gemm of the graph computes, with
-    its weight a constant or the Transpose of one."""
-    model = onnx.load(str(path))
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Transpose" and node.input[0] in constants and constants[node.input[0]].ndim == 2:
-            constants[node.output[0]] = constants[node.input[0]].T
-    found = set()
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and node.input[1] in constants:
-            weight = constants[node.input[1]]
-            if any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute):
-                weight = weight.T
-            if weight.dtype.kind == "f":
-                found.add(_digest(weight))
-    anatomy = session.anatomy
-    return {n for n in anatomy.linear_targets()
-            if _digest(weight_matrix(anatomy.linear(n)).detach().t().numpy()) in found}
 
 
 def quantized_count(path, precision) -> int:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from onnx_graph import float_matmul_weights, linear_digest
 
 from modeldoctor.control import RunControl
 from modeldoctor.errors import ModelDoctorError, PlanError
@@ -388,34 +389,6 @@ def test_saved_treated_model_reopens_with_its_choices(llama_dir, small_data_spec
         save_treated_model(session, folder)
 
 
-def weight_key(linear) -> bytes:
-    """A linear's weight as an ONNX MatMul holds it: (in, out), float32 bytes."""
-    from modeldoctor.model.anatomy import weight_matrix
-
-    return weight_matrix(linear).detach().t().contiguous().float().numpy().tobytes()
-
-
-def float_matmul_weights(path) -> set[bytes]:
-    """The float constant weights (or transposes of them) of every MatMul/Gemm in an ONNX file."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Transpose" and node.input[0] in constants and constants[node.input[0]].ndim == 2:
-            constants[node.output[0]] = constants[node.input[0]].T
-    found = set()
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and node.input[1] in constants:
-            weight = constants[node.input[1]]
-            if any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute):
-                weight = weight.T
-            if weight.dtype.kind == "f":
-                found.add(weight.astype("float32").copy(order="C").tobytes())
-    return found
-
-
 def test_export_of_a_treated_model(llama_dir, small_data_spec, tmp_path):
     """Kept linears and the temperature reach the export; validation compares with the untreated model."""
     from dataclasses import replace
@@ -433,7 +406,7 @@ def test_export_of_a_treated_model(llama_dir, small_data_spec, tmp_path):
     # In the file itself: the kept linears' treated (pruned) weights feed float MatMuls; the other
     # down projection's does not.
     floats = float_matmul_weights(tmp_path / "onnx" / "model.onnx")
-    down = {name: weight_key(session.anatomy.linear(name)) for name in ("0.mlp.down_proj", "1.mlp.down_proj",
+    down = {name: linear_digest(session.anatomy.linear(name)) for name in ("0.mlp.down_proj", "1.mlp.down_proj",
                                                                         "2.mlp.down_proj")}
     assert down["0.mlp.down_proj"] in floats and down["1.mlp.down_proj"] in floats
     assert down["2.mlp.down_proj"] not in floats
