@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,8 +81,6 @@ class EvalData:
         return self._view("selection", self.selection_batches)
 
     def _view(self, split: str, batches: list[Batch]) -> "EvalData":
-        from dataclasses import replace
-
         # The calibration split stays the calibration split: a fit made through any view is
         # the same fit (and is cached once, see `calibration_key`).
         return EvalData(replace(self.spec, split=split, knowledge=False), batches, self.calibration_batches,
@@ -91,22 +89,20 @@ class EvalData:
     @property
     def calibration_key(self) -> "DataSpec":
         """What identifies the calibration split, whichever view of the data asks."""
-        from dataclasses import replace
-
         return replace(self.spec, split="eval", knowledge=False)
 
     def require_calibration(self, purpose: str, minimum: int = MIN_TOKENS) -> None:
-        if self.calibration_tokens < minimum:
-            raise DataError(
-                f"{purpose}: at least {minimum} calibration tokens are needed apart from the evaluation text, "
-                f"and this text leaves {self.calibration_tokens}. Choose fewer evaluation tokens or a longer text.")
+        self._require(purpose, "calibration", self.calibration_tokens, "the evaluation text", minimum)
 
     def require_selection(self, purpose: str, minimum: int = MIN_TOKENS) -> None:
-        if self.selection_tokens < minimum:
+        self._require(purpose, "selection", self.selection_tokens, "the evaluation and calibration text", minimum)
+
+    @staticmethod
+    def _require(purpose: str, split: str, have: int, apart_from: str, minimum: int) -> None:
+        if have < minimum:
             raise DataError(
-                f"{purpose}: at least {minimum} selection tokens are needed apart from the evaluation and "
-                f"calibration text, and this text leaves {self.selection_tokens}. Choose fewer evaluation tokens "
-                "or a longer text.")
+                f"{purpose}: at least {minimum} {split} tokens are needed apart from {apart_from}, and this "
+                f"text leaves {have}. Choose fewer evaluation tokens or a longer text.")
 
     @property
     def eval_tokens(self) -> int:
