@@ -28,13 +28,6 @@ def timed(label: str, sink: dict | None = None):
 
 
 def spearman(a, b) -> float:
-    import numpy as np
+    from modeldoctor.checkup.verdict import spearman as rank_correlation
 
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        return r
-
-    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return rank_correlation(list(a), list(b))

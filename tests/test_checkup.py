@@ -16,7 +16,7 @@ SEVERITIES = ["healthy", "mild", "moderate", "severe"]
 
 
 def test_event_stream_and_report(llama_session, small_data_spec):
-    plan = CheckupPlan(modifications=["int8-dynamic", "int2", "remove"])
+    plan = CheckupPlan(modifications=["int8-dynamic", "int2", "remove"], exhaustive=True, knowledge_on="all")
     events = list(run_checkup(llama_session, plan, llama_session.data(small_data_spec)))
     assert isinstance(events[0], Stage)
     ready = next(e for e in events if isinstance(e, PlanReady))
@@ -53,7 +53,7 @@ def test_cancel_between_probes_restores_model(llama_session, small_data_spec):
     before = llama_session.weights_digest()
     control = RunControl()
     seen = []
-    for event in run_checkup(llama_session, CheckupPlan(modifications=["int4", "remove"]),
+    for event in run_checkup(llama_session, CheckupPlan(modifications=["int4", "remove"], exhaustive=True),
                              llama_session.data(small_data_spec), control):
         seen.append(event)
         if isinstance(event, ProbeResult) and len([e for e in seen if isinstance(e, ProbeResult)]) == 2:
@@ -247,7 +247,8 @@ def test_identical_probes_are_measured_once(llama_session, small_data_spec):
     block; it is reused, not re-run."""
     data = llama_session.data(small_data_spec)
     llama_session.current_reference(data)
-    plan = CheckupPlan(modifications=["int4"], modes=("isolated", "sweep"), knowledge=False, attention=False)
+    plan = CheckupPlan(modifications=["int4"], modes=("isolated", "sweep"), knowledge=False, attention=False,
+                       exhaustive=True)
     calls, remove = _count_block_calls(llama_session)
     try:
         report = checkup(llama_session, plan, data)
@@ -272,7 +273,7 @@ def test_checkup_after_a_weight_changing_treatment_replays_the_treated_model(lla
     bake(llama_session, "prune-wanda-50", data)
     llama_session.weights_changed(function_preserving=False)
     llama_session.treatment.applied.append({"name": "prune-grad", "summary": "Wanda pruning to 50%"})
-    plan = CheckupPlan(modifications=["int4"], knowledge=True)
+    plan = CheckupPlan(modifications=["int4"], knowledge=True, knowledge_on="all")
     cached = checkup(llama_session, plan, data)
     plan.prefix_cache = False
     full = checkup(llama_session, plan, data)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from modeldoctor.errors import PlanError
 from modeldoctor.model import Anatomy
@@ -10,6 +10,7 @@ from modeldoctor.modifications.base import SCOPES, create, expand
 from modeldoctor.report.results import ProbeSpec
 
 MODES = ("isolated", "cumulative", "sweep")
+KNOWLEDGE_ON = ("bleeding", "all")
 DEFAULT_THRESHOLD = 0.01  # nats of mean KL
 
 
@@ -20,10 +21,18 @@ class CheckupPlan:
     modes: tuple[str, ...] = ("isolated",)
     threshold: float = DEFAULT_THRESHOLD  # bleeding above this mean KL
     outlier_k: float = 5.0  # ... or above median + k * MAD of the same modification's probes
-    knowledge: bool = True  # score the knowledge probes on every probe
+    knowledge: bool = True  # score the knowledge probes ...
+    knowledge_on: str = "bleeding"  # ... on the probes that bleed, or on "all" of them
     attention: bool = True  # attention disruption for structural probes
     prefix_cache: bool = True
     targets: list[str] | None = None  # restrict to these blocks / linears
+    # Two stages: isolated quantization probes are first estimated all at once (checkup.estimate);
+    # then those estimated at or above verify_fraction of the threshold, at least the verify_top
+    # highest of each modification, and control_sample others drawn at random are measured exactly.
+    exhaustive: bool = False  # measure every probe exactly instead
+    verify_fraction: float = 0.5
+    verify_top: int = 10
+    control_sample: int = 3
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -32,7 +41,8 @@ class CheckupPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CheckupPlan":
-        return cls(**{**data, "modes": tuple(data["modes"])})
+        known = {f.name for f in fields(cls)}  # a file from an older version lacks newer fields
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "modes": tuple(data["modes"])})
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -42,6 +52,10 @@ class CheckupPlan:
             raise PlanError(f"Scan modes must be among {', '.join(MODES)} (got {', '.join(bad) or 'none'}).")
         if not self.modifications:
             raise PlanError("Choose at least one modification.")
+        if self.knowledge_on not in KNOWLEDGE_ON:
+            raise PlanError(f"Knowledge probes run on one of {', '.join(KNOWLEDGE_ON)} (got '{self.knowledge_on}').")
+        if self.verify_top < 0 or self.control_sample < 0 or not self.verify_fraction >= 0:
+            raise PlanError("How many probes to verify must be zero or more.")
         if not self.threshold > 0:
             raise PlanError("The bleeding threshold must be a positive number of nats.")
         for name in expand(self.modifications):

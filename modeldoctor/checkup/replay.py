@@ -88,17 +88,22 @@ class Replayer:
             for j in range(start, len(blocks)):
                 if keep_states:
                     states[j] = h
-                call = trace.calls[j]
-                if call.hidden_as_kwarg:
-                    out = blocks[j](*call.args, hidden_states=h, **call.kwargs)
-                else:
-                    out = blocks[j](h, *call.args, **call.kwargs)
-                h = out[0] if isinstance(out, tuple) else out
+                h = self.run_block(trace, j, h)
             states[len(blocks)] = h
             for module in self.anatomy.tail:
                 h = module(h)
             logits = self.anatomy.head(h if head_mask is None else h[head_mask])
         return Run(logits, states)
+
+    def run_block(self, trace: Trace, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `index` as it is now, on `hidden`, called with the arguments the trace recorded."""
+        block, call = self.anatomy.block_list[index], trace.calls[index]
+        with torch.inference_mode():
+            if call.hidden_as_kwarg:
+                out = block(*call.args, hidden_states=hidden, **call.kwargs)
+            else:
+                out = block(hidden, *call.args, **call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     def verify(self, trace: Trace, full_logits: torch.Tensor) -> None:
         """Replaying from block 0 must give the model's own logits, or probing is unsound."""

@@ -7,15 +7,20 @@ exactly after each probe, after an error and after a cancel.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import traceback
+from pathlib import Path
 from typing import Iterator
 
+import torch
+
+from modeldoctor.checkup.estimate import estimable, estimate_kl
 from modeldoctor.checkup.plan import CheckupPlan, build_probes
 from modeldoctor.checkup.verdict import findings, flag_outliers, judge
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
-from modeldoctor.errors import CancelledError, ModelDoctorError
+from modeldoctor.errors import CancelledError, ModelDoctorError, PlanError
 from modeldoctor.events import (
     Event, Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, ProbeStarted, Stage, run_to_end,
 )
@@ -103,8 +108,12 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     capture = carry.capture_block(spec) if carry and plan.prefix_cache else None
     captured: dict[str, list] = {"eval": [], "knowledge": []}
 
-    def hidden_for(kind: str, number: int):
-        return carried[1][kind][number] if carried is not None else None
+    def start_for(kind: str, number: int) -> tuple[int, torch.Tensor | None]:
+        """Where this batch's replay starts: the carried states if the previous step kept them
+        (it skips knowledge probes unless it bled), else the first modified block."""
+        if carried is not None and len(carried[1][kind]) > number:
+            return start, carried[1][kind][number]
+        return (spec.block if plan.prefix_cache else 0), None
 
     replayer = session.replayer
     want_attention = plan.attention and mod.family == "structure"
@@ -118,7 +127,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             control.checkpoint()
             trace = ref.traces[number]
             with token_mask(ctx, batch.attention_mask):  # padding stays out of per-sequence statistics
-                run = replayer.run_from(trace, start, hidden_for("eval", number))
+                run = replayer.run_from(trace, *start_for("eval", number))
             logits = run.logits if temperature == 1.0 else run.logits / temperature
             divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
                            batch.attention_mask)
@@ -127,7 +136,11 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                 captured["eval"].append(run.states[capture])
             del run
         metrics = divergence.summary()
-        if plan.knowledge and data.knowledge_batches:
+        # Knowledge probes cost as much as the text again: by default they are scored where the
+        # verdict is bleeding, to say what the damage does (plan.knowledge_on = "all": everywhere).
+        knowledge = plan.knowledge and data.knowledge_batches and (
+            plan.knowledge_on == "all" or judge(metrics, mod.family, plan.threshold)[0])
+        if knowledge:
             hits = []
             # A modified head sees every position, as deployed (int8 dynamic takes its range over
             # them all); an unmodified one need only run at the answer positions.
@@ -136,7 +149,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                 control.checkpoint()
                 mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions)
                 with token_mask(ctx, batch.attention_mask):
-                    run = replayer.run_from(ref.knowledge_traces[number], start, hidden_for("knowledge", number),
+                    run = replayer.run_from(ref.knowledge_traces[number], *start_for("knowledge", number),
                                             keep_states=capture is not None,
                                             head_mask=None if head_modified else mask)
                 answer_logits = run.logits[mask] if head_modified else run.logits
@@ -151,7 +164,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
             modified = attention_metrics.attention_maps(session.model, session.anatomy, ids)
             attention = attention_metrics.disruption(ref.attention, modified, session.anatomy.num_blocks)
-    if capture is not None:
+    if capture is not None:  # the knowledge states only if this step scored the knowledge probes
         carry.keep(spec, capture, captured)
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
@@ -164,12 +177,29 @@ def probe_key(spec: ProbeSpec) -> tuple:
     return (spec.modification, spec.targets)
 
 
-def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
-                control: RunControl | None = None) -> Iterator[Event]:
-    """Yield events while probing; the last event is always Finished (with the report)."""
+AUTOSAVE_SECONDS = 5.0  # a killed run loses at most this much work
+
+
+def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: RunControl | None = None,
+                resume: CheckupReport | None = None, autosave: Path | None = None) -> Iterator[Event]:
+    """Yield events while probing; the last event is always Finished (with the report, also
+    when cancelled: what was measured is kept). `resume`, an earlier report of the same plan
+    on the same model and data, supplies the probes it measured. With `autosave`, the report
+    so far is written there (checkup.json, atomically) every few seconds."""
     control = control or RunControl()
     began = time.monotonic()
     report = CheckupReport(model=session.summary.as_dict(), plan=plan.as_dict(), data=data.describe(), reference={})
+    records: dict[int, ProbeRecord] = {}  # by probe index: estimated first, measured when measured
+    saved_at = [time.monotonic()]
+
+    def save(status: str | None = None, force: bool = False) -> None:
+        report.probes = [records[i] for i in sorted(records)]
+        if status:
+            _finish(report, plan, status, began)
+        if autosave is not None and (force or time.monotonic() - saved_at[0] >= AUTOSAVE_SECONDS):
+            report.save(autosave)
+            saved_at[0] = time.monotonic()
+
     try:
         probes, skipped = build_probes(plan, session.anatomy)
         for note in data.notes:
@@ -180,30 +210,49 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
         # treated model's own states, so the reference is rebuilt for every weights_version.
         ref = session.current_reference(data, control)
         report.reference = dict(ref.figures)
+        report.reference["weights_digest"] = session.weights_digest()
         if treated:
             report.reference["model"] = "treated: " + "; ".join(t["summary"] for t in session.treatment.applied)
-        if any(create(p.modification).needs_input_norms for p in probes):
+        done_before = _resumable(resume, report) if resume is not None else {}
+        exact = [p for p in probes if plan.exhaustive or not _estimated_first(p)]
+        estimated = [p for p in probes if p not in exact]
+        if any(create(p.modification).needs_input_norms for p in exact):
             yield Stage("calibration", f"activation norms on {data.calibration_tokens} calibration tokens")
             session.input_norms(data, control)
-        if any(create(p.modification).needs_gradients for p in probes):
+        if any(create(p.modification).needs_gradients for p in exact):
             yield Stage("calibration", f"loss gradients on {data.calibration_tokens} calibration tokens")
             session.gradient_norms(data, control)
         yield PlanReady(tuple(probes), tuple(skipped))
         for note in skipped:
             yield LogMessage(note)
+        for spec in probes:  # what an earlier run measured stands
+            if probe_key(spec) in done_before:
+                records[spec.index] = dataclasses.replace(done_before[probe_key(spec)], spec=spec)
+                yield ProbeResult(records[spec.index])
+        if done_before:
+            yield LogMessage(f"Resumed: {len(records)} of {len(probes)} probes were measured by the earlier run.")
+        if estimated:
+            yield from _estimate(session, ref, data, plan, estimated, records, control)
+            verify = _to_verify(plan, estimated, records)
+            yield LogMessage(_verification_note(plan, estimated, verify))
+            exact = sorted(verify, key=lambda p: -records[p.index].score) + exact
+        exact = [p for p in exact if not (p.index in records and not records[p.index].estimated)]
+        save()
         firsts = {}
-        for spec in probes:
+        for spec in exact:
             firsts.setdefault(probe_key(spec), spec)
-        repeats = len(probes) - len(firsts)
+        repeats = len(exact) - len(firsts)
         if repeats:
             yield LogMessage(f"{repeats} probes measure the same as another one (e.g. a sweep point and the "
                              "isolated probe of the same block); each is measured once.")
-        carry = _CumulativeCarry(probes, session.anatomy, plan.prefix_cache)
-        costs = [_probe_cost(session, p, plan.prefix_cache) if firsts[probe_key(p)] is p else 0.0 for p in probes]
+        carry = _CumulativeCarry(exact, session.anatomy, plan.prefix_cache)
+        costs = [_probe_cost(session, p, plan.prefix_cache) if firsts[probe_key(p)] is p else 0.0 for p in exact]
         total_cost, done_cost = sum(costs), 0.0
         probe_began = time.monotonic()
         measured: dict[tuple, ProbeRecord] = {}
-        for spec, cost in zip(probes, costs):
+        if len(exact) < len(probes):  # estimated or resumed probes are done already
+            yield Progress(len(probes) - len(exact), len(probes), time.monotonic() - began, None)
+        for number, (spec, cost) in enumerate(zip(exact, costs), 1):
             control.checkpoint()
             yield ProbeStarted(spec)
             key = probe_key(spec)
@@ -211,26 +260,94 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData,
                 record = dataclasses.replace(measured[key], spec=spec, seconds=0.0)
             else:
                 record = measured[key] = measure(session, ref, data, plan, spec, control, carry)
-            report.probes.append(record)
+            if spec.index in records and records[spec.index].estimated:  # keep what stage 1 said
+                record = dataclasses.replace(
+                    record, metrics={**record.metrics, "kl_estimated": records[spec.index].score})
+            records[spec.index] = record
             yield ProbeResult(record)
             done_cost += cost
             elapsed = time.monotonic() - probe_began
             eta = elapsed / done_cost * (total_cost - done_cost) if done_cost else None
-            yield Progress(len(report.probes), len(probes), time.monotonic() - began, eta)
-        _finish(report, plan, "completed", began)
+            yield Progress(len(probes) - len(exact) + number, len(probes), time.monotonic() - began, eta)
+            save()
+        save("completed", force=True)
         yield Finished("completed", f"{len(report.probes)} probes, {report.findings['bleeding_count']} bleeding",
                        report)
     except CancelledError as exc:
-        _finish(report, plan, "cancelled", began)
+        save("cancelled", force=True)
         yield Finished("cancelled", str(exc), report)
     except ModelDoctorError as exc:
-        _finish(report, plan, "failed", began)
+        save("failed", force=True)
         yield Failed(str(exc))
         yield Finished("failed", str(exc), report)
     except Exception as exc:  # an engine bug must reach the user as a message, not kill the app
-        _finish(report, plan, "failed", began)
+        save("failed", force=True)
         yield Failed(f"Unexpected error during the checkup: {exc}", traceback.format_exc())
         yield Finished("failed", str(exc), report)
+
+
+def _estimated_first(spec: ProbeSpec) -> bool:
+    return spec.mode == "isolated" and estimable(create(spec.modification))
+
+
+def _estimate(session, ref, data, plan, estimated, records, control) -> Iterator[Event]:
+    """Stage 1: every estimable probe's estimate, as one ProbeResult each."""
+    wanted = [p for p in estimated if p.index not in records]
+    if not wanted:
+        return
+    yield Stage("estimate", f"{len(wanted)} probes at once, from one backward pass per batch "
+                            f"({data.eval_tokens} tokens)")
+    by_mod: dict[str, list[str]] = {}
+    for spec in wanted:
+        by_mod.setdefault(spec.modification, []).append(spec.targets[0])
+    began = time.monotonic()
+    figures = estimate_kl(session, ref, data, by_mod, control)
+    seconds = (time.monotonic() - began) / len(wanted)
+    for spec in wanted:
+        kl = figures[(spec.modification, spec.targets[0])]
+        bleeding, level, reason = judge({"kl_mean": kl}, spec.family, plan.threshold)
+        records[spec.index] = ProbeRecord(spec, {"kl_mean": kl}, bleeding, level, "estimated " + reason,
+                                          seconds=seconds, basis="estimated")
+        yield ProbeResult(records[spec.index])
+
+
+def _to_verify(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord]) -> list[ProbeSpec]:
+    """Stage 2's probes: per modification, those estimated at or above verify_fraction of the
+    threshold, at least the verify_top highest, and control_sample of the rest at random (so
+    the estimator's agreement is also checked where it says all is well)."""
+    import random
+
+    chosen: list[ProbeSpec] = []
+    groups: dict[str, list[ProbeSpec]] = {}
+    for spec in estimated:
+        groups.setdefault(spec.modification, []).append(spec)
+    picker = random.Random(0)
+    for name, specs in groups.items():
+        ranked = sorted(specs, key=lambda p: -records[p.index].score)
+        top = [p for i, p in enumerate(ranked)
+               if i < plan.verify_top or records[p.index].score >= plan.verify_fraction * plan.threshold]
+        rest = ranked[len(top):]
+        chosen += top + picker.sample(rest, min(plan.control_sample, len(rest)))
+    return chosen
+
+
+def _verification_note(plan: CheckupPlan, estimated: list[ProbeSpec], verify: list[ProbeSpec]) -> str:
+    return (f"Estimated {len(estimated)} probes; measuring {len(verify)} of them exactly: per modification, every "
+            f"one estimated at {plan.verify_fraction:g}× the threshold or more, at least the top {plan.verify_top}, "
+            f"and {plan.control_sample} others at random as a check. The others stay marked as estimated "
+            "(--exhaustive measures them all).")
+
+
+def _resumable(resume: CheckupReport, report: CheckupReport) -> dict[tuple, ProbeRecord]:
+    """The measured probes of `resume`, if it is a run of the same plan on the same weights and data."""
+    for what, theirs, ours in (("plan", resume.plan, report.plan), ("evaluation data", resume.data, report.data),
+                               ("model", resume.model, report.model)):
+        if json.loads(json.dumps(theirs)) != json.loads(json.dumps(ours)):
+            raise PlanError(f"The checkup to resume was run with a different {what}; start a new checkup instead.")
+    if resume.reference.get("weights_digest") != report.reference.get("weights_digest"):
+        raise PlanError("The checkup to resume was run on different weights (the model or its treatment changed); "
+                        "start a new checkup instead.")
+    return {probe_key(r.spec): r for r in resume.probes if not r.estimated}
 
 
 def _finish(report: CheckupReport, plan: CheckupPlan, status: str, began: float) -> None:

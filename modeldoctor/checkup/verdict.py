@@ -45,7 +45,8 @@ def flag_outliers(records: list[ProbeRecord], threshold: float, k: float) -> lis
     out = list(records)
     groups: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
-        if rec.spec.mode in ("isolated", "sweep-block") and rec.spec.family != "decoding":
+        # Estimates run low and are not measurements: only measured probes are judged as outliers.
+        if rec.spec.mode in ("isolated", "sweep-block") and rec.spec.family != "decoding" and not rec.estimated:
             groups.setdefault(f"{rec.spec.mode}|{rec.spec.modification}", []).append(i)
     for indices in groups.values():
         if len(indices) < 4:
@@ -88,6 +89,7 @@ def findings(records: list[ProbeRecord], threshold: float) -> dict:
     result["worst"] = [{"probe": r.spec.label, "kl_mean": r.score, "severity": r.severity}
                        for r in isolated if r.bleeding][:10]
     result["bleeding_count"] = sum(1 for r in records if r.bleeding and r.spec.mode == "isolated")
+    result["estimate"] = estimator_agreement(records)
     for rec in records:
         if rec.spec.mode == "cumulative" and rec.bleeding:
             result["cumulative"].setdefault(rec.spec.modification, {"crosses_at": rec.spec.step,
@@ -121,3 +123,41 @@ def sweep_groups(records: list[ProbeRecord], mode: str) -> dict[str, list[ProbeR
             group = create(rec.spec.modification).sweep_group or rec.spec.modification
             groups.setdefault(group, []).append(rec)
     return groups
+
+
+def estimator_agreement(records: list[ProbeRecord]) -> dict:
+    """Per modification of a two-stage checkup: how many probes were only estimated, how many
+    were verified, and on the verified ones the estimate's rank agreement with the measured KL
+    (Spearman) and its largest miss (the probe whose measured/estimated ratio is farthest from 1)."""
+    from modeldoctor.checkup.estimate import ESTIMATOR
+
+    out: dict = {}
+    for rec in records:
+        estimate = rec.metrics.get("kl_estimated")
+        if not rec.estimated and estimate is None:
+            continue
+        entry = out.setdefault(rec.spec.modification, {"estimated_only": 0, "pairs": []})
+        if rec.estimated:
+            entry["estimated_only"] += 1
+        else:
+            entry["pairs"].append((rec.spec.target, estimate, rec.score))
+    for entry in out.values():
+        pairs = entry.pop("pairs")
+        entry["verified"] = len(pairs)
+        entry["estimator"] = ESTIMATOR
+        if len(pairs) >= 3:
+            entry["spearman"] = spearman([p[1] for p in pairs], [p[2] for p in pairs])
+        if pairs:
+            target, estimate, measured = max(pairs, key=lambda p: abs(math.log(max(p[2], 1e-12) / max(p[1], 1e-12))))
+            entry["largest_miss"] = {"target": target, "estimated": estimate, "measured": measured,
+                                     "ratio": measured / estimate if estimate > 0 else float("inf")}
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (ties ranked by order of appearance)."""
+    ranks_a = np.argsort(np.argsort(np.asarray(a), kind="stable"), kind="stable")
+    ranks_b = np.argsort(np.argsort(np.asarray(b), kind="stable"), kind="stable")
+    if ranks_a.std() == 0 or ranks_b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])

@@ -58,6 +58,11 @@ class ProbeRecord:
     attention: dict[str, list[float]] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    basis: str = "measured"  # measured (an exact probe) | estimated (the first stage's estimate)
+
+    @property
+    def estimated(self) -> bool:
+        return self.basis == "estimated"
 
     @property
     def score(self) -> float:

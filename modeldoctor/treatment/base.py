@@ -251,7 +251,8 @@ class Job:
         if key not in self._measured:
             ref = self.session.reference(data, self.control)
             plan = CheckupPlan(modifications=[spec.modification], threshold=self.plan.threshold,
-                               knowledge=knowledge, attention=False, prefix_cache=prefix_cache)
+                               knowledge=knowledge, knowledge_on="all", attention=False,
+                               prefix_cache=prefix_cache)
             self._measured[key] = measure(self.session, ref, data, plan, spec, self.control, keep=keep,
                                           temperature=temperature)
         return self._measured[key]
