@@ -72,38 +72,90 @@ def _format_seconds(seconds: float | None) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+class _ProgressBar:
+    """A tqdm bar whose ETA is the engine's (probe costs by position, not a plain average)."""
+
+    def __init__(self, total: int, quiet: bool, unit: str = "probe") -> None:
+        from tqdm import tqdm
+
+        self.eta = "?"
+        owner = self
+
+        class Bar(tqdm):
+            @property
+            def format_dict(self):
+                return {**super().format_dict, "engine_eta": owner.eta}
+
+        self.bar = Bar(total=total, unit=unit, file=sys.stderr, disable=quiet,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, "
+                                  "{engine_eta} left]")
+
+    def update(self, done: int, eta_s: float | None) -> None:
+        self.eta = _format_seconds(eta_s)
+        self.bar.update(done - self.bar.n)
+
+    def describe(self, text: str) -> None:
+        self.bar.set_description(text[:40], refresh=False)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def cmd_checkup(args) -> int:
-    from tqdm import tqdm
+    import signal
 
     from modeldoctor.checkup.plan import CheckupPlan
     from modeldoctor.checkup.run import run_checkup
     from modeldoctor.control import RunControl
     from modeldoctor.data import DataSpec
     from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, Stage
+    from modeldoctor.report import CheckupReport
 
-    plan = CheckupPlan(
-        modifications=[m.strip() for m in args.modify.split(",") if m.strip()], scope=args.scope,
-        modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()), threshold=args.threshold,
-        knowledge=not args.no_knowledge, prefix_cache=not args.no_prefix_cache,
-        targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
-    )
+    resume = CheckupReport.load(Path(args.resume).expanduser()) if args.resume else None
+    if resume is not None:  # the plan and the text are the earlier run's
+        if "spec" not in resume.data:
+            raise ModelDoctorError(f"{args.resume} was saved by an older version and cannot be resumed.")
+        plan = CheckupPlan.from_dict(resume.plan)
+        spec = DataSpec(**resume.data["spec"])
+        print(f"Resuming the checkup in {args.resume}: {sum(not r.estimated for r in resume.probes)} probes "
+              "measured so far.", file=sys.stderr)
+    else:
+        plan = CheckupPlan(
+            modifications=[m.strip() for m in args.modify.split(",") if m.strip()], scope=args.scope,
+            modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()), threshold=args.threshold,
+            knowledge=not args.no_knowledge, knowledge_on=args.knowledge_on, prefix_cache=not args.no_prefix_cache,
+            targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
+            exhaustive=args.exhaustive, verify_top=args.verify_top,
+        )
+        source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
+        spec = DataSpec(source=source, tokens=args.tokens, seq_len=args.seq_len,
+                        calibration_tokens=args.calibration_tokens, selection_tokens=args.selection_tokens,
+                        knowledge=not args.no_knowledge, seed=args.seed,
+                        split="selection" if args.split == "selection" else "eval")
     plan.validate()  # fail on a bad plan before the slow model load
     session = _open_session(args)
-    source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
-    spec = DataSpec(source=source, tokens=args.tokens, seq_len=args.seq_len,
-                    calibration_tokens=args.calibration_tokens, selection_tokens=args.selection_tokens,
-                    knowledge=not args.no_knowledge, seed=args.seed)
     print(f"Preparing evaluation data ({spec.describe()}) …", file=sys.stderr)
-    data = session.data(spec)
-    if args.split == "selection":  # figures that will make choices (e.g. an export's fp32 list)
+    data = session.data(DataSpec(**{**spec.__dict__, "split": "eval"}))
+    if spec.split == "selection":  # figures that will make choices (e.g. an export's fp32 list)
         data = data.selection_view()
         data.require_selection("A checkup on the selection text")
         print(f"Measuring on the selection split ({data.eval_tokens} tokens), not the evaluation text.",
               file=sys.stderr)
+    out = Path(args.out if args.out else (args.resume or "checkup-results")).expanduser()
     control = RunControl()
     bar = None
     final = None
-    events = run_checkup(session, plan, data, control)
+
+    def first_interrupt(signum, frame):  # stop at the next checkpoint and keep what was measured
+        control.cancel()
+        print("\nCancelling after the current step (Ctrl+C again to stop at once) …", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first_interrupt)
+    events = run_checkup(session, plan, data, control, resume=resume, autosave=out)
     try:
         for event in events:
             if isinstance(event, Stage):
@@ -111,14 +163,11 @@ def cmd_checkup(args) -> int:
             elif isinstance(event, LogMessage):
                 print(("warning: " if event.level == "warning" else "") + event.message, file=sys.stderr)
             elif isinstance(event, PlanReady):
-                bar = tqdm(total=len(event.probes), unit="probe", file=sys.stderr, disable=args.quiet,
-                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{postfix}]")
-                bar.set_postfix_str("?", refresh=False)
+                bar = _ProgressBar(len(event.probes), args.quiet)
             elif isinstance(event, ProbeResult) and bar is not None:
-                bar.set_description(event.record.spec.label[:40], refresh=False)
+                bar.describe(event.record.spec.label)
             elif isinstance(event, Progress) and bar is not None:
-                bar.set_postfix_str(_format_seconds(event.eta_s), refresh=False)
-                bar.update(event.done - bar.n)
+                bar.update(event.done, event.eta_s)
             elif isinstance(event, Failed):
                 if bar is not None:
                     bar.close()
@@ -127,20 +176,24 @@ def cmd_checkup(args) -> int:
                 raise ModelDoctorError(event.message)
             elif isinstance(event, Finished):
                 final = event
-    except KeyboardInterrupt:
-        control.cancel()
+    except KeyboardInterrupt:  # the second Ctrl+C: the autosaved progress is what remains
         events.close()  # unwinds the probe's context managers: the model is restored
         if bar is not None:
             bar.close()
-        print("Cancelled; nothing was saved.", file=sys.stderr)
+        print(f"Stopped. The progress saved last is in {out} (resume with --resume {out}).", file=sys.stderr)
         return EXIT_CANCELLED
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if bar is not None:
         bar.close()
     report = final.report
-    out = Path(args.out).expanduser()
     path = report.save(out)
     print_report(report, args.top)
     print(f"\nSaved {path} and {path.with_suffix('.csv').name} ({report.status}, {report.elapsed_s:.0f} s).")
+    if report.status == "cancelled":
+        print(f"Cancelled: {sum(not r.estimated for r in report.probes)} measured probes kept; continue with "
+              f"modeldoctor checkup {args.model} --resume {out}", file=sys.stderr)
+        return EXIT_CANCELLED
     return 0
 
 
@@ -156,16 +209,25 @@ def print_report(report, top: int = 15) -> None:
     bleeding = [p for p in ranked if p.bleeding]
     print(f"\n{len(bleeding)} of {len(ranked)} isolated probes bleed (mean KL > {threshold:g} nats, or outliers).")
     if ranked:
-        header = f"{'#':>3}  {'probe':<34} {'KL mean ± se':>18} {'KL p99':>8} {'same top':>8} {'ppl ×':>7} {'knowl.':>7}  verdict"
+        header = (f"{'#':>3}  {'probe':<34} {'KL mean ± se':>18} {'KL p99':>8} {'same top':>8} {'ppl ×':>7} "
+                  f"{'knowl.':>7}  verdict")
         print(header)
         print("-" * len(header))
         for rank, probe in enumerate(ranked[:top], 1):
             m = probe.metrics
             knowl = m.get("knowledge_accuracy")
+            verdict = probe.severity if probe.bleeding else "healthy"
+            if probe.estimated:  # only the first stage's figure: no spread, no other statistics
+                print(f"{rank:>3}  {probe.spec.label[:34]:<34} {m['kl_mean']:>9.4f} estimated {'-':>8} {'-':>8} "
+                      f"{'-':>7} {'-':>7}  {verdict} (estimated)")
+                continue
             print(f"{rank:>3}  {probe.spec.label[:34]:<34} {m['kl_mean']:>9.4f} ± {m['kl_stderr']:<6.4f} "
                   f"{m['kl_p99']:>8.3f} {m['same_top']:>8.1%} {m['ppl_ratio']:>7.3f} "
-                  f"{(f'{knowl:.0%}' if knowl is not None else '-'):>7}  "
-                  f"{probe.severity if probe.bleeding else 'healthy'}")
+                  f"{(f'{knowl:.0%}' if knowl is not None else '-'):>7}  {verdict}")
+    from modeldoctor.checkup.diagnosis import estimate_summary
+
+    for line in estimate_summary(report):
+        print("\n" + line)
     from modeldoctor.checkup.diagnosis import prefill_vs_decode
 
     call_shapes = prefill_vs_decode(report)
@@ -243,8 +305,6 @@ def cmd_treatments(args) -> int:
 
 
 def cmd_treat(args) -> int:
-    from tqdm import tqdm
-
     from modeldoctor.control import RunControl
     from modeldoctor.data import DataSpec
     from modeldoctor.events import Failed, Finished, Progress, Stage, TreatmentResult
@@ -281,22 +341,19 @@ def cmd_treat(args) -> int:
                     seed=args.seed)
     data = session.data(spec)
     control = RunControl()
-    bar = tqdm(total=1, unit="pass", file=sys.stderr, disable=args.quiet,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{postfix}]")
-    bar.set_postfix_str("?", refresh=False)
+    bar = _ProgressBar(1, args.quiet, unit="pass")
     final = None
     events = run_treatments(session, plan, data, control)
     try:
         for event in events:
             if isinstance(event, Stage):
-                bar.set_description(event.name[:30], refresh=False)
-                bar.write(f"{event.name}: {event.detail}", file=sys.stderr)
+                bar.describe(event.name)
+                bar.write(f"{event.name}: {event.detail}")
             elif isinstance(event, Progress):
-                bar.total = event.total
-                bar.set_postfix_str(_format_seconds(event.eta_s), refresh=False)
-                bar.update(event.done - bar.n)
+                bar.bar.total = event.total
+                bar.update(event.done, event.eta_s)
             elif isinstance(event, TreatmentResult):
-                bar.write(f"  {event.outcome.verdict}", file=sys.stderr)
+                bar.write(f"  {event.outcome.verdict}")
             elif isinstance(event, Failed):
                 bar.close()
                 if event.details:
@@ -463,7 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", action="store_true", help="rerun every block for every probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=15, help="rows in the ranked table")
-    p.add_argument("--out", default="checkup-results", help="folder for checkup.json and checkup.csv")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="measure every probe exactly (default: estimate the isolated quantization probes all at "
+                        "once, then measure the top of each and a random control exactly)")
+    p.add_argument("--verify-top", type=int, default=10,
+                   help="two stages: at least this many highest estimates per modification are measured exactly")
+    p.add_argument("--knowledge-on", choices=("bleeding", "all"), default="bleeding",
+                   help="score the knowledge probes on bleeding probes only (default) or on every probe")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue a cancelled or interrupted checkup saved in DIR (its plan and text; done probes "
+                        "are kept)")
+    p.add_argument("--out", help="folder for checkup.json and checkup.csv, saved as the run goes "
+                                 "(default: checkup-results, or the --resume folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_checkup)
     return parser

@@ -52,3 +52,49 @@ def test_modifications_listing(capsys):
     assert main(["modifications"]) == 0
     out = capsys.readouterr().out
     assert "int8-dynamic" in out and "prune-wanda-50" in out and "bits-sweep" in out
+
+
+def test_ctrl_c_keeps_the_measured_probes_and_resume_finishes(llama_dir, tmp_path, capsys, monkeypatch):
+    """The first Ctrl+C stops at the next checkpoint: the report is saved as cancelled with what
+    was measured, and --resume continues from it without measuring those probes again."""
+    import signal
+
+    from modeldoctor.checkup import run as checkup_run
+
+    original = checkup_run.measure
+    calls, interrupted = [], []
+
+    def measure_then_interrupt(*args, **kwargs):
+        calls.append(args[4].label)
+        record = original(*args, **kwargs)
+        if len(calls) == 2 and not interrupted:
+            interrupted.append(True)
+            signal.raise_signal(signal.SIGINT)  # what Ctrl+C sends
+        return record
+
+    monkeypatch.setattr(checkup_run, "measure", measure_then_interrupt)
+    out = tmp_path / "res"
+    args = ["checkup", str(llama_dir), "--modify", "int4,remove", "--tokens", "128", "--seq-len", "64",
+            "--out", str(out), "--exhaustive"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Cancelling after the current step" in err and f"--resume {out}" in err
+    saved = json.loads((out / "checkup.json").read_text())
+    assert saved["status"] == "cancelled" and len(saved["probes"]) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+    calls.clear()
+    assert main(["checkup", str(llama_dir), "--resume", str(out), "--quiet"]) == 0
+    assert len(calls) == 4  # the other four probes only
+    resumed = json.loads((out / "checkup.json").read_text())
+    assert resumed["status"] == "completed" and len(resumed["probes"]) == 6
+
+
+def test_progress_bar_shows_the_engines_eta(capsys):
+    from modeldoctor.cli import _ProgressBar
+
+    bar = _ProgressBar(10, quiet=False)
+    bar.update(4, 75.0)
+    bar.close()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "4/10" in line and "1:15 left" in line and "<," not in line

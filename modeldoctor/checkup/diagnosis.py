@@ -162,3 +162,19 @@ def _prefill_vs_decode_finding(report: CheckupReport, named: int = 3) -> Finding
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
+
+
+def estimate_summary(report) -> list[str]:
+    """One sentence per modification of a two-stage checkup: how much was only estimated, and
+    how well the estimate agreed with the exact figures where both exist."""
+    lines = []
+    for name, agreement in report.findings.get("estimate", {}).items():
+        line = (f"{name}: {agreement['verified']} probes measured exactly, {agreement['estimated_only']} "
+                "estimated only")
+        if agreement.get("spearman") is not None:
+            miss = agreement["largest_miss"]
+            line += (f"; on the measured ones the estimate ranks with Spearman {agreement['spearman']:.2f}, "
+                     f"largest miss {miss['target']} (estimated {miss['estimated']:.4f}, measured "
+                     f"{miss['measured']:.4f})")
+        lines.append(line + ".")
+    return lines

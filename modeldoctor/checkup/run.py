@@ -264,12 +264,12 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
                 record = dataclasses.replace(
                     record, metrics={**record.metrics, "kl_estimated": records[spec.index].score})
             records[spec.index] = record
+            save()
             yield ProbeResult(record)
             done_cost += cost
             elapsed = time.monotonic() - probe_began
             eta = elapsed / done_cost * (total_cost - done_cost) if done_cost else None
             yield Progress(len(probes) - len(exact) + number, len(probes), time.monotonic() - began, eta)
-            save()
         save("completed", force=True)
         yield Finished("completed", f"{len(report.probes)} probes, {report.findings['bleeding_count']} bleeding",
                        report)
@@ -288,6 +288,21 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
 
 def _estimated_first(spec: ProbeSpec) -> bool:
     return spec.mode == "isolated" and estimable(create(spec.modification))
+
+
+def fewest_exact_probes(plan: CheckupPlan, probes: list[ProbeSpec]) -> int:
+    """How many probes a run of `plan` measures exactly at the least (before the estimates say
+    how many come near the threshold): for the time estimate shown before a run."""
+    if plan.exhaustive:
+        return len(probes)
+    per_mod: dict[str, int] = {}
+    exact = 0
+    for spec in probes:
+        if _estimated_first(spec):
+            per_mod[spec.modification] = per_mod.get(spec.modification, 0) + 1
+        else:
+            exact += 1
+    return exact + sum(min(n, plan.verify_top + plan.control_sample) for n in per_mod.values())
 
 
 def _estimate(session, ref, data, plan, estimated, records, control) -> Iterator[Event]:
@@ -357,9 +372,10 @@ def _finish(report: CheckupReport, plan: CheckupPlan, status: str, began: float)
     report.elapsed_s = time.monotonic() - began
 
 
-def checkup(session: Session, plan: CheckupPlan, data: EvalData, control: RunControl | None = None) -> CheckupReport:
+def checkup(session: Session, plan: CheckupPlan, data: EvalData, control: RunControl | None = None,
+            resume: CheckupReport | None = None) -> CheckupReport:
     """Run to the end and return the report; raises on failure or cancel."""
-    return run_to_end(run_checkup(session, plan, data, control))
+    return run_to_end(run_checkup(session, plan, data, control, resume))
 
 
 def sample_continuations(session: Session, spec: ProbeSpec, data: EvalData | None = None, prompts: int = 3,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -123,6 +123,7 @@ class EvalData:
             "eval_tokens": self.eval_tokens, "calibration_tokens": self.calibration_tokens,
             "selection_tokens": self.selection_tokens,
             "knowledge_probes": len(self.knowledge_probes), "notes": list(self.notes),
+            "spec": asdict(self.spec),  # enough to rebuild the same data (resuming a checkup)
         }
 
 

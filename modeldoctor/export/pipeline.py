@@ -119,6 +119,10 @@ def choose_exclusions(session: Session, report: CheckupReport | None, precision:
     notes.append(f"From the checkup's {modification} probes: {len(bleeding)} bleeding and "
                  f"{len(chosen) - len(set(bleeding) | set(free))} more to fit the budget; predicted KL of the rest "
                  f"{remaining:.4f}.")
+    guessed = sum(1 for p in report.probes if p.spec.modification == modification and p.estimated)
+    if guessed:
+        notes.append(f"{guessed} of those figures are first-stage estimates, which run low (up to about 2× on the "
+                     "sample), so the predicted KL is optimistic; an exhaustive checkup makes it exact.")
     return list(dict.fromkeys(n for t in chosen for n in target_linears(session.anatomy, t))), notes
 
 

@@ -88,6 +88,7 @@ class MainWindow(QMainWindow):
         self.plan_page.startRequested.connect(self.start_checkup)
         self.run_page.pauseToggled.connect(self._pause)
         self.run_page.cancelRequested.connect(self.cancel_job)
+        self.run_page.resumeRequested.connect(self.resume_checkup)
         self.run_page.probeClicked.connect(self.show_probe)
         self.diagnosis_page.saveRequested.connect(self.save_session)
         self.diagnosis_page.htmlRequested.connect(self.export_html)
@@ -291,16 +292,27 @@ class MainWindow(QMainWindow):
         except ModelDoctorError as exc:
             self.plan_page.show_summary(None, None, str(exc))
             return
+        from modeldoctor.checkup.run import fewest_exact_probes
+
+        measured = fewest_exact_probes(plan, probes)
         per_probe = self.state.estimate_probe_seconds()
-        seconds = None if per_probe is None else len(probes) * per_probe + (self.state.estimate_reference_seconds() or 0)
-        self.plan_page.show_summary(len(probes), seconds)
+        seconds = None if per_probe is None else measured * per_probe + (self.state.estimate_reference_seconds() or 0)
+        self.plan_page.show_summary(len(probes), seconds, measured=measured)
         self.update_steps()
 
-    def start_checkup(self, plan: CheckupPlan | None = None) -> None:
+    def resume_checkup(self) -> None:
+        """Continue the cancelled checkup on screen with its own plan and text."""
+        report = self.state.report
+        if report is None or report.status != "cancelled" or self.state.plan is None:
+            return
+        self.start_checkup(self.state.plan, resume=report, spec=self.state.data_spec)
+
+    def start_checkup(self, plan: CheckupPlan | None = None, resume: CheckupReport | None = None,
+                      spec=None) -> None:
         if self.state.session is None or self._busy_refuse():
             return
         plan = plan if isinstance(plan, CheckupPlan) else self.plan_page.plan()  # a QAction passes a bool
-        spec = self.data_page.spec()
+        spec = spec or self.data_page.spec()
         try:
             plan.validate()
             probes, _ = build_probes(plan, self.state.session.anatomy)
@@ -324,7 +336,7 @@ class MainWindow(QMainWindow):
 
             yield Stage("data", spec.describe())
             data = session.data(spec)
-            yield from run_checkup(session, plan, data, control)
+            yield from run_checkup(session, plan, data, control, resume=resume)
         self.runner.start(work)
         self.update_steps()
         self.go(3)
@@ -335,8 +347,9 @@ class MainWindow(QMainWindow):
         (the Export page asks for the format its export writes)."""
         from dataclasses import replace
 
+        # Exhaustive: the export's predicted KL adds every linear's figure, so each must be measured.
         self.start_checkup(replace(self.plan_page.plan(), modifications=[modification], scope="linears",
-                                   modes=("isolated",), targets=None))
+                                   modes=("isolated",), targets=None, exhaustive=True))
 
     def _pause(self, paused: bool) -> None:
         if paused:
@@ -399,8 +412,12 @@ class MainWindow(QMainWindow):
                 self._set_report(report)
                 self.statusBar().showMessage(f"Checkup complete: {event.message}.")
             else:
-                self.statusBar().showMessage("Checkup cancelled; the model was restored.")
-                page.append_log("cancelled: the model was restored exactly")
+                kept = sum(not p.estimated for p in report.probes) if report else 0
+                if report is not None and report.probes:  # partial, but real: shown, savable, resumable
+                    self._set_report(report)
+                self.statusBar().showMessage(f"Checkup cancelled; the model was restored. {kept} measured probes are "
+                                             "kept as a partial checkup: Resume continues it, File ▸ Save keeps it.")
+                page.append_log(f"cancelled: the model was restored exactly; {kept} measured probes kept")
 
     def _failed(self, event: Failed) -> None:
         if self.job_kind == "export":

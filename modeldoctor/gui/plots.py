@@ -76,8 +76,12 @@ class BleedingBarChart(pg.PlotWidget):
     def update_bars(self, bars: Bars, total: int | None = None) -> None:
         self.current = bars
         x = np.arange(len(bars.values), dtype=float)
-        self.bars.setOpts(x=x, height=bars.heights(), width=0.8,
-                          brushes=[pg.mkBrush(*c) for c in bars.colors()], pen=pg.mkPen(None), pens=None)
+        # An estimate is drawn pale with an outline in its colour; a measurement solid.
+        brushes = [pg.mkBrush(*c, 70 if guess else 255) for c, guess in zip(bars.colors(), bars.estimated)]
+        pens = [pg.mkPen(c, width=1.5, style=Qt.PenStyle.DashLine) if guess else pg.mkPen(None)
+                for c, guess in zip(bars.colors(), bars.estimated)]
+        self.bars.setOpts(x=x, height=bars.heights(), width=0.8, brushes=brushes, pen=pg.mkPen(None),
+                          pens=pens or None)  # pyqtgraph fails on an empty list of pens
         self.bottom.set_labels(bars.labels)
         worst = bars.worst(len(self.labels))
         for slot, label in enumerate(self.labels):

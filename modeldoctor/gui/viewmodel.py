@@ -32,6 +32,7 @@ class Bars:
     values: list[float] = field(default_factory=list)  # mean KL
     severities: list[str] = field(default_factory=list)
     records: list[ProbeRecord] = field(default_factory=list)
+    estimated: list[bool] = field(default_factory=list)  # drawn pale and outlined until measured
 
     def heights(self) -> np.ndarray:
         return np.array([log_kl(v) - math.log10(KL_FLOOR) for v in self.values])
@@ -61,7 +62,12 @@ class CheckupViewModel:
         self.version += 1
 
     def add(self, record: ProbeRecord) -> None:
-        self.records.append(record)
+        """A new probe's record, or the measured record of a probe shown as estimated so far."""
+        same = next((i for i, r in enumerate(self.records) if r.spec == record.spec), None)
+        if same is None:
+            self.records.append(record)
+        else:
+            self.records[same] = record
         if self.selected is None and record.spec.mode == "isolated":
             self.selected = record.spec.modification
         self.version += 1
@@ -89,7 +95,13 @@ class CheckupViewModel:
                 bars.values.append(rec.score)
                 bars.severities.append(rec.severity if rec.bleeding else "healthy")
                 bars.records.append(rec)
+                bars.estimated.append(rec.estimated)
         return bars
+
+    def estimated_count(self) -> tuple[int, int]:
+        """(estimated only, all) isolated probes of the selected modification."""
+        mine = [r for r in self.records if r.spec.mode == "isolated" and r.spec.modification == self.selected]
+        return sum(r.estimated for r in mine), len(mine)
 
     def heatmap(self) -> tuple[np.ndarray, list[str], list[str]]:
         """(matrix of log10 KL, row labels, column labels); NaN where not probed.

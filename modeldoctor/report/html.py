@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from modeldoctor.checkup.diagnosis import diagnose
+from modeldoctor.checkup.diagnosis import diagnose, estimate_summary
 from modeldoctor.report.results import CheckupReport, _atomic_write
 
 SEVERITY_COLORS = {"healthy": "#3a9d5d", "mild": "#e0b13a", "moderate": "#e07b39", "severe": "#c8373b"}
@@ -37,6 +37,8 @@ def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -
              f"reference perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
              + (f", knowledge probes {ref['knowledge_accuracy']:.1%}" if ref.get("knowledge_accuracy") is not None
                 else "") + f"<br>Every figure is on {html.escape(report.measured_on())}.</p>", "<h2>Diagnosis</h2>"]
+    for line in estimate_summary(report):
+        parts.append(f"<p><i>{html.escape(line)}</i></p>")
     for finding in diagnose(report):
         parts.append(f"<div class='finding' style='border-color:{SEVERITY_COLORS[finding.severity]}'>"
                      f"<b>{html.escape(finding.title)}</b> {_badge(finding.severity)}<br>{html.escape(finding.text)}"
@@ -51,7 +53,8 @@ def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -
                  "<th>same top</th><th>ppl ratio</th><th>knowledge</th><th>verdict</th></tr>")
     for probe in sorted(report.probes, key=lambda p: p.score, reverse=True):
         m = probe.metrics
-        cells = [html.escape(probe.spec.label), probe.spec.mode] + [
+        mode = probe.spec.mode + (" (estimated)" if probe.estimated else "")
+        cells = [html.escape(probe.spec.label), mode] + [
             f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "–"
             for k in ("kl_mean", "kl_stderr", "kl_p99")] + [
             f"{m[k]:.1%}" if isinstance(m.get(k), (int, float)) else "–" for k in ("same_top",)] + [

@@ -7,7 +7,7 @@ import html
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QTextBrowser, QVBoxLayout, QWidget
 
-from modeldoctor.checkup.diagnosis import diagnose
+from modeldoctor.checkup.diagnosis import diagnose, estimate_summary
 from modeldoctor.report.html import SEVERITY_COLORS
 
 
@@ -42,6 +42,8 @@ class DiagnosisPage(QWidget):
                  + (f", knowledge probes <b>{knowledge:.1%}</b>" if knowledge is not None else "")
                  + f". {len(report.probes)} probes, {report.status}. Figures on "
                  f"{html.escape(report.measured_on())}.</p>"]
+        for line in estimate_summary(report):
+            parts.append(f"<p><i>{html.escape(line)}</i></p>")
         for finding in diagnose(report):
             color = SEVERITY_COLORS[finding.severity]
             parts.append(f"<h3 style='color:{color}'>{html.escape(finding.title)}</h3>"

@@ -127,6 +127,12 @@ class PlanPage(QWidget):
         self.threshold.setValue(0.01)
         self.threshold.setSuffix(" nats")
         f.addRow("Bleeding above mean KL:", self.threshold)
+        self.exhaustive = QCheckBox("measure every probe exactly (slower)")
+        self.exhaustive.setToolTip(
+            "Off: quantization probes are first estimated all at once from one backward pass, then the highest "
+            "estimates of each modification and a few at random are measured exactly. On: every probe is "
+            "measured exactly.")
+        f.addRow("Exactness:", self.exhaustive)
         grid.addWidget(scan, 2, 0, 1, 2)
 
         bottom = QHBoxLayout()
@@ -188,15 +194,19 @@ class PlanPage(QWidget):
                                        ("sweep", self.sweep)) if box.isChecked())
         return CheckupPlan(modifications=self.modifications(),
                            scope="linears" if self.scope_linears.isChecked() else "blocks",
-                           modes=modes, threshold=self.threshold.value())
+                           modes=modes, threshold=self.threshold.value(), exhaustive=self.exhaustive.isChecked())
 
-    def show_summary(self, probes: int | None, seconds: float | None, problem: str = "") -> None:
+    def show_summary(self, probes: int | None, seconds: float | None, problem: str = "",
+                     measured: int | None = None) -> None:
         if problem:
             self.summary.setText(f"<span style='color:#c8373b'>{problem}</span>")
             self.start.setEnabled(False)
             return
         self.start.setEnabled(True)
         text = f"{probes} probes"
+        if measured is not None and measured < probes:
+            text += (f", {probes - measured} of them estimated first and at least {measured} measured exactly "
+                     "(more if many estimates come near the threshold)")
         if seconds is not None:
             text += f", about {format_duration(seconds)} on this computer"
         self.summary.setText(text + ".")

@@ -21,6 +21,7 @@ REDRAW_MS = 33
 class RunPage(QWidget):
     pauseToggled = Signal(bool)
     cancelRequested = Signal()
+    resumeRequested = Signal()  # continue a cancelled checkup, keeping its measured probes
     probeClicked = Signal(object)  # ProbeRecord
 
     def __init__(self, parent=None) -> None:
@@ -36,12 +37,16 @@ class RunPage(QWidget):
         self.pause = QPushButton("Pause")
         self.pause.setCheckable(True)
         self.cancel = QPushButton("Cancel")
+        self.resume = QPushButton("Resume checkup")
+        self.resume.setToolTip("Continue the cancelled checkup: the probes it measured are kept, not run again.")
+        self.resume.hide()
         for widget in (self.pause, self.cancel):
             widget.setEnabled(False)
         top.addWidget(self.progress, 1)
         top.addWidget(self.eta)
         top.addWidget(self.pause)
         top.addWidget(self.cancel)
+        top.addWidget(self.resume)
         layout.addLayout(top)
 
         splitter = QSplitter(Qt.Orientation.Vertical)
@@ -55,6 +60,10 @@ class RunPage(QWidget):
         chooser.addWidget(self.modification, 1)
         chooser.addWidget(QLabel("(click a bar for details)"))
         bar_layout.addLayout(chooser)
+        self.basis_note = QLabel()  # which bars are estimates and which are measurements
+        self.basis_note.setWordWrap(True)
+        self.basis_note.hide()
+        bar_layout.addWidget(self.basis_note)
         self.bars = BleedingBarChart()
         bar_layout.addWidget(self.bars)
         upper.addWidget(bar_panel)
@@ -81,6 +90,7 @@ class RunPage(QWidget):
         self.timer.timeout.connect(self.redraw)
         self.pause.toggled.connect(self._pause_toggled)
         self.cancel.clicked.connect(self.cancelRequested)
+        self.resume.clicked.connect(self.resumeRequested)
         self.modification.currentTextChanged.connect(self._select)
         self.bars.barClicked.connect(self._bar_clicked)
 
@@ -98,6 +108,7 @@ class RunPage(QWidget):
         self.pause.setChecked(False)
         self.pause.setEnabled(True)
         self.cancel.setEnabled(True)
+        self.resume.hide()
         self._began = time.monotonic()
         self.timer.start()
 
@@ -122,6 +133,11 @@ class RunPage(QWidget):
         self.pause.setChecked(False)
         elapsed = time.monotonic() - getattr(self, "_began", time.monotonic())
         self.eta.setText(f"{reason} in {format_duration(elapsed)}")
+        kept = [r for r in (records or []) if not r.estimated]
+        self.resume.setVisible(reason == "cancelled" and bool(records))
+        if reason == "cancelled" and records:
+            self.eta.setText(f"cancelled after {format_duration(elapsed)}: {len(kept)} measured probes kept "
+                             "(partial)")
 
     def show_report(self, report) -> None:
         """Redraw everything from a finished (or reopened) report without running anything."""
@@ -158,6 +174,12 @@ class RunPage(QWidget):
                 self.modification.setCurrentText(self.model.selected)
             self.modification.blockSignals(False)
         bars = self.model.bars()
+        guessed, shown = self.model.estimated_count()
+        self.basis_note.setVisible(guessed > 0)
+        self.basis_note.setText(
+            f"{guessed} of {shown} bars are estimates (pale, dashed outline: a second-order estimate from one "
+            f"backward pass); solid bars are measured exactly. The highest estimates and a random few are "
+            f"measured next and replace their estimates.")
         expected = sum(1 for _ in bars.values)
         self.bars.update_bars(bars, total=max(expected, self._expected_bars()))
         self.heatmap.update_matrix(*self.model.heatmap())

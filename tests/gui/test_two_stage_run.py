@@ -1,0 +1,62 @@
+"""The run page during a two-stage checkup, and a cancelled checkup kept and resumed."""
+
+from modeldoctor.checkup.plan import CheckupPlan
+from modeldoctor.report.results import ProbeRecord, ProbeSpec
+from tests.gui.conftest import load
+
+
+def _record(index, target, kl, basis):
+    spec = ProbeSpec(index, "int3-g32", "quantize", "isolated", (target,), 0)
+    return ProbeRecord(spec, {"kl_mean": kl}, False, "healthy", "", basis=basis)
+
+
+def test_estimated_bars_are_pale_until_their_measurement_replaces_them(qtbot, window, screenshots):
+    page = window.run_page
+    page.begin(0.01)
+    page.add_record(_record(0, "0.mlp.up_proj", 0.004, "estimated"))
+    page.add_record(_record(1, "0.mlp.down_proj", 0.002, "estimated"))
+    page.redraw()
+    alphas = [b.color().alpha() for b in page.bars.bars.opts["brushes"]]
+    assert alphas[0] < 255 and alphas[1] < 255
+    assert not page.basis_note.isHidden() and "2 of 2 bars are estimates" in page.basis_note.text()
+    page.add_record(_record(0, "0.mlp.up_proj", 0.006, "measured"))
+    page.redraw()
+    assert page.bars.current.values == [0.006, 0.002]  # replaced in place, not added
+    alphas = [b.color().alpha() for b in page.bars.bars.opts["brushes"]]
+    assert alphas[0] == 255 and alphas[1] < 255
+    assert "1 of 2 bars are estimates" in page.basis_note.text()
+    page.grab().save(str(screenshots / "tiny-run-estimated.png"))
+    page.end("completed")
+
+
+def test_cancelled_checkup_is_kept_and_resumed(qtbot, window, llama_dir, monkeypatch):
+    from modeldoctor.checkup import run as checkup_run
+
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(2)
+    original = checkup_run.measure
+    measured = []
+
+    def slow_measure(*args, **kwargs):
+        measured.append(args[4].label)
+        record = original(*args, **kwargs)
+        if len(measured) == 2 and not getattr(slow_measure, "cancelled", False):
+            slow_measure.cancelled = True
+            window.runner.control.cancel()  # what the Cancel button does, between two probes
+        return record
+
+    monkeypatch.setattr(checkup_run, "measure", slow_measure)
+    plan = CheckupPlan(modifications=["int4", "remove"], knowledge=False, exhaustive=True)
+    window.start_checkup(plan)
+    qtbot.waitUntil(lambda: window.state.report is not None and not window.runner.busy, timeout=60000)
+    report = window.state.report
+    assert report.status == "cancelled" and len(report.probes) == 2
+    assert not window.run_page.resume.isHidden() and "2 measured probes kept" in window.run_page.eta.text()
+    assert window.steps.item(4).flags()  # the diagnosis of the partial checkup can be opened
+    assert "kept as a partial checkup" in window.statusBar().currentMessage()
+    measured.clear()
+    window.run_page.resume.click()
+    qtbot.waitUntil(lambda: window.state.report is not None and window.state.report.status == "completed"
+                    and not window.runner.busy, timeout=60000)
+    assert len(window.state.report.probes) == 6 and len(measured) == 4
+    assert window.run_page.resume.isHidden()
