@@ -29,7 +29,8 @@ def _open_session(args):
 
     path = _model_path(args.model)
     print(f"Loading {path} …", file=sys.stderr)
-    return Session.open(path, allow_pickle=args.allow_pickle)
+    return Session.open(path, allow_pickle=args.allow_pickle, dtype=getattr(args, "dtype", "auto"),
+                        device=getattr(args, "device", "auto"))
 
 
 def cmd_app(args) -> int:
@@ -502,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_modifications)
     p = sub.add_parser("checkup", help="probe the model layer by layer and rank the bleeding layers")
     model_args(p)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="what the model runs in (auto: float32 on the CPU, bfloat16 on a GPU); log-softmax and KL "
+                        "are computed in float32 either way")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="where the model runs (auto: a GPU if PyTorch sees one, else the CPU)")
     p.add_argument("--modify", default="int8-dynamic,int4,prune-wanda-50,remove",
                    help="comma-separated modifications (see 'modeldoctor modifications')")
     p.add_argument("--scope", choices=("blocks", "linears"), default="blocks")

@@ -29,6 +29,12 @@ from modeldoctor.treatment.save import read_treatment_card
 from modeldoctor.treatment.state import TreatmentState
 
 
+class _Snapshot(dict):
+    """Parameter name -> saved tensor, holding on to the folder its tensors live in."""
+
+    spill = None
+
+
 GRADIENT_CHUNK = 64  # tokens per gradient sample for gradient-aware pruning
 
 
@@ -68,13 +74,24 @@ class Session:
             self.treatment.inherit(card)
 
     @classmethod
-    def open(cls, path: str | Path, allow_pickle: bool = False) -> "Session":
-        return cls(load_model(path, allow_pickle=allow_pickle))
+    def open(cls, path: str | Path, allow_pickle: bool = False, dtype: str = "auto",
+             device: str = "auto") -> "Session":
+        return cls(load_model(path, allow_pickle=allow_pickle, dtype=dtype, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     # ---- data and reference --------------------------------------------------------------
     def data(self, spec: DataSpec) -> EvalData:
         if spec not in self._data:
-            self._data[spec] = build_data(self.model, self.tokenizer, spec)
+            data = build_data(self.model, self.tokenizer, spec)
+            if self.device.type != "cpu":  # token ids and masks live where the model runs
+                for batch in data.eval_batches + data.calibration_batches + data.selection_batches \
+                        + data.knowledge_batches:
+                    batch.input_ids = batch.input_ids.to(self.device)
+                    batch.attention_mask = batch.attention_mask.to(self.device)
+            self._data[spec] = data
         return self._data[spec]
 
     def reference(self, data: EvalData, control: RunControl | None = None,
@@ -235,7 +252,16 @@ class Session:
         self.treatment.function_preserving = self.treatment.function_preserving and function_preserving
 
     def snapshot_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        """A copy of every parameter to restore later. On the CPU it lives in files the operating
+        system pages in on demand, not in a second copy in memory, so a model needs about its own
+        size in RAM while treated; on a GPU it is a copy in device memory."""
+        params = dict(self.model.named_parameters())
+        if self.device.type != "cpu":
+            return {name: p.detach().clone() for name, p in params.items()}
+        spill = ReferenceSpill(prefix="modeldoctor-weights-", what="the copy of the untreated weights")
+        snapshot = _Snapshot({name: spill.copy_of(p.detach()) for name, p in params.items()})
+        snapshot.spill = spill  # the files live as long as the snapshot
+        return snapshot
 
     @torch.no_grad()
     def load_parameters(self, values: dict[str, torch.Tensor]) -> None:
@@ -277,7 +303,7 @@ class Session:
         digest = hashlib.sha256()
         for name, tensor in list(self.model.state_dict(keep_vars=False).items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
                           if tensor.numel() else b"")
         structure = ",".join(type(b).__name__ for b in self.anatomy.block_list)
         digest.update(structure.encode())

@@ -98,3 +98,22 @@ def test_progress_bar_shows_the_engines_eta(capsys):
     bar.close()
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "4/10" in line and "1:15 left" in line and "<," not in line
+
+
+def test_checkup_runs_in_bfloat16_with_float32_figures(llama_dir, tmp_path, capsys):
+    code = main(["checkup", str(llama_dir), "--modify", "int2,remove", "--tokens", "128", "--seq-len", "64",
+                 "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "res"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "res" / "checkup.json").read_text())
+    assert data["model"]["compute_dtype"] == "bfloat16"
+    assert all(p["metrics"]["kl_mean"] > 0 for p in data["probes"])
+
+
+def test_a_missing_device_is_one_clear_line(llama_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["checkup", str(llama_dir), "--device", "cuda", "--tokens", "128", "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "no cuda device" in err and "Traceback" not in err

@@ -61,7 +61,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     mods = {name: create(name) for name in probes}
     sums = {(name, target): 0.0 for name, targets in probes.items() for target in targets}
     tokens = 0
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=session.device).manual_seed(seed)
     for number, batch in enumerate(data.eval_batches):
         control.checkpoint()
         trace = ref.traces[number]
@@ -97,10 +97,8 @@ def _state_gradients(session, batch, samples: int, generator: torch.Generator) -
     (key N), with labels y drawn from the model: (samples, B, T, H) per key, fp32."""
     blocks = session.anatomy.block_list
     captured: dict[int, torch.Tensor] = {}
-    states: dict[int, torch.Tensor] = {}
 
     def keep(index, hidden):
-        states[index] = hidden
         hidden.register_hook(lambda grad: captured.__setitem__(index, grad.detach().float()))
 
     def entering(index):
@@ -119,13 +117,20 @@ def _state_gradients(session, batch, samples: int, generator: torch.Generator) -
         handles.append(blocks[len(blocks) - 1].register_forward_hook(leaving))
         handles.append(session.anatomy.embedding.register_forward_hook(track_gradients))
         stack.callback(lambda: [h.remove() for h in handles])
-        ids = batch.input_ids.repeat(samples, 1)
-        mask = batch.attention_mask.repeat(samples, 1)
-        with torch.enable_grad():
-            logits = session.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            labels = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
-            picked = logp.reshape(-1, logp.shape[-1]).gather(-1, labels).reshape(mask.shape)
-            (picked * mask).sum().backward()
-    shape = (samples, *batch.input_ids.shape, -1)
-    return {j: grad.reshape(shape) for j, grad in captured.items()}
+        rows = []  # one sequence per backward pass: the memory autograd keeps is one sequence's
+        for row in range(batch.input_ids.shape[0]):
+            ids = batch.input_ids[row:row + 1].repeat(samples, 1)
+            mask = batch.attention_mask[row:row + 1].repeat(samples, 1)
+            with torch.enable_grad():
+                logits = session.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                del logits
+                labels = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
+                                           generator=generator)
+                picked = logp.reshape(-1, logp.shape[-1]).gather(-1, labels).reshape(mask.shape)
+                del logp
+                (picked * mask).sum().backward()
+            rows.append(dict(captured))
+            captured.clear()
+    # (samples, B, T, H) per key
+    return {j: torch.stack([r[j] for r in rows], dim=1) for j in rows[0]}

@@ -147,7 +147,8 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             head_modified = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
             for number, batch in enumerate(data.knowledge_batches):
                 control.checkpoint()
-                mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions)
+                mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions,
+                                             batch.input_ids.device)
                 with token_mask(ctx, batch.attention_mask):
                     run = replayer.run_from(ref.knowledge_traces[number], *start_for("knowledge", number),
                                             keep_states=capture is not None,

@@ -24,25 +24,33 @@ FULL_REFERENCE_BYTES = 1 << 30
 
 
 class ReferenceSpill:
-    """A private folder for reference probabilities that do not fit in memory; removed when
-    the object is collected or the program exits."""
+    """A private folder for tensors kept on disk rather than in memory (reference probabilities
+    past the memory budget, the untreated weights); removed when the object is collected or
+    the program exits. The operating system pages the files in as they are read."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="modeldoctor-reference-"))
+    def __init__(self, prefix: str = "modeldoctor-reference-", what: str = "the exact reference") -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
         self._count = 0
+        self.what = what
 
-    def tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """A zero float32 tensor of `shape` backed by a file in the folder."""
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A zero tensor of `shape` backed by a file in the folder."""
         count = math.prod(shape)
+        size = count * torch.empty((), dtype=dtype).element_size()
         free = shutil.disk_usage(self.folder).free
-        if count * 4 > free:
+        if size > free:
             raise ResourceError(
-                f"Not enough disk space for the exact reference: {count * 4 / 2**30:.1f} GiB needed in "
+                f"Not enough disk space for {self.what}: {size / 2**30:.1f} GiB needed in "
                 f"{self.folder.parent}, {free / 2**30:.1f} GiB free. Choose fewer evaluation tokens or free space.")
         self._count += 1
-        path = self.folder / f"probabilities-{self._count}.bin"
-        return torch.from_file(str(path), shared=True, size=count, dtype=torch.float32).view(shape)
+        path = self.folder / f"tensor-{self._count}.bin"
+        return torch.from_file(str(path), shared=True, size=count, dtype=dtype).view(shape)
+
+    def copy_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        stored = self.tensor(tuple(tensor.shape), tensor.dtype)
+        stored.copy_(tensor)
+        return stored
 
 
 def reference_fits_in_memory(tokens: int, vocab: int) -> bool:
@@ -92,13 +100,13 @@ class DivergenceAccumulator:
             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         mask = attention_mask.bool()
         logq = torch.log_softmax(logits_mod.float(), dim=-1)
-        self.kl.append(ref.kl_to(logq)[mask].numpy())
-        self.same_top.append((logits_mod.argmax(-1) == ref.argmax)[mask].numpy())
+        self.kl.append(ref.kl_to(logq)[mask].cpu().numpy())
+        self.same_top.append((logits_mod.argmax(-1) == ref.argmax)[mask].cpu().numpy())
         next_mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
         mod_next = next_token_logprob(logq, input_ids)
-        self.nll_mod.append((-mod_next)[next_mask].numpy())
-        self.nll_ref.append((-ref_next_logprob)[next_mask].numpy())
-        self.delta_p.append((mod_next.exp() - ref_next_logprob.exp())[next_mask].numpy())
+        self.nll_mod.append((-mod_next)[next_mask].cpu().numpy())
+        self.nll_ref.append((-ref_next_logprob)[next_mask].cpu().numpy())
+        self.delta_p.append((mod_next.exp() - ref_next_logprob.exp())[next_mask].cpu().numpy())
 
     def summary(self) -> dict[str, float]:
         kl = np.concatenate(self.kl).astype(np.float64)
@@ -140,9 +148,10 @@ def knowledge_correct(logits: torch.Tensor, positions: list[list[int]], answers:
             for row, (pos, ans) in enumerate(zip(positions, answers))]
 
 
-def answer_positions_mask(batch_shape: tuple[int, int], positions: list[list[int]]) -> torch.Tensor:
+def answer_positions_mask(batch_shape: tuple[int, int], positions: list[list[int]],
+                          device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean (B, T) mask of the positions whose prediction a knowledge probe scores."""
-    mask = torch.zeros(batch_shape, dtype=torch.bool)
+    mask = torch.zeros(batch_shape, dtype=torch.bool, device=device)
     for row, pos in enumerate(positions):
         mask[row, pos] = True
     return mask

@@ -34,13 +34,55 @@ class LoadedModel:
     stored_dtype: str  # what the weights are stored as on disk
 
 
-def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> LoadedModel:
-    """Load a Hugging Face folder or a single .gguf file without writing to it."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The device to run on: a GPU when one is there (auto), else the CPU; a named device must exist."""
+    import torch
+
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
+    if device == "auto":
+        return "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if device not in available:
+        raise ModelLoadError(f"Unknown device '{device}'; choose one of {', '.join(DEVICES)}.")
+    if not available[device]:
+        raise ModelLoadError(f"This computer has no {device} device that PyTorch can use; choose --device cpu.")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """float32 on the CPU by default (its half-precision matmuls are slower, not faster);
+    bfloat16 on a GPU. The checkup's log-softmax and KL are computed in float32 either way."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    return getattr(torch, dtype)
+
+
+def load_model(path: str | os.PathLike, allow_pickle: bool = False, dtype: str = "auto",
+               device: str = "auto") -> LoadedModel:
+    """Load a Hugging Face folder or a single .gguf file without writing to it, in `dtype` on
+    `device` (see resolve_dtype / resolve_device)."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    loaded = _load(path, allow_pickle, torch_dtype)
+    if device != "cpu":
+        loaded.model.to(device)
+    return loaded
+
+
+def _load(path: str | os.PathLike, allow_pickle: bool, torch_dtype) -> LoadedModel:
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"No model at {path}: the path does not exist.")
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _load_gguf(path)
+        return _load_gguf(path, torch_dtype)
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise UnsafeModelError(
@@ -51,7 +93,7 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> LoadedMod
             f"{path.name} is not a model Model Doctor can open: choose a model folder "
             "(config.json + *.safetensors) or a .gguf file."
         )
-    return _load_folder(path, allow_pickle)
+    return _load_folder(path, allow_pickle, torch_dtype)
 
 
 def _read_config(folder: Path) -> dict:
@@ -142,7 +184,7 @@ def _check_safetensors(files: list[Path]) -> str:
     return "/".join(sorted(dtypes)) or "unknown"
 
 
-def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
+def _load_folder(folder: Path, allow_pickle: bool, torch_dtype) -> LoadedModel:
     config = _read_config(folder)
     check_architecture(config)
     _check_sidecar_json(folder)
@@ -166,7 +208,7 @@ def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
     try:
         # transformers 4.57 unpickles with torch.load(weights_only=True) when use_safetensors=False.
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=(fmt == "safetensors"),
+            folder, dtype=torch_dtype, trust_remote_code=False, use_safetensors=(fmt == "safetensors"),
             local_files_only=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -189,7 +231,7 @@ def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
     return LoadedModel(model, tokenizer, folder, fmt, stored)
 
 
-def _load_gguf(file: Path) -> LoadedModel:
+def _load_gguf(file: Path, torch_dtype) -> LoadedModel:
     try:
         from gguf import GGUFReader
 
@@ -211,7 +253,7 @@ def _load_gguf(file: Path) -> LoadedModel:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            file.parent, gguf_file=file.name, dtype=torch.float32, local_files_only=True
+            file.parent, gguf_file=file.name, dtype=torch_dtype, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
