@@ -91,6 +91,9 @@ class _ProgressBar:
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, "
                                   "{engine_eta} left]")
 
+    def set_total(self, total: int) -> None:
+        self.bar.total = total
+
     def update(self, done: int, eta_s: float | None) -> None:
         self.eta = _format_seconds(eta_s)
         self.bar.update(done - self.bar.n)
@@ -351,7 +354,7 @@ def cmd_treat(args) -> int:
                 bar.describe(event.name)
                 bar.write(f"{event.name}: {event.detail}")
             elif isinstance(event, Progress):
-                bar.bar.total = event.total
+                bar.set_total(event.total)
                 bar.update(event.done, event.eta_s)
             elif isinstance(event, TreatmentResult):
                 bar.write(f"  {event.outcome.verdict}")

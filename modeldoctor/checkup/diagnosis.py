@@ -72,6 +72,10 @@ def diagnose(report: CheckupReport) -> list[Finding]:
                 f"Worst is {worst.spec.target} (mean KL {worst.score:.3g} nats, top-1 agreement "
                 f"{worst.metrics.get('same_top', float('nan')):.0%}, perplexity ×{worst.metrics.get('ppl_ratio', 1):.2f}); "
                 f"the median layer's KL is {median:.3g}.")
+        guessed = sum(r.estimated for r in bleeding)
+        if guessed:  # a cancelled two-stage run can end before its estimates were measured
+            text += (f" {guessed} of these verdicts rest on first-stage estimates only, not yet measured "
+                     "(resume the checkup, or run it with every probe measured exactly).")
         if knowledge and ref_knowledge:
             low = min(knowledge)
             if low < ref_knowledge - 0.02:

@@ -51,7 +51,7 @@ def estimable(mod: Modification) -> bool:
 
 
 def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], control: RunControl | None = None,
-                samples: int = LABEL_SAMPLES, seed: int = 0, on_batch=None) -> dict[tuple[str, str], float]:
+                samples: int = LABEL_SAMPLES, seed: int = 0) -> dict[tuple[str, str], float]:
     """Estimated mean KL (nats per token) of each (modification, target) in `probes`
     (modification -> block indices or linear names) on the evaluation batches of `data`,
     replaying the reference `ref`'s traces of them."""
@@ -71,7 +71,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
             control.checkpoint()
             with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), torch.inference_mode():
                 if target == HEAD:
-                    modified = anatomy.head(_tail(anatomy, trace.states[-1]))
+                    modified = session.replayer.head_logits(trace.states[-1])
                     kl = ref.logprobs[number].kl_to(torch.log_softmax(modified.float(), dim=-1))
                     sums[(name, target)] += float(kl[valid].sum())
                     continue
@@ -81,15 +81,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
                 sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
         tokens += int(valid.sum())
         del grads
-        if on_batch:
-            on_batch(number + 1, len(data.eval_batches))
     return {key: value / max(tokens, 1) for key, value in sums.items()}
-
-
-def _tail(anatomy, hidden: torch.Tensor) -> torch.Tensor:
-    for module in anatomy.tail:
-        hidden = module(hidden)
-    return hidden
 
 
 def _state_gradients(session, batch, samples: int, generator: torch.Generator) -> dict[int, torch.Tensor]:

@@ -90,10 +90,15 @@ class Replayer:
                     states[j] = h
                 h = self.run_block(trace, j, h)
             states[len(blocks)] = h
-            for module in self.anatomy.tail:
-                h = module(h)
-            logits = self.anatomy.head(h if head_mask is None else h[head_mask])
+            logits = self.head_logits(h, head_mask)
         return Run(logits, states)
+
+    def head_logits(self, final: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm and the head, as they are now, on the state leaving the last block."""
+        with torch.inference_mode():
+            for module in self.anatomy.tail:
+                final = module(final)
+            return self.anatomy.head(final if head_mask is None else final[head_mask])
 
     def run_block(self, trace: Trace, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block `index` as it is now, on `hidden`, called with the arguments the trace recorded."""

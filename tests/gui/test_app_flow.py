@@ -81,6 +81,7 @@ def test_cancel_mid_run_restores_model(qtbot, window, llama_dir):
 
 def test_pause_and_resume(qtbot, window, llama_dir):
     load(qtbot, window, llama_dir)
+    window.plan_page.exhaustive.setChecked(True)  # probes one by one (estimates arrive all at once)
     window.start_checkup()
     qtbot.waitUntil(lambda: len(window.run_page.model.records) >= 1, timeout=60000)
     window.run_page.pause.click()
