@@ -203,10 +203,10 @@ def cmd_checkup(args) -> int:
 
 def print_report(report, top: int = 15) -> None:
     ref = report.reference
-    knowledge = ref.get("knowledge_accuracy")
+    knowledge = report.reference_knowledge()
     print(f"\nFigures on {report.measured_on()}.")
     print(f"Reference: perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
-          + (f", knowledge probes {knowledge:.1%}" if knowledge == knowledge and knowledge is not None else ""))
+          + (f", knowledge probes {knowledge:.1%}" if knowledge is not None else ""))
     threshold = report.findings.get("threshold", report.plan.get("threshold"))
     ranked = [p for p in report.probes if p.spec.mode == "isolated"]
     ranked.sort(key=lambda p: p.score, reverse=True)

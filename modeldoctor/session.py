@@ -148,7 +148,7 @@ class Session:
         import math
 
         figures = {"ppl": math.exp(nll_sum / max(nll_count, 1)), "tokens": float(data.eval_tokens),
-                   "knowledge_accuracy": sum(hits) / len(hits) if hits else float("nan"),
+                   "knowledge_accuracy": sum(hits) / len(hits) if hits else None,  # None: not scored
                    "reference_storage": "memory" if spill is None else "disk"}
         # The spill folder lives as long as the reference that reads from it.
         return Reference(traces, logprobs, next_lp, k_traces, hits, figures, extras={"spill": spill})

@@ -53,7 +53,7 @@ def _worst(records: list[ProbeRecord]) -> str:
 def diagnose(report: CheckupReport) -> list[Finding]:
     findings: list[Finding] = []
     threshold = report.findings.get("threshold", report.plan.get("threshold", 0.01))
-    ref_knowledge = report.reference.get("knowledge_accuracy")
+    ref_knowledge = report.reference_knowledge()
     for name in report.modifications():
         isolated = [r for r in report.probes if r.spec.modification == name and r.spec.mode == "isolated"]
         if not isolated:

@@ -394,6 +394,7 @@ class MainWindow(QMainWindow):
             page.append_log(("warning: " if event.level == "warning" else "") + event.message)
         elif isinstance(event, PlanReady):
             page.set_total(len(event.probes))
+            page.model.expect(event.probes)
             page.append_log(f"plan: {len(event.probes)} probes")
         elif isinstance(event, ProbeResult):
             record = event.record
@@ -405,8 +406,7 @@ class MainWindow(QMainWindow):
             self.state.running = False
             report = event.report
             if event.reason == "failed":
-                page.end("failed")
-                return
+                return  # _failed has put the page into its failed state
             page.end(event.reason, report.probes if report else None)
             if event.reason == "completed":
                 self._set_report(report)
@@ -431,7 +431,12 @@ class MainWindow(QMainWindow):
             self.treatment_page.end("failed", event.message)
         if self.job_kind == "checkup":
             self.state.running = False
-            self.run_page.end("failed")
+            if event.details == "cancelled":  # cancelled before the first probe (e.g. while reading the text)
+                self.run_page.end("cancelled")
+            else:
+                self.run_page.fail(event.message)
+                self.statusBar().showMessage(f"Checkup failed: {event.message}")
+                self.update_steps()
         if self.job_kind == "samples" and self._samples_dialog is not None:
             self._samples_dialog.samples_failed(event.message)
             return
@@ -678,9 +683,23 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Opened session {path}.")
 
     def report_images(self) -> dict[str, bytes]:
+        """One bar chart per modification (each titled with its name), the heatmap, and the curves;
+        the modification on screen is put back afterwards."""
         page = self.run_page
+        shown = page.model.selected
+        images: dict[str, bytes] = {}
+        linear_scope = page.model.linear_scope()
+        for name in page.model.modifications():
+            page.model.select(name)
+            page.redraw()
+            images[f"Bleeding per layer under {name}"] = widget_png(page.bars)
+            if linear_scope:
+                images[f"Blocks × linears under {name}"] = widget_png(page.heatmap)
+        if shown is not None:
+            page.model.select(shown)
         page.redraw()
-        images = {"Bleeding per layer": widget_png(page.bars), "Layers × modifications": widget_png(page.heatmap)}
+        if not linear_scope:
+            images["Layers × modifications"] = widget_png(page.heatmap)
         if page.model.cumulative():
             images["Cumulative"] = widget_png(page.cumulative)
         if page.model.sweeps():

@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QBrush, QColor
 
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, Bars, log_kl
 
-BLEED_MAP = pg.ColorMap([0.0, 0.5, 0.75, 1.0], [SEVERITY_COLORS["healthy"], SEVERITY_COLORS["mild"],
-                                                 SEVERITY_COLORS["moderate"], SEVERITY_COLORS["severe"]])
 
 
 class LogAxis(pg.AxisItem):
@@ -20,6 +19,7 @@ class LogAxis(pg.AxisItem):
     def __init__(self, offset: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.offset = offset
+        self.enableAutoSIPrefix(False)  # the ticks are exponents, never "(x0.001)"
 
     def tickStrings(self, values, scale, spacing):
         return [f"{10 ** (v + self.offset):.0e}" if abs(v - round(v)) < 1e-6 else "" for v in values]
@@ -35,6 +35,7 @@ class LabelAxis(pg.AxisItem):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.labels: list[str] = []
+        self.enableAutoSIPrefix(False)  # positions are indices: no "layer (x0.001)" on an empty chart
 
     def set_labels(self, labels: list[str]) -> None:
         self.labels = list(labels)
@@ -56,22 +57,44 @@ class BleedingBarChart(pg.PlotWidget):
         self.setLabel("bottom", "layer")
         self.setMenuEnabled(False)
         self.setMouseEnabled(x=False, y=False)
+        self.hideButtons()  # no stray "A" (auto-range) button, on screen or in the report's images
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brushes=[])
         self.addItem(self.bars)
         self.threshold_line = pg.InfiniteLine(angle=0, movable=False,
                                               pen=pg.mkPen((200, 55, 59), width=2, style=Qt.PenStyle.DashLine))
         self.addItem(self.threshold_line)
-        self.threshold_label = pg.TextItem("bleeding threshold", anchor=(0, 1), color=(200, 55, 59))
+        # Above the bars, on its own backing, so a tall bar never hides it.
+        self.threshold_label = pg.TextItem("bleeding threshold", anchor=(0, 1), color=(200, 55, 59),
+                                           fill=pg.mkBrush(255, 255, 255, 200))
+        self.threshold_label.setZValue(20)
         self.addItem(self.threshold_label)
         self.labels = [pg.TextItem(anchor=(0.5, 1.0), color=pg.getConfigOption("foreground")) for _ in range(3)]
         for label in self.labels:
+            label.setZValue(10)
             self.addItem(label)
         self.current = Bars()
         self.scene().sigMouseClicked.connect(self._clicked)
 
     def set_threshold(self, threshold: float) -> None:
         self.threshold_line.setPos(log_kl(threshold) - self.offset)
+        self.threshold_label.setText(f"bleeding threshold {threshold:g}")
         self.threshold_label.setPos(-0.55, log_kl(threshold) - self.offset)
+
+    def labelled_bars(self, bars: Bars, total: int) -> list[int]:
+        """The worst bars that get a label, none so close to another that the texts would overlap."""
+        width_px = max(self.plotItem.vb.width(), 200.0)
+        bar_px = width_px / max(total, 1)
+        longest = max((max(len(label), len(f"{value:.3g}")) for label, value in zip(bars.labels, bars.values)),
+                      default=2)
+        text_px = 7.0 * longest + 12  # a label is two lines: the layer, and its KL
+        gap = max(1, math.ceil(text_px / bar_px))
+        chosen: list[int] = []
+        for i in bars.worst(len(bars.values)):
+            if all(abs(i - j) >= gap for j in chosen):
+                chosen.append(i)
+            if len(chosen) == len(self.labels):
+                break
+        return chosen
 
     def update_bars(self, bars: Bars, total: int | None = None) -> None:
         self.current = bars
@@ -83,7 +106,7 @@ class BleedingBarChart(pg.PlotWidget):
         self.bars.setOpts(x=x, height=bars.heights(), width=0.8, brushes=brushes, pen=pg.mkPen(None),
                           pens=pens or None)  # pyqtgraph fails on an empty list of pens
         self.bottom.set_labels(bars.labels)
-        worst = bars.worst(len(self.labels))
+        worst = self.labelled_bars(bars, max(total or 0, len(x)))
         for slot, label in enumerate(self.labels):
             if slot < len(worst):
                 i = worst[slot]
@@ -105,39 +128,75 @@ class BleedingBarChart(pg.PlotWidget):
             self.barClicked.emit(index)
 
 
+def severity_legend(threshold: float) -> str:
+    """One line of HTML naming the verdict colours and their KL ranges (shared by bars and heatmap)."""
+    from modeldoctor.checkup.verdict import SEVERITY_STEPS
+
+    def swatch(name: str) -> str:
+        r, g, b = SEVERITY_COLORS[name]
+        return f"<span style='color:rgb({r},{g},{b})'>&#9632;</span>"
+
+    limits = {name: factor * threshold for factor, name in SEVERITY_STEPS}
+    return (f"{swatch('healthy')} ≤ {threshold:g} &nbsp; {swatch('mild')} > {limits['mild']:g} &nbsp; "
+            f"{swatch('moderate')} > {limits['moderate']:g} &nbsp; {swatch('severe')} > {limits['severe']:g} nats")
+
+
 class BleedingHeatmap(pg.PlotWidget):
-    """Rows x columns of log10 KL on the healthy-to-bleeding colour scale."""
+    """Rows x columns coloured by each probe's verdict, the same colours as the bars; cells not
+    measured yet are left empty over a hatched background, estimates drawn pale."""
 
     def __init__(self, parent=None) -> None:
         self.bottom = LabelAxis(orientation="bottom")
         self.left = LabelAxis(orientation="left")
         super().__init__(parent, axisItems={"bottom": self.bottom, "left": self.left})
-        self.setTitle("layers × modifications")
         self.setMenuEnabled(False)
         self.setMouseEnabled(x=False, y=False)
+        self.hideButtons()
         self.image = pg.ImageItem(axisOrder="row-major")
-        self.image.setLookupTable(BLEED_MAP.getLookupTable(nPts=256))
         self.addItem(self.image)
-        self.getViewBox().invertY(True)
-        self.colorbar = pg.ColorBarItem(values=(-4, 0), colorMap=BLEED_MAP, interactive=False, width=12,
-                                        label="log10 mean KL")
-        self.colorbar.setImageItem(self.image, insert_in=self.getPlotItem())
+        view = self.getViewBox()
+        view.invertY(True)
+        view.setBackgroundColor((128, 128, 128))
+        view.background.setBrush(QBrush(QColor(150, 150, 150, 120), Qt.BrushStyle.BDiagPattern))
+        self.setTitle("layers × modifications")
+        self.legend = pg.LabelItem(justify="left")  # under the bottom axis: the colours' meaning
+        self.plotItem.layout.addItem(self.legend, 4, 0, 1, 3)
         self.threshold = 0.01
+        self.cells = None
+        self.set_threshold(self.threshold)
+        self.scene().sigMouseMoved.connect(self._hover)
 
     def set_threshold(self, threshold: float) -> None:
         self.threshold = threshold
+        self.legend.setText(f"<span style='font-size:8pt'>{severity_legend(threshold)}<br>pale: estimated · "
+                            "hatched: not measured yet</span>")
 
-    def update_matrix(self, matrix: np.ndarray, rows: list[str], cols: list[str]) -> None:
-        # Colour scale centred on the threshold: two decades either side.
-        centre = math.log10(self.threshold)
-        shown = np.where(np.isnan(matrix), centre - 2, matrix) if matrix.size else np.zeros((1, 1))
-        self.image.setImage(shown, autoLevels=False, levels=(centre - 2, centre + 2))
-        self.colorbar.setLevels((centre - 2, centre + 2))
-        self.image.setRect(-0.5, -0.5, max(len(cols), 1), max(len(rows), 1))
-        self.bottom.set_labels(cols)
-        self.left.set_labels(rows)
-        self.setXRange(-0.5, max(len(cols), 1) - 0.5, padding=0)
-        self.setYRange(-0.5, max(len(rows), 1) - 0.5, padding=0)
+    def update_matrix(self, cells) -> None:
+        self.cells = cells
+        colors = cells.colors if cells.colors.size else np.zeros((1, 1, 4), np.uint8)
+        self.image.setImage(colors, autoLevels=False, levels=(0, 255))
+        rows, cols = max(len(cells.rows), 1), max(len(cells.cols), 1)
+        self.image.setRect(-0.5, -0.5, cols, rows)
+        self.bottom.set_labels(cells.cols)
+        self.left.set_labels(cells.rows)
+        self.setXRange(-0.5, cols - 0.5, padding=0)
+        self.setYRange(-0.5, rows - 0.5, padding=0)
+
+    def cell_text(self, row: int, col: int) -> str:
+        """What hovering over a cell says."""
+        cells = self.cells
+        record = cells.records.get((row, col)) if cells is not None else None
+        if record is None:
+            return "not measured yet" if cells is not None and row < len(cells.rows) and col < len(cells.cols) else ""
+        how = "estimated" if record.estimated else "measured"
+        return f"{record.spec.label}: mean KL {record.score:.4g} nats ({how}), {record.severity}"
+
+    def _hover(self, position) -> None:
+        if self.cells is None:
+            return
+        point = self.getViewBox().mapSceneToView(position)
+        row, col = int(round(point.y())), int(round(point.x()))
+        self.setToolTip(self.cell_text(row, col) if row >= 0 and col >= 0 else "")
 
 
 class CurvePlot(pg.PlotWidget):
@@ -150,6 +209,7 @@ class CurvePlot(pg.PlotWidget):
         self.setLabel("left", "mean KL (nats)")
         self.setLabel("bottom", x_label)
         self.setMenuEnabled(False)
+        self.hideButtons()
         self.legend = self.addLegend(offset=(10, 10))
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.marks = pg.ScatterPlotItem(size=14, symbol="x", pen=pg.mkPen((200, 55, 59), width=3))

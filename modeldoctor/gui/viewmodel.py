@@ -46,6 +46,26 @@ class Bars:
         return sorted(bleeding, key=lambda i: self.values[i], reverse=True)[:count]
 
 
+ESTIMATED_ALPHA = 90  # an estimate is drawn pale until it is measured
+
+
+def verdict_color(record: ProbeRecord) -> tuple[int, int, int]:
+    """The colour of a probe's verdict: the bars and the heatmap share it."""
+    return SEVERITY_COLORS[record.severity if record.bleeding else "healthy"]
+
+
+@dataclass
+class HeatCells:
+    """The heatmap: log10 KL per cell (NaN where nothing is measured yet) and each cell's RGBA colour,
+    the same verdict colour as its bar; a cell not measured yet is transparent (drawn hatched)."""
+
+    kl: np.ndarray
+    colors: np.ndarray  # (rows, cols, 4) uint8
+    rows: list[str]
+    cols: list[str]
+    records: dict[tuple[int, int], ProbeRecord] = field(default_factory=dict)
+
+
 class CheckupViewModel:
     """Everything the run page draws, rebuilt incrementally from probe records."""
 
@@ -53,12 +73,14 @@ class CheckupViewModel:
         self.threshold = threshold
         self.records: list[ProbeRecord] = []
         self.selected: str | None = None  # modification shown in the bar chart
+        self.planned: list = []  # isolated ProbeSpecs of the run under way (the heatmap's full grid)
         self.version = 0  # bumped on every change; the view redraws when it moved
 
     def reset(self, threshold: float) -> None:
         self.threshold = threshold
         self.records = []
         self.selected = None
+        self.planned = []
         self.version += 1
 
     def add(self, record: ProbeRecord) -> None:
@@ -93,7 +115,7 @@ class CheckupViewModel:
             if rec.spec.mode == "isolated" and rec.spec.modification == self.selected:
                 bars.labels.append(rec.spec.target)
                 bars.values.append(rec.score)
-                bars.severities.append(rec.severity if rec.bleeding else "healthy")
+                bars.severities.append(rec.severity if rec.bleeding else "healthy")  # = verdict_color
                 bars.records.append(rec)
                 bars.estimated.append(rec.estimated)
         return bars
@@ -103,30 +125,42 @@ class CheckupViewModel:
         mine = [r for r in self.records if r.spec.mode == "isolated" and r.spec.modification == self.selected]
         return sum(r.estimated for r in mine), len(mine)
 
-    def heatmap(self) -> tuple[np.ndarray, list[str], list[str]]:
-        """(matrix of log10 KL, row labels, column labels); NaN where not probed.
-        Block scope: layers x modifications. Linear scope: blocks x sub-layers of the
+    def expect(self, specs: list) -> None:
+        """The planned probes: the heatmap's grid is complete from the start, unmeasured cells empty."""
+        self.planned = [spec for spec in specs if spec.mode == "isolated"]
+        self.version += 1
+
+    def linear_scope(self) -> bool:
+        """Probes of single linears (the heatmap is then blocks x linears of one modification)."""
+        specs = self.planned + [r.spec for r in self.records if r.spec.mode == "isolated"]
+        return any(not spec.targets[0].isdigit() for spec in specs)
+
+    def heatmap(self) -> HeatCells:
+        """Block scope: layers x modifications. Linear scope: blocks x sub-layers of the
         selected modification."""
         isolated = [r for r in self.records if r.spec.mode == "isolated"]
-        linear = any(not r.spec.targets[0].isdigit() for r in isolated)
-        if linear:
+        if self.linear_scope():
             chosen = [r for r in isolated if r.spec.modification == self.selected]
+            specs = [s for s in self.planned if s.modification == self.selected] + [r.spec for r in chosen]
             # "3.mlp.down_proj" -> row 3, column mlp.down_proj; the LM head ("head") is its own row and column
-            key = lambda r: tuple((r.spec.targets[0].split(".", 1) * 2)[:2])  # noqa: E731
-            rows = list(dict.fromkeys(key(r)[0] for r in chosen))
-            cols = list(dict.fromkeys(key(r)[1] for r in chosen))
+            key = lambda spec: tuple((spec.targets[0].split(".", 1) * 2)[:2])  # noqa: E731
         else:
             chosen = isolated
-            rows = list(dict.fromkeys(r.spec.targets[0] for r in chosen))
-            cols = list(dict.fromkeys(r.spec.modification for r in chosen))
-            key = lambda r: (r.spec.targets[0], r.spec.modification)  # noqa: E731
-        matrix = np.full((len(rows), len(cols)), np.nan)
+            specs = self.planned + [r.spec for r in chosen]
+            key = lambda spec: (spec.targets[0], spec.modification)  # noqa: E731
+        rows = list(dict.fromkeys(key(spec)[0] for spec in specs))
+        cols = list(dict.fromkeys(key(spec)[1] for spec in specs))
+        cells = HeatCells(np.full((len(rows), len(cols)), np.nan), np.zeros((len(rows), len(cols), 4), np.uint8),
+                          rows, cols)
         row_index = {v: i for i, v in enumerate(rows)}
         col_index = {v: i for i, v in enumerate(cols)}
         for rec in chosen:
-            r, c = key(rec)
-            matrix[row_index[r], col_index[c]] = log_kl(rec.score)
-        return matrix, rows, cols
+            r, c = key(rec.spec)
+            at = (row_index[r], col_index[c])
+            cells.kl[at] = log_kl(rec.score)
+            cells.colors[at] = (*verdict_color(rec), ESTIMATED_ALPHA if rec.estimated else 255)
+            cells.records[at] = rec
+        return cells
 
     def cumulative(self) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
         """modification -> (k, mean KL, first k that bleeds)."""

@@ -35,7 +35,7 @@ def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -
              f"<p class='sub'>{html.escape(str(model.get('architecture')))}, {model.get('blocks')} blocks, "
              f"{model.get('parameters', 0) / 1e6:.1f} M parameters · {report.status} in {report.elapsed_s:.0f} s · "
              f"reference perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
-             + (f", knowledge probes {ref['knowledge_accuracy']:.1%}" if ref.get("knowledge_accuracy") is not None
+             + (f", knowledge probes {report.reference_knowledge():.1%}" if report.reference_knowledge() is not None
                 else "") + f"<br>Every figure is on {html.escape(report.measured_on())}.</p>", "<h2>Diagnosis</h2>"]
     for line in estimate_summary(report):
         parts.append(f"<p><i>{html.escape(line)}</i></p>")

@@ -104,6 +104,12 @@ class CheckupReport:
     def modifications(self) -> list[str]:
         return list(dict.fromkeys(p.spec.modification for p in self.probes))
 
+    def reference_knowledge(self) -> float | None:
+        """The original model's knowledge-probe accuracy; None when no knowledge probes were scored
+        (older sessions stored NaN for that)."""
+        value = self.reference.get("knowledge_accuracy")
+        return None if value is None or value != value else float(value)
+
     def measured_on(self) -> str:
         """Which text every figure of this report is on, in words."""
         data = self.data

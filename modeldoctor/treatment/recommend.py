@@ -26,7 +26,7 @@ def _where(records) -> str:
 
 def recommend(report: CheckupReport) -> list[Recommendation]:
     out: list[Recommendation] = []
-    ref_knowledge = report.reference.get("knowledge_accuracy")
+    ref_knowledge = report.reference_knowledge()
     for name in report.modifications():
         isolated = [r for r in report.probes if r.spec.modification == name and r.spec.mode == "isolated"]
         bleeding = sorted((r for r in isolated if r.bleeding), key=lambda r: r.score, reverse=True)

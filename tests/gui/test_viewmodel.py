@@ -31,13 +31,17 @@ def test_heatmap_layers_by_modifications_and_linear_scope():
     vm.add(rec(0, "int4", "0", 0.1))
     vm.add(rec(1, "int4", "1", 0.01))
     vm.add(rec(2, "int8", "0", 0.001))
-    matrix, rows, cols = vm.heatmap()
+    cells = vm.heatmap()
+    matrix, rows, cols = cells.kl, cells.rows, cells.cols
     assert rows == ["0", "1"] and cols == ["int4", "int8"]
     assert np.isclose(matrix[0, 0], -1) and np.isnan(matrix[1, 1])
+    # Not measured: transparent (drawn hatched), never a verdict colour.
+    assert cells.colors[1, 1, 3] == 0 and cells.colors[0, 0, 3] == 255
     linear = CheckupViewModel()
     linear.add(rec(0, "int4", "0.mlp.down_proj", 0.1))
     linear.add(rec(1, "int4", "1.self_attn.q_proj", 0.01))
-    matrix, rows, cols = linear.heatmap()
+    cells = linear.heatmap()
+    rows, cols = cells.rows, cells.cols
     assert rows == ["0", "1"] and cols == ["mlp.down_proj", "self_attn.q_proj"]
 
 

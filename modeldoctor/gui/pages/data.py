@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 from modeldoctor.data import DataSpec
+from modeldoctor.errors import DataError
 
 TOKEN_STEP = 128
 
@@ -45,6 +46,7 @@ class DataPage(QWidget):
         self.own_file = QRadioButton("My own file (.txt or .jsonl with a \"text\" field):")
         self.choose_file = QPushButton("Choose…")
         self.file_label = QLabel("no file chosen")
+        self.file_label.setWordWrap(True)
         file_row.addWidget(self.own_file)
         file_row.addWidget(self.choose_file)
         file_row.addWidget(self.file_label, 1)
@@ -77,6 +79,7 @@ class DataPage(QWidget):
         self.group.buttonToggled.connect(lambda *a: self._emit())
         self.knowledge.toggled.connect(self._emit)
         self.choose_file.clicked.connect(self._choose)
+        self.own_file.clicked.connect(self._own_file_clicked)
         self._emit()
 
     def _choose(self) -> None:
@@ -84,11 +87,33 @@ class DataPage(QWidget):
         if path:
             self.set_user_file(path)
 
-    def set_user_file(self, path: str) -> None:
+    def _own_file_clicked(self) -> None:
+        if not self.user_file:  # the option means nothing without a file: ask for one
+            self._choose()
+            if not self.user_file:
+                self.builtin.setChecked(True)
+
+    def set_user_file(self, path: str) -> bool:
+        """Read the file now, so an empty, binary or malformed one is refused when chosen, not at Start."""
+        from modeldoctor.data.sources import read_documents
+
+        try:
+            documents = read_documents(path)
+        except DataError as exc:
+            self.user_file = None
+            self.file_label.setText(f"<span style='color:#c8373b'>Not used: {exc} Choose another file; the "
+                                    "built-in text is used meanwhile.</span>")
+            self.file_label.setToolTip(path)
+            self.builtin.setChecked(True)
+            self._emit()
+            return False
         self.user_file = path
-        self.file_label.setText(Path(path).name)
+        words = sum(len(d.split()) for d in documents)
+        self.file_label.setText(f"{Path(path).name} ({len(documents)} passages, about {words:,} words)")
+        self.file_label.setToolTip(path)
         self.own_file.setChecked(True)
         self._emit()
+        return True
 
     def _emit(self) -> None:
         self.tokens_label.setText(f"{self.slider.value() * TOKEN_STEP} evaluation tokens, in sequences of 256")

@@ -36,7 +36,7 @@ class DiagnosisPage(QWidget):
 
     def show_report(self, report) -> None:
         ref = report.reference
-        knowledge = ref.get("knowledge_accuracy")
+        knowledge = report.reference_knowledge()
         parts = [f"<p>{html.escape(str(report.model.get('name')))}: reference perplexity "
                  f"<b>{ref.get('ppl', float('nan')):.3f}</b> on {int(ref.get('tokens', 0))} tokens"
                  + (f", knowledge probes <b>{knowledge:.1%}</b>" if knowledge is not None else "")

@@ -105,6 +105,7 @@ class ExportPage(QWidget):
                                               "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
         self.chart.setTitle("checkup's predicted KL per layer (grey: kept in fp32) vs measured KL of the export")
         self.chart.setMouseEnabled(x=False, y=False)
+        self.chart.hideButtons()
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brushes=[])
         self.chart.addItem(self.bars)
         self.measured = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen((31, 119, 180), width=2),

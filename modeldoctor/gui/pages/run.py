@@ -48,6 +48,11 @@ class RunPage(QWidget):
         top.addWidget(self.cancel)
         top.addWidget(self.resume)
         layout.addLayout(top)
+        self.problem = QLabel()  # why a run failed and what to do next
+        self.problem.setWordWrap(True)
+        self.problem.setStyleSheet("QLabel { color: #c8373b; font-weight: bold; }")
+        self.problem.hide()
+        layout.addWidget(self.problem)
 
         splitter = QSplitter(Qt.Orientation.Vertical)
         upper = QSplitter(Qt.Orientation.Horizontal)
@@ -109,6 +114,7 @@ class RunPage(QWidget):
         self.pause.setEnabled(True)
         self.cancel.setEnabled(True)
         self.resume.hide()
+        self.problem.hide()
         self._began = time.monotonic()
         self.timer.start()
 
@@ -128,6 +134,10 @@ class RunPage(QWidget):
         if records is not None:
             self.model.replace_all(records)
         self.redraw()
+        if self.progress.maximum() == 0:  # still the "preparing" busy bar: the run never got to its probes
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+            self.progress.setFormat(reason)
         self.pause.setEnabled(False)
         self.cancel.setEnabled(False)
         self.pause.setChecked(False)
@@ -138,6 +148,18 @@ class RunPage(QWidget):
         if reason == "cancelled" and records:
             self.eta.setText(f"cancelled after {format_duration(elapsed)}: {len(kept)} measured probes kept "
                              "(partial)")
+
+    def fail(self, message: str) -> None:
+        """Every widget says the run stopped, why, and what to do; nothing looks busy."""
+        self.end("failed")
+        self.progress.setRange(0, max(self.total_probes, 1))
+        self.progress.setFormat("failed")
+        self.eta.setText("Failed")
+        self.resume.hide()
+        self.problem.setText(f"The checkup failed: {message} Nothing about the model was changed. Fix the cause "
+                             "(Evaluation data or Plan step) and press Start checkup again.")
+        self.problem.show()
+        self.append_log(f"failed: {message}")
 
     def show_report(self, report) -> None:
         """Redraw everything from a finished (or reopened) report without running anything."""
@@ -151,6 +173,7 @@ class RunPage(QWidget):
         self.progress.setValue(len(report.probes))
         self.progress.setFormat(f"{len(report.probes)} probes")
         self.eta.setText(f"{report.status}, {format_duration(report.elapsed_s)}")
+        self.problem.hide()
         self.redraw()
 
     def add_record(self, record) -> None:
@@ -181,8 +204,9 @@ class RunPage(QWidget):
             f"backward pass); solid bars are measured exactly. The highest estimates and a random few are "
             f"measured next and replace their estimates.")
         expected = sum(1 for _ in bars.values)
+        self.bars.setTitle(f"{self.model.selected}: mean KL per layer" if self.model.selected else "")
         self.bars.update_bars(bars, total=max(expected, self._expected_bars()))
-        self.heatmap.update_matrix(*self.model.heatmap())
+        self.heatmap.update_matrix(self.model.heatmap())
         cumulative = self.model.cumulative()
         self.cumulative.update_curves({k: (x, y) for k, (x, y, _) in cumulative.items()},
                                       [(c, y[list(x).index(c)]) for _, (x, y, c) in cumulative.items() if c])

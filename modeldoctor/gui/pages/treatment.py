@@ -151,6 +151,7 @@ class TreatmentPage(QWidget):
                                               "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
         self.chart.setLabel("left", "mean KL (nats)")
         self.chart.setMouseEnabled(x=False, y=False)
+        self.chart.hideButtons()
         self.chart.setMenuEnabled(False)
         legend = self.chart.addLegend(offset=(10, 10))
         self.before_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush=pg.mkBrush(*BEFORE_COLOR))

@@ -1,0 +1,115 @@
+"""What the run page, the data page and the report say must be true, also when a run fails (issue 12)."""
+
+import numpy as np
+
+from modeldoctor.errors import DataError
+from tests.gui.conftest import load, run_checkup
+
+
+def test_unusable_text_file_is_refused_when_chosen(window, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n ", encoding="utf-8")
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    page = window.data_page
+    assert not page.set_user_file(str(empty))
+    assert "contains no text" in page.file_label.text() and page.spec().source == "builtin"
+    assert page.builtin.isChecked()
+    assert not page.set_user_file(str(binary))
+    assert "not UTF-8" in page.file_label.text() and page.spec().source == "builtin"
+    good = tmp_path / "good.txt"
+    good.write_text("One paragraph of text.\n\nAnd another one.", encoding="utf-8")
+    assert page.set_user_file(str(good))
+    assert page.spec().source == str(good) and "2 passages" in page.file_label.text()
+
+
+def test_failed_checkup_says_so_everywhere(qtbot, window, llama_dir, monkeypatch, screenshots):
+    shown = []
+    monkeypatch.setattr("modeldoctor.gui.main_window.show_error",
+                        lambda parent, message, details="": shown.append(message))
+    load(qtbot, window, llama_dir)
+
+    def broken(spec):
+        raise DataError("The text has only 12 tokens; at least 128 are needed.")
+    monkeypatch.setattr(window.state.session, "data", broken)
+    window.start_checkup()
+    qtbot.waitUntil(lambda: not window.runner.busy and bool(shown), timeout=30000)
+    page = window.run_page
+    assert not window.state.running and window.state.report is None
+    assert page.progress.maximum() > 0, "no busy bar after a failure"
+    assert page.eta.text() == "Failed" and not page.pause.isEnabled() and not page.cancel.isEnabled()
+    assert page.problem.isVisible() and "only 12 tokens" in page.problem.text() and "Start checkup" in \
+        page.problem.text()
+    assert "failed: The text has only 12 tokens" in page.log.toPlainText()
+    assert "failed" in window.statusBar().currentMessage() and "running" not in window.statusBar().currentMessage()
+    assert page.heatmap.image.image[..., 3].max() == 0, "an empty heatmap, not a solid colour"
+    assert "x0.001" not in page.bars.getAxis("bottom").labelString()
+    assert window.plan_page.start.isEnabled()
+    page.grab().save(str(screenshots / "tiny-run-failed.png"))
+
+
+def test_heatmap_shares_the_bars_colours_and_leaves_unmeasured_cells_empty(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(2)
+    window.plan_page.int8_dynamic.setChecked(False)
+    window.plan_page.bits[2].setChecked(True)
+    window.plan_page.prune_on.setChecked(False)
+    window.plan_page.threshold.setValue(0.05)
+    run_checkup(qtbot, window)
+    page = window.run_page
+    page.redraw()
+    cells = page.model.heatmap()
+    for column, name in enumerate(cells.cols):
+        page.modification.setCurrentText(name)
+        page.redraw()
+        bars = [tuple(b.color().getRgb()[:3]) for b in page.bars.bars.opts["brushes"]]
+        image = page.heatmap.image.image
+        assert [tuple(image[row, column, :3]) for row in range(len(cells.rows))] == bars
+    assert (page.heatmap.image.image[..., 3] == 255).all()
+    assert "healthy" not in page.heatmap.cell_text(0, 0) or "mean KL" in page.heatmap.cell_text(0, 0)
+    # A run under way: the cells of probes not measured yet are transparent, not green.
+    page.model.expect([r.spec for r in page.model.records])
+    page.model.replace_all(page.model.records[:2])
+    page.redraw()
+    alpha = page.heatmap.image.image[..., 3]
+    assert (alpha == 0).sum() == alpha.size - 2
+    assert page.heatmap.cell_text(len(cells.rows) - 1, len(cells.cols) - 1) == "not measured yet"
+
+
+def test_no_knowledge_probes_no_nan_and_one_image_per_modification(qtbot, window, llama_dir, tmp_path):
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(2)
+    window.data_page.knowledge.setChecked(False)
+    window.plan_page.prune_on.setChecked(False)
+    run_checkup(qtbot, window)
+    report = window.state.report
+    assert report.reference_knowledge() is None
+    window.go(4)
+    assert "nan" not in window.diagnosis_page.text.toPlainText()
+    images = window.report_images()
+    names = [n for n in images if n.startswith("Bleeding per layer under ")]
+    assert names == [f"Bleeding per layer under {m}" for m in window.run_page.model.modifications()]
+    assert len(set(images.values())) == len(images), "each image shows something different"
+    path = tmp_path / "report.html"
+    window.write_html(path)
+    text = path.read_text(encoding="utf-8")
+    assert "nan%" not in text and all(name in text for name in names)
+
+
+def test_bar_labels_never_overlap(qtbot):
+    from modeldoctor.gui.plots import BleedingBarChart
+    from modeldoctor.gui.viewmodel import Bars
+
+    chart = BleedingBarChart()
+    qtbot.addWidget(chart)
+    chart.resize(900, 400)
+    chart.show()
+    values = [0.001] * 30
+    values[28], values[29], values[2], values[9] = 0.113, 0.109, 0.05, 0.04
+    bars = Bars([str(i) for i in range(30)], values,
+                ["healthy" if v < 0.01 else "moderate" for v in values], [None] * 30, [False] * 30)
+    chosen = chart.labelled_bars(bars, 30)
+    assert 28 in chosen and 29 not in chosen
+    assert all(abs(a - b) > 1 for a in chosen for b in chosen if a != b)
+    assert chart.threshold_label.zValue() > chart.bars.zValue()
+    assert np.isfinite(chart.threshold_line.value())
