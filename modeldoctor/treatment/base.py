@@ -174,6 +174,30 @@ class Job:
         eta = elapsed / self.done_units * (self.total_units - self.done_units) if self.done_units else None
         return Progress(self.done_units, self.total_units, elapsed, eta, self.stage)
 
+    def enter(self, stage: str) -> Progress:
+        """Name the stage now starting (yield the result, so the app shows it at once, not when the
+        stage's first unit is done)."""
+        self.stage = stage
+        return self.tick(0)
+
+    def track(self, steps, units: int, what: str):
+        """Drive a generator of (done, total) steps, spreading `units` of progress over them and
+        yielding a Progress for each step (a heartbeat even when no unit is complete);
+        returns the generator's value."""
+        spent, stage = 0, self.stage
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as finished:
+                if units > spent:
+                    yield self.tick(units - spent)
+                self.stage = stage
+                return finished.value
+            due = min(units, done * units // max(total, 1))
+            self.stage = f"{stage}: {done} of {total} {what}"
+            yield self.tick(due - spent)
+            spent = due
+
     # Figures --------------------------------------------------------------------------------
     def kept_for(self, modification: str) -> list[str]:
         """Linears that mixed precision keeps in fp32 when `modification` is deployed."""

@@ -129,20 +129,20 @@ class TemperatureCalibration(Treatment):
         state = session.treatment
         keep = job.kept_for(plan.target)
         settings = create(plan.decoding).settings
-        job.stage = "decoding calibration: fitting the temperature on calibration text"
+        yield job.enter("decoding calibration: fitting the temperature on calibration text")
         refs, logits, masks = deployed_logits(job, plan.target, keep)
         temperature, fit_before, fit_after = fit_temperature(refs, logits, masks)
         del logits
         yield job.tick()
-        job.stage = "decoding calibration: checking it on selection text"
+        yield job.enter("decoding calibration: checking it on selection text")
         choice_before = job.choice_kl(plan.target, keep=keep, temperature=1.0)
         choice_after = job.choice_kl(plan.target, keep=keep, temperature=temperature)
-        job.stage = "decoding calibration: held-out figures"
+        yield job.enter("decoding calibration: held-out figures")
         before = job.whole_model(plan.target, keep=keep, temperature=1.0)
         yield job.tick()
         after = job.whole_model(plan.target, keep=keep, temperature=temperature)
         yield job.tick()
-        job.stage = f"decoding calibration: generations under {plan.decoding}"
+        yield job.enter(f"decoding calibration: generations under {plan.decoding}")
         sequence_before, sequence_after = generation_divergence(job, plan.target, keep, [1.0, temperature],
                                                                 settings)
         yield job.tick(2)

@@ -89,14 +89,14 @@ class KnowledgeRecovery(Treatment):
         session, plan = job.session, job.plan
         selection, evaluation = split_probes(load_knowledge_probes(), job.data.spec.seed)
         pool = [NO_PROMPT] + recovery_prompts()
-        job.stage = "knowledge recovery: the original model"
+        yield job.enter("knowledge recovery: the original model")
         with session.original_weights():
             original, _ = score(session, evaluation, job.control)
         yield job.tick()
         compressed = {}
         with job.deployed(plan.target) as ctx:
             for prompt in pool:
-                job.stage = f"knowledge recovery: prompt {pool.index(prompt) + 1} of {len(pool)}"
+                yield job.enter(f"knowledge recovery: prompt {pool.index(prompt) + 1} of {len(pool)}")
                 chosen_half = score(session, with_prompt(prompt, selection), job.control, ctx)
                 held_out = score(session, with_prompt(prompt, evaluation), job.control, ctx)
                 compressed[prompt] = (chosen_half, held_out)

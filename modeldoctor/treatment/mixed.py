@@ -84,7 +84,7 @@ class MixedPrecision(Treatment):
         linears = anatomy.linear_names() + [t for t in job.deployment_targets(plan.target) if t == HEAD]
         sizes = {n: int(anatomy.linear(n).weight.numel()) for n in linears}
         total = sum(sizes.values())
-        job.stage = f"mixed precision: {plan.target} on each linear (selection text)"
+        yield job.enter(f"mixed precision: {plan.target} on each linear (selection text)")
         values: list[float] = []
         yield from collect(job.isolated(plan.target, linears, keep=[], on=job.selection), values)
         scores = dict(zip(linears, values))
@@ -93,12 +93,12 @@ class MixedPrecision(Treatment):
         bits = weight_bits(plan.target)
         effective = (bits * (total - kept_weights) + 32 * kept_weights) / total
         current = job.kept_for(plan.target)
-        job.stage = "mixed precision: checking the plan on selection text"
+        yield job.enter("mixed precision: checking the plan on selection text")
         choice_before = job.choice_kl(plan.target, keep=current)
         yield job.tick()
         choice_after = job.choice_kl(plan.target, keep=chosen)
         yield job.tick()
-        job.stage = "mixed precision: held-out figures"
+        yield job.enter("mixed precision: held-out figures")
         before = job.whole_model(plan.target, keep=current)
         yield job.tick()
         after = job.whole_model(plan.target, keep=chosen)

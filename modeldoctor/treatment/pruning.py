@@ -63,15 +63,14 @@ class GradientPruning(Treatment):
     def run(self, job):
         session, plan = job.session, job.plan
         methods = method_names(plan.sparsity, plan.pattern)
-        job.stage = "gradient-aware pruning: loss gradients (calibration text), α (selection text)"
-        yield job.tick(0)
+        yield job.enter("gradient-aware pruning: loss gradients (calibration text), α (selection text)")
         fits = {}
         for alpha in ALPHAS:
             fits[alpha] = job.choice_kl(with_alpha(methods["gradient-aware"], alpha), keep=[], temperature=1.0)
             yield job.tick()
         alpha = min(fits, key=fits.get)
         methods["gradient-aware"] = with_alpha(methods["gradient-aware"], alpha)
-        job.stage = "gradient-aware pruning: magnitude vs Wanda vs gradient-aware"
+        yield job.enter("gradient-aware pruning: magnitude vs Wanda vs gradient-aware")
         rows = []
         for label, name in methods.items():
             choice = fits[alpha] if label == "gradient-aware" else job.choice_kl(name, keep=[], temperature=1.0)
@@ -81,7 +80,7 @@ class GradientPruning(Treatment):
         best = min(rows, key=lambda r: r["selection_kl"])  # chosen on selection text, reported on held-out
         wanda = next(r for r in rows if r["method"] == "Wanda")
         gradient = next(r for r in rows if r["method"] == "gradient-aware")
-        job.stage = "gradient-aware pruning: per block"
+        yield job.enter("gradient-aware pruning: per block")
         blocks = job.all_blocks
         before_layers: list[float] = []
         after_layers: list[float] = []

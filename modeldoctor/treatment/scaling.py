@@ -223,14 +223,28 @@ def block_output(session, trace, index: int) -> torch.Tensor:
 def apply_scaling(session, data: EvalData, method: str, bits: int = 4, group_size: int | None = 32,
                   symmetric: bool = False, control: RunControl | None = None) -> dict:
     """Search and fold scales for every group. Returns a summary: groups scaled, skipped, alphas."""
+    steps = scaling_steps(session, data, method, bits, group_size, symmetric, control)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def scaling_steps(session, data: EvalData, method: str, bits: int = 4, group_size: int | None = 32,
+                  symmetric: bool = False, control: RunControl | None = None):
+    """apply_scaling, yielding (groups done, groups) as it goes so a long search shows progress;
+    returns the summary."""
     control = control or RunControl()
     batch = data.calibration_batches[0]
     groups = find_scale_groups(session, batch)
+    yield 0, len(groups)
     inputs = collect_inputs(session, groups, data, control)
     trace, _ = session.replayer.trace(batch)
     alphas, skipped = {}, []
     for i, group in enumerate(groups):
         control.checkpoint()
+        yield i, len(groups)
         if i not in inputs:  # its consumer did not run on every calibration batch
             skipped.append(f"{group.block}:{group.producer}")
             continue
@@ -280,7 +294,9 @@ class _ScalingTreatment(Treatment):
     label = ""
 
     def units(self, session, plan):
-        return 2 * session.anatomy.num_blocks + 3
+        # per-block figures before and after, the scale search (counted as one unit per block), and
+        # five whole-model measurements
+        return 3 * session.anatomy.num_blocks + 5
 
     def run(self, job):
         """Per-layer and whole-model figures of the plan's target before and after folding the
@@ -288,25 +304,31 @@ class _ScalingTreatment(Treatment):
         session, plan = job.session, job.plan
         target = create(plan.target)
         blocks = job.all_blocks
-        job.stage = f"{self.name}: before"
+        yield job.enter(f"{self.name}: before")
         before_layers: list[float] = []
         yield from collect(job.isolated(plan.target, blocks), before_layers)
+        yield job.enter(f"{self.name}: whole-model figures before")
         before = job.whole_model(plan.target)
+        yield job.tick()
         choice_before = job.choice_kl(plan.target)
         yield job.tick()
         rollback = rollback_point(session)
         session.begin_weight_treatment()
-        job.stage = f"{self.name}: searching scales"
-        summary = apply_scaling(session, job.data, self.method, bits=getattr(target, "bits", 4),
-                                group_size=getattr(target, "group", None),
-                                symmetric=getattr(target, "symmetric", True), control=job.control)
+        yield job.enter(f"{self.name}: searching scales (calibration text)")
+        summary = yield from job.track(
+            scaling_steps(session, job.data, self.method, bits=getattr(target, "bits", 4),
+                          group_size=getattr(target, "group", None), symmetric=getattr(target, "symmetric", True),
+                          control=job.control), len(blocks), "layer groups")
         session.weights_changed(function_preserving=True)
+        yield job.enter(f"{self.name}: checking the float model is unchanged")
         float_change = job.whole_model("none", keep=[], temperature=1.0, knowledge=False)["kl_mean"]
         yield job.tick()
-        job.stage = f"{self.name}: after"
+        yield job.enter(f"{self.name}: after")
         after_layers: list[float] = []
         yield from collect(job.isolated(plan.target, blocks), after_layers)
+        yield job.enter(f"{self.name}: whole-model figures after")
         after = job.whole_model(plan.target)
+        yield job.tick()
         choice_after = job.choice_kl(plan.target)
         yield job.tick()
         # Kept or rolled back on the selection split; the figures shown are the evaluation split's.

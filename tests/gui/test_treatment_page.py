@@ -105,3 +105,24 @@ def test_treat_save_and_reset(qtbot, window, llama_dir, tmp_path):
     qtbot.waitUntil(lambda: not window.runner.busy, timeout=60000)
     assert session.weights_digest() == before
     assert page.state.text().startswith("untreated") and not page.outcomes
+
+
+def test_choices_lock_and_the_stage_shows_while_treating(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    _small_data(window)
+    page = window.treatment_page
+    page.set_target("int8-dynamic")
+    for name, box in page.checks.items():
+        box.setChecked(name == "smoothquant")
+    stages = []
+    window.runner.event.connect(lambda e: stages.append(page.status.text()) if hasattr(e, "stage") else None)
+    page.start.click()
+    assert window.runner.busy
+    # Nothing of the plan being run can be changed mid-run.
+    assert not page.choices.isEnabled() and not page.checks["smoothquant"].isEnabled()
+    assert not page.target.isEnabled() and not page.budget.isEnabled() and not page.use_advice.isEnabled()
+    assert not page.start.isEnabled() and page.cancel.isEnabled()
+    qtbot.waitUntil(lambda: not window.runner.busy and bool(page.outcomes), timeout=120000)
+    assert any("searching scales" in s and "layer groups" in s for s in stages), stages
+    assert page.choices.isEnabled() and page.checks["smoothquant"].isEnabled() and page.start.isEnabled()
+    assert not page.clock.isActive()

@@ -345,6 +345,24 @@ def test_progress_has_an_eta_and_every_treatment_reports(llama_session, small_da
                                                                                    "calibrate-temperature"]
 
 
+def test_long_stages_report_progress_as_they_go(llama_session, small_data_spec):
+    """The scale search reports each layer group, and every stage is named when it starts (the app
+    showed "smoothquant: before" for minutes while the search ran)."""
+    data = llama_session.data(small_data_spec)
+    events = list(run_treatments(llama_session, TreatmentPlan(["smoothquant"], target="int8-dynamic"), data))
+    progress = [e for e in events if isinstance(e, Progress)]
+    done = [e.done for e in progress]
+    assert done == sorted(done) and progress[-1].done == progress[-1].total
+    stages = [e.stage for e in progress]
+    search = [s for s in stages if "searching scales" in s and "layer groups" in s]
+    groups = int(search[-1].split(" of ")[1].split()[0])
+    assert len(search) >= groups > 0, "one report per layer group"
+    for stage in ("whole-model figures before", "searching scales", "checking the float model",
+                  "whole-model figures after"):
+        first = next(i for i, s in enumerate(stages) if stage in s)
+        assert progress[first].done < progress[-1].total, f"'{stage}' is announced when it starts"
+
+
 @pytest.mark.parametrize("plan, message", [
     (TreatmentPlan([]), "at least one"),
     (TreatmentPlan(["bleach"]), "Unknown treatment"),

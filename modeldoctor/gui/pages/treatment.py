@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+import time
+
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
     QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
@@ -63,6 +65,8 @@ class TreatmentPage(QWidget):
         column.addWidget(advice)
 
         choose = QGroupBox("What to treat")
+        self.choices = choose  # locked while a treatment runs
+        self.advice_box = advice
         form = QFormLayout(choose)
         self.target = QComboBox()
         for name, text in TARGETS.items():
@@ -185,6 +189,11 @@ class TreatmentPage(QWidget):
         splitter.setSizes([430, 650])
         layout.addWidget(splitter, 1)
 
+        # Between progress events the clock keeps moving: the stage's own time and a counted-down ETA.
+        self.clock = QTimer(self)
+        self.clock.setInterval(1000)
+        self.clock.timeout.connect(self._tick_clock)
+        self._stage, self._stage_began, self._eta_at = "", 0.0, None
         self.start.clicked.connect(self.treatRequested)
         self.cancel.clicked.connect(self.cancelRequested)
         self.save_model.clicked.connect(self.saveModelRequested)
@@ -198,7 +207,8 @@ class TreatmentPage(QWidget):
 
     # ---- the plan ---------------------------------------------------------------------------
     def plan(self) -> TreatmentPlan:
-        return TreatmentPlan([n for n, box in self.checks.items() if box.isChecked() and box.isEnabled()],
+        # isEnabledTo: a treatment greyed out for this deployment, not one locked with the page during a run
+        return TreatmentPlan([n for n, box in self.checks.items() if box.isChecked() and box.isEnabledTo(self.choices)],
                              target=self.target.currentData(), budget=self.budget.value() / 100,
                              sparsity=self.sparsity.value() / 100, pattern=self.pattern.currentData(),
                              decoding=self.decoding.currentData(), threshold=self.threshold_box.value())
@@ -256,17 +266,35 @@ class TreatmentPage(QWidget):
 
     def set_running(self, running: bool) -> None:
         self.cancel.setEnabled(running)
-        for widget in (self.save_model, self.reset, self.use_advice, self.target):
+        # The plan being run cannot be edited while it runs.
+        for widget in (self.save_model, self.reset, self.choices, self.advice_box):
             widget.setEnabled(not running)
+        if running:
+            self._stage, self._stage_began, self._eta_at = "", time.monotonic(), None
+            self.clock.start()
+        else:
+            self.clock.stop()
         self._refresh_checks()
 
     def progress_update(self, done: int, total: int, eta_s: float | None, stage: str) -> None:
         self.progress.setRange(0, total)
         self.progress.setValue(done)
-        self.progress.setFormat(f"{done} / {total} passes")
-        self.eta.setText(f"ETA {format_duration(eta_s)}" if done < total else "finishing …")
-        if stage:
-            self.status.setText(stage)
+        self.progress.setFormat(f"{done} / {total} steps")
+        now = time.monotonic()
+        self._eta_at = None if eta_s is None or done >= total else now + eta_s
+        if stage and stage.split(": ")[:2] != self._stage.split(": ")[:2]:
+            self._stage_began = now
+        self._stage = stage or self._stage
+        self._tick_clock()
+
+    def _tick_clock(self) -> None:
+        now = time.monotonic()
+        if self._eta_at is not None:
+            self.eta.setText(f"ETA {format_duration(max(self._eta_at - now, 0.0))}")
+        elif self.progress.maximum() and self.progress.value() >= self.progress.maximum():
+            self.eta.setText("finishing …")
+        if self._stage:
+            self.status.setText(f"{self._stage} ({format_duration(now - self._stage_began)})")
 
     def add_outcome(self, outcome) -> None:
         self.outcomes.append(outcome)
