@@ -94,8 +94,10 @@ class _ProgressBar:
     def set_total(self, total: int) -> None:
         self.bar.total = total
 
-    def update(self, done: int, eta_s: float | None) -> None:
+    def update(self, done: int, eta_s: float | None, eta_range: tuple[float, float] | None = None) -> None:
         self.eta = _format_seconds(eta_s)
+        if eta_range is not None and _format_seconds(eta_range[0]) != _format_seconds(eta_range[1]):
+            self.eta = f"{_format_seconds(eta_range[0])}–{_format_seconds(eta_range[1])}, about {self.eta}"
         self.bar.update(done - self.bar.n)
 
     def describe(self, text: str) -> None:
@@ -171,7 +173,7 @@ def cmd_checkup(args) -> int:
             elif isinstance(event, ProbeResult) and bar is not None:
                 bar.describe(event.record.spec.label)
             elif isinstance(event, Progress) and bar is not None:
-                bar.update(event.done, event.eta_s)
+                bar.update(event.done, event.eta_s, event.eta_range)
             elif isinstance(event, Failed):
                 if bar is not None:
                     bar.close()
@@ -355,7 +357,7 @@ def cmd_treat(args) -> int:
                 bar.write(f"{event.name}: {event.detail}")
             elif isinstance(event, Progress):
                 bar.set_total(event.total)
-                bar.update(event.done, event.eta_s)
+                bar.update(event.done, event.eta_s, event.eta_range)
             elif isinstance(event, TreatmentResult):
                 bar.write(f"  {event.outcome.verdict}")
             elif isinstance(event, Failed):

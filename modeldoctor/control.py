@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from modeldoctor.errors import CancelledError
 
@@ -14,16 +15,33 @@ class RunControl:
         self._cancel = threading.Event()
         self._running = threading.Event()
         self._running.set()
+        self._lock = threading.Lock()
+        self._paused_at: float | None = None
+        self._paused_total = 0.0
 
     def cancel(self) -> None:
         self._cancel.set()
-        self._running.set()  # a paused job must wake up to notice the cancel
+        self.resume()  # a paused job must wake up to notice the cancel
 
     def pause(self) -> None:
-        self._running.clear()
+        with self._lock:
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
+            self._running.clear()
 
     def resume(self) -> None:
-        self._running.set()
+        with self._lock:
+            if self._paused_at is not None:
+                self._paused_total += time.monotonic() - self._paused_at
+                self._paused_at = None
+            self._running.set()
+
+    def clock(self) -> float:
+        """Seconds of a clock that stops while the job is paused: probe times and ETAs come from
+        it, so a pause never reads as a slow probe."""
+        with self._lock:
+            paused = self._paused_total + (time.monotonic() - self._paused_at if self._paused_at is not None else 0)
+        return time.monotonic() - paused
 
     @property
     def cancelled(self) -> bool:

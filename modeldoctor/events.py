@@ -52,6 +52,7 @@ class Progress:
     elapsed_s: float
     eta_s: float | None
     stage: str = "probes"
+    eta_range: tuple[float, float] | None = None  # (soonest, latest) seconds left, where known
 
     @property
     def fraction(self) -> float:

@@ -17,6 +17,7 @@ import torch
 
 from modeldoctor.checkup.estimate import estimable, estimate_kl
 from modeldoctor.checkup.plan import CheckupPlan, build_probes
+from modeldoctor.checkup.timing import ProbeClock, probe_cost
 from modeldoctor.checkup.verdict import findings, flag_outliers, judge
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
@@ -36,19 +37,6 @@ from modeldoctor.resources import resource
 from modeldoctor.session import Reference, Session
 
 ATTENTION_TOKENS = 128
-
-
-def _probe_cost(session: Session, spec: ProbeSpec, prefix_cache: bool) -> float:
-    """Relative cost in block-equivalents, for a fair ETA: later blocks are cheaper to probe."""
-    anatomy = session.anatomy
-    block_params = sum(m.weight.numel() for m in anatomy.blocks[0].linears.values()) or 1
-    head = anatomy.head.weight.numel() / block_params
-    if spec.family == "decoding":
-        return 8 * (anatomy.num_blocks + head)
-    start = spec.block if prefix_cache else 0
-    if prefix_cache and spec.mode == "cumulative" and len(spec.targets) > 1:
-        start = anatomy.block_of(spec.targets[-1])  # resumes from the previous step's states
-    return anatomy.num_blocks - start + head
 
 
 def _decoding_prompts() -> list[str]:
@@ -99,7 +87,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         control.checkpoint()
         bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
         return ProbeRecord(spec, metrics, bleeding, level, reason, samples=samples,
-                           seconds=time.monotonic() - began)
+                           seconds=control.clock() - began)
 
     start = spec.block if plan.prefix_cache else 0
     carried = carry.start(spec) if carry and plan.prefix_cache else None
@@ -169,7 +157,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         carry.keep(spec, capture, captured)
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
-                       seconds=time.monotonic() - began)
+                       seconds=control.clock() - began)
 
 
 def probe_key(spec: ProbeSpec) -> tuple:
@@ -247,9 +235,9 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
             yield LogMessage(f"{repeats} probes measure the same as another one (e.g. a sweep point and the "
                              "isolated probe of the same block); each is measured once.")
         carry = _CumulativeCarry(exact, session.anatomy, plan.prefix_cache)
-        costs = [_probe_cost(session, p, plan.prefix_cache) if firsts[probe_key(p)] is p else 0.0 for p in exact]
-        total_cost, done_cost = sum(costs), 0.0
-        probe_began = time.monotonic()
+        costs = [probe_cost(session.anatomy, p, plan.prefix_cache) if firsts[probe_key(p)] is p else 0.0
+                 for p in exact]
+        clock = ProbeClock()
         measured: dict[tuple, ProbeRecord] = {}
         if len(exact) < len(probes):  # estimated or resumed probes are done already
             yield Progress(len(probes) - len(exact), len(probes), time.monotonic() - began, None)
@@ -267,10 +255,10 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
             records[spec.index] = record
             save()
             yield ProbeResult(record)
-            done_cost += cost
-            elapsed = time.monotonic() - probe_began
-            eta = elapsed / done_cost * (total_cost - done_cost) if done_cost else None
-            yield Progress(len(probes) - len(exact) + number, len(probes), time.monotonic() - began, eta)
+            clock.observe(spec, cost, record.seconds)
+            eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])))
+            yield Progress(len(probes) - len(exact) + number, len(probes), time.monotonic() - began, eta,
+                           eta_range=(spread.low, spread.high) if spread else None)
         save("completed", force=True)
         yield Finished("completed", f"{len(report.probes)} probes, {report.findings['bleeding_count']} bleeding",
                        report)
@@ -316,9 +304,9 @@ def _estimate(session, ref, data, plan, estimated, records, control) -> Iterator
     by_mod: dict[str, list[str]] = {}
     for spec in wanted:
         by_mod.setdefault(spec.modification, []).append(spec.targets[0])
-    began = time.monotonic()
+    began = control.clock()
     figures = estimate_kl(session, ref, data, by_mod, control)
-    seconds = (time.monotonic() - began) / len(wanted)
+    seconds = (control.clock() - began) / len(wanted)
     for spec in wanted:
         kl = figures[(spec.modification, spec.targets[0])]
         bleeding, level, reason = judge({"kl_mean": kl}, spec.family, plan.threshold)

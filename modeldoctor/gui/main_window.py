@@ -23,7 +23,7 @@ from modeldoctor.gui.pages.load import LoadPage
 from modeldoctor.gui.pages.plan import PlanPage
 from modeldoctor.gui.pages.run import RunPage
 from modeldoctor.gui.pages.treatment import TreatmentPage
-from modeldoctor.gui.state import AppState
+from modeldoctor.gui.state import AppState, Speed
 from modeldoctor.gui.worker import JobResult, JobRunner
 from modeldoctor.report.results import CheckupReport
 
@@ -251,7 +251,7 @@ class MainWindow(QMainWindow):
             from modeldoctor.session import Session
 
             session = Session.open(path, allow_pickle=allow_pickle)
-            return session, _seconds_per_token(session)
+            return session, measure_speed(session)
         self.runner.start_call(work)
         self.update_steps()
 
@@ -272,14 +272,14 @@ class MainWindow(QMainWindow):
             path = ensure_sample()
             yield LogMessage(f"Loading {path} …")
             session = Session.open(path)
-            yield JobResult((session, _seconds_per_token(session)))
+            yield JobResult((session, measure_speed(session)))
         self.runner.start(work)
         self.update_steps()
 
     # ---- checkup ---------------------------------------------------------------------------
     def _data_changed(self) -> None:
         self.state.data_spec = self.data_page.spec()
-        self.data_page.show_estimate(self.state.estimate_reference_seconds(), self.state.estimate_probe_seconds())
+        self.data_page.show_estimate(self.state.reference_seconds())
         self._plan_changed()
 
     def _plan_changed(self) -> None:
@@ -295,9 +295,8 @@ class MainWindow(QMainWindow):
         from modeldoctor.checkup.run import fewest_exact_probes
 
         measured = fewest_exact_probes(plan, probes)
-        per_probe = self.state.estimate_probe_seconds()
-        seconds = None if per_probe is None else measured * per_probe + (self.state.estimate_reference_seconds() or 0)
-        self.plan_page.show_summary(len(probes), seconds, measured=measured)
+        duration = self.state.planned_duration(plan, probes, measured)
+        self.plan_page.show_summary(len(probes), duration, measured=measured)
         self.update_steps()
 
     def resume_checkup(self) -> None:
@@ -401,7 +400,7 @@ class MainWindow(QMainWindow):
             page.add_record(record)
             page.append_log(f"{record.spec.label}: {record.reason} ({record.seconds:.1f} s)")
         elif isinstance(event, Progress):
-            page.progress_update(event.done, event.total, event.eta_s)
+            page.progress_update(event.done, event.total, event.eta_s, event.eta_range)
         elif isinstance(event, Finished):
             self.state.running = False
             report = event.report
@@ -456,9 +455,9 @@ class MainWindow(QMainWindow):
         self.job_kind = None
         self.update_steps()
 
-    def _loaded(self, session, seconds_per_token) -> None:
+    def _loaded(self, session, speed) -> None:
         self.state.session = session
-        self.state.seconds_per_token = seconds_per_token
+        self.state.speed = speed
         self.state.report = None
         path = str(session.loaded.path)
         self._remember(path)
@@ -734,14 +733,10 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
 
-def _seconds_per_token(session) -> float:
-    """Time a short forward pass (the second of two, after warm-up)."""
-    import torch
+def measure_speed(session) -> Speed:
+    """Time a forward pass as long as the checkup's sequences, and count the knowledge probes' tokens."""
+    from modeldoctor.checkup.timing import time_forward
+    from modeldoctor.data.sources import knowledge_batches, load_knowledge_probes
 
-    ids = torch.randint(10, 100, (1, 64))
-    with torch.inference_mode():
-        session.model(input_ids=ids)
-        began = time.perf_counter()
-        session.model(input_ids=ids)
-    return (time.perf_counter() - began) / 64
-
+    batches = knowledge_batches(session.tokenizer, load_knowledge_probes())
+    return Speed(time_forward(session.model, 256), sum(b.input_ids.numel() for b in batches))

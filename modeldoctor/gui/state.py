@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modeldoctor.checkup.plan import CheckupPlan
+from modeldoctor.checkup.timing import Duration, planned_duration
 from modeldoctor.data import DataSpec
 from modeldoctor.report.results import CheckupReport
 from modeldoctor.session import Session
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Timed after loading: what the time estimates before a run are built on."""
+
+    seconds_per_token: float  # a plain forward pass over one sequence of the checkup's length
+    knowledge_tokens: int  # padded tokens of the knowledge probes
 
 
 @dataclass
@@ -16,17 +25,21 @@ class AppState:
     data_spec: DataSpec = field(default_factory=DataSpec)
     plan: CheckupPlan = field(default_factory=CheckupPlan)
     report: CheckupReport | None = None
-    seconds_per_token: float | None = None  # from a timed micro-run after loading
+    speed: Speed | None = None
     running: bool = False
 
-    def estimate_probe_seconds(self) -> float | None:
-        """A block probe reruns about half the model on average, plus the knowledge probes."""
-        if self.seconds_per_token is None:
+    def planned_duration(self, plan: CheckupPlan, probes, exact_at_least: int) -> Duration | None:
+        if self.speed is None or self.session is None:
             return None
-        tokens = self.data_spec.tokens * (3.2 if self.data_spec.knowledge else 1.0)
-        return 0.65 * tokens * self.seconds_per_token
+        from dataclasses import replace
 
-    def estimate_reference_seconds(self) -> float | None:
-        if self.seconds_per_token is None:
+        plan = replace(plan, knowledge=self.data_spec.knowledge)
+        return planned_duration(self.session.anatomy, plan, probes, self.speed.seconds_per_token,
+                                self.data_spec.tokens, self.speed.knowledge_tokens, exact_at_least)
+
+    def reference_seconds(self) -> float | None:
+        """The reference pass over the evaluation text (and the knowledge probes)."""
+        if self.speed is None:
             return None
-        return self.data_spec.tokens * (3.2 if self.data_spec.knowledge else 1.0) * self.seconds_per_token * 1.3
+        knowledge = self.speed.knowledge_tokens if self.data_spec.knowledge else 0
+        return (self.data_spec.tokens + knowledge) * self.speed.seconds_per_token

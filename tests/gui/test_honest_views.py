@@ -113,3 +113,30 @@ def test_bar_labels_never_overlap(qtbot):
     assert all(abs(a - b) > 1 for a in chosen for b in chosen if a != b)
     assert chart.threshold_label.zValue() > chart.bars.zValue()
     assert np.isfinite(chart.threshold_line.value())
+
+
+def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, llama_dir):
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(2)
+    window.plan_page.exhaustive.setChecked(True)
+    window.plan_page.bits[2].setChecked(True)
+    summary = window.plan_page.summary.text()
+    assert "on this computer (estimated from a timed pass)" in summary and ("–" in summary or "about" in summary)
+    from modeldoctor.events import Progress
+
+    progress = []
+    window.runner.event.connect(lambda e: progress.append(e) if isinstance(e, Progress) else None)
+    window.start_checkup()
+    qtbot.waitUntil(lambda: sum(not r.estimated for r in window.run_page.model.records) >= 1, timeout=60000)
+    window.run_page.pause.click()
+    paused_at = len(progress)
+    assert window.run_page.eta.text() == "paused"
+    qtbot.wait(1200)
+    window.run_page.pause.click()
+    assert window.run_page.eta.text() != "paused"
+    qtbot.waitUntil(lambda: window.state.report is not None and not window.runner.busy, timeout=120000)
+    slowest = max(p.seconds for p in window.state.report.probes)
+    assert slowest < 0.9, f"a probe took {slowest:.2f} s: the pause was counted"
+    for event in progress[paused_at + 1:]:  # the ETA after the pause knows nothing of it
+        if event.eta_s is not None:
+            assert event.eta_s <= (event.total - event.done) * slowest * 1.5 + 0.2, event

@@ -27,6 +27,17 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def format_range(low: float, high: float) -> str:
+    """'about 3 min 10 s' when the ends agree to within a fifth, else '2–4 min'."""
+    if high <= low * 1.2 or high - low < 5:
+        return f"about {format_duration((low + high) / 2)}"
+    if high < 60:
+        return f"{int(round(low))}–{int(round(high))} s"
+    if high < 3600:
+        return f"{max(int(low // 60), 0)}–{int(-(-high // 60))} min"
+    return f"{low / 3600:.1f}–{high / 3600:.1f} h"
+
+
 class DataPage(QWidget):
     changed = Signal()
 
@@ -139,10 +150,11 @@ class DataPage(QWidget):
         else:
             self.builtin.setChecked(True)
 
-    def show_estimate(self, reference_s: float | None, probe_s: float | None) -> None:
-        if probe_s is None:
+    def show_estimate(self, reference_s: float | None) -> None:
+        if reference_s is None:
             self.estimate_label.setText("Load a model to see how long this takes on this computer.")
         else:
-            self.estimate_label.setText(f"Measured on this computer: the reference pass takes about "
-                                        f"{format_duration(reference_s)}, and each block probe about "
-                                        f"{format_duration(probe_s)}.")
+            self.estimate_label.setText(
+                f"Estimated from a timed pass on this computer: one pass over this text takes about "
+                f"{format_duration(reference_s)}. Each probe re-runs the model from its layer onwards; the "
+                "Plan step shows what the whole checkup takes.")

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (
 )
 
 from modeldoctor.checkup.plan import CheckupPlan
-from modeldoctor.gui.pages.data import format_duration
+from modeldoctor.gui.pages.data import format_range
 
 BITS = (8, 6, 4, 3, 2)
 PRUNE_KINDS = {"Wanda (|W|·‖x‖)": "wanda", "Magnitude": "mag", "2:4 semi-structured": "2of4",
@@ -196,7 +196,7 @@ class PlanPage(QWidget):
                            scope="linears" if self.scope_linears.isChecked() else "blocks",
                            modes=modes, threshold=self.threshold.value(), exhaustive=self.exhaustive.isChecked())
 
-    def show_summary(self, probes: int | None, seconds: float | None, problem: str = "",
+    def show_summary(self, probes: int | None, duration=None, problem: str = "",
                      measured: int | None = None) -> None:
         if problem:
             self.summary.setText(f"<span style='color:#c8373b'>{problem}</span>")
@@ -207,6 +207,6 @@ class PlanPage(QWidget):
         if measured is not None and measured < probes:
             text += (f", {probes - measured} of them estimated first and at least {measured} measured exactly "
                      "(more if many estimates come near the threshold)")
-        if seconds is not None:
-            text += f", about {format_duration(seconds)} on this computer"
+        if duration is not None:
+            text += f", {format_range(duration.low, duration.high)} on this computer (estimated from a timed pass)"
         self.summary.setText(text + ".")

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import (
 )
 from PySide6.QtCore import Qt
 
-from modeldoctor.gui.pages.data import format_duration
+from modeldoctor.gui.pages.data import format_duration, format_range
 from modeldoctor.gui.plots import BleedingBarChart, BleedingHeatmap, CurvePlot
 from modeldoctor.gui.viewmodel import CheckupViewModel
 
@@ -123,11 +123,19 @@ class RunPage(QWidget):
         self.progress.setRange(0, total)
         self.progress.setValue(0)
 
-    def progress_update(self, done: int, total: int, eta_s: float | None) -> None:
+    def progress_update(self, done: int, total: int, eta_s: float | None,
+                        eta_range: tuple[float, float] | None = None) -> None:
         self.progress.setRange(0, total)
         self.progress.setValue(done)
         self.progress.setFormat(f"probe {done} / {total}")
-        self.eta.setText(f"ETA {format_duration(eta_s)}" if done < total else "finishing …")
+        if done >= total:
+            text = "finishing …"
+        elif eta_range is not None:
+            text = f"{format_range(*eta_range)} left"
+        else:
+            text = f"ETA {format_duration(eta_s)}"
+        self._eta_text = text
+        self.eta.setText("paused" if self.pause.isChecked() else text)
 
     def end(self, reason: str, records=None) -> None:
         self.timer.stop()
@@ -224,6 +232,8 @@ class RunPage(QWidget):
 
     def _pause_toggled(self, paused: bool) -> None:
         self.pause.setText("Resume" if paused else "Pause")
+        if self.pause.isEnabled():  # a run is under way (end() unchecks the button too)
+            self.eta.setText("paused" if paused else getattr(self, "_eta_text", ""))
         self.pauseToggled.emit(paused)
 
     def _bar_clicked(self, index: int) -> None:
