@@ -20,7 +20,7 @@ from modeldoctor.atomic import prepare_target, replace_folder, staging_folder
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
-from modeldoctor.events import Event, Failed, Finished, LogMessage, Stage
+from modeldoctor.events import Event, Failed, Finished, LogMessage, Progress, Stage
 from modeldoctor.export.onnx_export import export_fp32
 from modeldoctor.export.quantize import INT4_BLOCK, PRECISIONS, quantize_export
 from modeldoctor.export.validate import latency, validate
@@ -54,6 +54,7 @@ class ExportResult:
     predicted_by: str | None = None  # the checkup modification whose probes predicted this export
     predicted_kl: float | None = None  # sum of their isolated KLs over what the export quantizes
     missing_checkup: str | None = None  # the modification to run a checkup of, when none predicted it
+    predicted_bytes: int | None = None  # the size predicted before writing (predicted_size)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +82,44 @@ def missing_checkup_text(precision: str) -> str:
     name = PREDICTORS[precision]
     return (f"No checkup of {name} (what the {precision} export writes) predicts this export, so nothing is kept in "
             f"fp32 automatically and there is no predicted KL; run a checkup of {name} at linear scope to get both.")
+
+
+# Bytes per weight of each format as the exporter writes it: int8 dynamic stores int8 weights with
+# one scale and zero point per tensor; int4 MatMulNBits stores 4-bit weights plus an fp32 scale
+# and a 4-bit zero point per block.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + (4 + 0.5) / INT4_BLOCK}
+
+
+@dataclass(frozen=True)
+class SizePrediction:
+    bytes: int
+    fp32_bytes: int
+    kept: int  # linears left in fp32
+    linears: int
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes / max(self.fp32_bytes, 1)
+
+
+def predicted_size(session: Session, precision: str, excluded: list[str]) -> SizePrediction:
+    """The export's weights on disk before it is written (an estimate: graph overhead and the
+    KV-cache plumbing are left out, which matters only for tiny models). A tied head that is
+    quantized adds a quantized copy beside the fp32 embedding the lookup keeps."""
+    anatomy = session.anatomy
+    fp32 = int(session.summary.parameters * 4)
+    if precision == "fp32":
+        return SizePrediction(fp32, fp32, len(anatomy.linear_targets()), len(anatomy.linear_targets()))
+    kept = set(excluded)
+    saved = 0.0
+    for name in anatomy.linear_targets():
+        if name in kept:
+            continue
+        weights = anatomy.linear(name).weight.numel()
+        quantized = weights * BYTES_PER_WEIGHT[precision]
+        saved += (-quantized) if name == HEAD and anatomy.head_tied else weights * 4 - quantized
+    targets = anatomy.linear_targets()
+    return SizePrediction(int(fp32 - saved), fp32, sum(1 for n in targets if n in kept), len(targets))
 
 
 def remaining_kl(session: Session, kl: dict[str, float], excluded: list[str]) -> float:
@@ -124,6 +163,31 @@ def choose_exclusions(session: Session, report: CheckupReport | None, precision:
         notes.append(f"{guessed} of those figures are first-stage estimates, which run low (up to about 2× on the "
                      "sample), so the predicted KL is optimistic; an exhaustive checkup makes it exact.")
     return list(dict.fromkeys(n for t in chosen for n in target_linears(session.anatomy, t))), notes
+
+
+class ExportSteps:
+    """Progress through the export's steps. The time left is an estimate, scaled from the first step's
+    time by the steps' rough relative lengths on the sample (quantizing about half as long as the
+    fp32 export, validating about as long)."""
+
+    WEIGHTS = {"export": 1.0, "quantize": 0.5, "validate": 1.0}
+
+    def __init__(self, quantizes: bool) -> None:
+        self.names = ["export"] + (["quantize"] if quantizes else []) + ["validate"]
+        self.began = time.monotonic()
+        self.first_took: float | None = None
+
+    def enter_all(self, name: str, detail: str) -> Iterator[Event]:
+        """The Stage event and a Progress event for the step now starting."""
+        index = self.names.index(name)
+        if index == 1:
+            self.first_took = time.monotonic() - self.began
+        eta = None
+        if self.first_took is not None:
+            left = sum(self.WEIGHTS[n] for n in self.names[index:])
+            eta = self.first_took * left / self.WEIGHTS["export"]
+        yield Stage(name, detail)
+        yield Progress(index, len(self.names), time.monotonic() - self.began, eta, stage=name)
 
 
 def export_model(session: Session, data: EvalData, target: str | os.PathLike, precision: str = "int8",
@@ -180,7 +244,8 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         temperature = treated.temperature if treated.temperature_for == written_format else 1.0
         for note in notes:
             yield LogMessage(note)
-        yield Stage("export", "optimum-onnx, fp32, with past key values")
+        steps = ExportSteps(precision != "fp32")
+        yield from steps.enter_all("export", "optimum-onnx, fp32, with past key values")
         fp32_path = export_fp32(session.model, session.tokenizer, staging / "fp32")
         control.checkpoint()
         fp32_latency = latency(OnnxCausalLM(fp32_path))
@@ -190,7 +255,7 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         if precision == "fp32":
             final = fp32_path.parent
         else:
-            yield Stage("quantize", f"{precision}, {len(excluded)} linears kept in fp32")
+            yield from steps.enter_all("quantize", f"{precision}, {len(excluded)} linears kept in fp32")
             final = staging / "model"
             final.mkdir()
             excluded_nodes = quantize_export(fp32_path, final / fp32_path.name, precision, session.anatomy,
@@ -200,7 +265,7 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
                 if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
                     shutil.copy2(extra, final / extra.name)
         control.checkpoint()
-        yield Stage("validate", f"against the torch model on {data.eval_tokens} tokens")
+        yield from steps.enter_all("validate", f"against the torch model on {data.eval_tokens} tokens")
         from modeldoctor.checkup.run import _decoding_prompts
 
         if temperature != 1.0:
@@ -215,7 +280,8 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         result = ExportResult(str(target) if passed else None, precision, passed, budget_kl, excluded,
                               excluded_nodes, figures, fp32, message, notes, predicted_by=predictor,
                               predicted_kl=remaining_kl(session, kl, excluded) if predictor else None,
-                              missing_checkup=missing)
+                              missing_checkup=missing,
+                              predicted_bytes=predicted_size(session, precision, excluded).bytes)
         if not passed:
             yield Failed(f"Export over budget, nothing written: {message}. Keep more layers in fp32 "
                          "(or treat the bleeding ones) and export again.")

@@ -592,6 +592,7 @@ class MainWindow(QMainWindow):
         self.job_kind = "export"
         page.set_running(True)
         page.status.setText("Exporting …")
+        self.statusBar().showMessage(f"Exporting {precision} to {target} …")
 
         def work(control):
             from dataclasses import replace
@@ -606,16 +607,21 @@ class MainWindow(QMainWindow):
 
     def _export_event(self, event) -> None:
         page = self.export_page
-        if isinstance(event, Stage):
+        if isinstance(event, Progress):
+            page.progress_update(event.done, event.total, event.eta_s, event.stage)
+        elif isinstance(event, Stage):
             page.status.setText(f"{event.name}: {event.detail} …")
+            self.statusBar().showMessage(f"Exporting: {event.name} ({event.detail}) …")
         elif isinstance(event, LogMessage):
             page.status.setText(event.message)
         elif isinstance(event, Finished):
             page.set_running(False)
             if event.report is not None:
                 page.show_result(event.report)
-            elif event.reason == "cancelled":
-                page.status.setText("Export cancelled; nothing was written.")
+            else:
+                page.progress.setFormat(event.reason)
+                if event.reason == "cancelled":
+                    page.status.setText("Export cancelled; nothing was written.")
             self.statusBar().showMessage(f"Export {event.reason}: {event.message}")
 
     # ---- probe details ---------------------------------------------------------------------

@@ -30,3 +30,44 @@ def test_export_page_runs_the_missing_format_checkup(qtbot, window, llama_dir):
     window.go(6)
     assert not page.run_checkup.isVisible()
     assert "head" in page.predicted and len(page.predicted) == len(window.state.session.anatomy.linear_targets())
+
+
+def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, llama_dir, tmp_path, screenshots):
+    """Issue 12 bug 7: a block-scope checkup keeps whole blocks in fp32 (no longer silently), the size and
+    KL are predicted before writing, the export shows its progress, the result table explains itself."""
+    from modeldoctor.events import Progress
+
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(2)
+    window.plan_page.bits[4].setChecked(False)
+    window.plan_page.prune_on.setChecked(False)
+    window.plan_page.remove.setChecked(False)
+    window.plan_page.threshold.setValue(0.0001)  # every block bleeds: every linear kept whole
+    run_checkup(qtbot, window)
+    page = window.export_page
+    window.go(6)
+    page.precisions["int8"].setChecked(True)
+    assert "probed whole blocks" in page.keep_note.text()
+    assert page.run_checkup.isVisible() and "linear-scope checkup of int8-dynamic" in page.run_checkup.text()
+    before = page.prediction.text()
+    assert "Before exporting" in before and "% of fp32" in before and "predicted mean KL" in before
+    page.keep.item(0).setCheckState(page.keep.item(0).checkState().__class__.Unchecked)
+    assert page.prediction.text() != before, "the prediction follows the keep list"
+    progress = []
+    window.runner.event.connect(lambda e: progress.append(e) if isinstance(e, Progress) else None)
+    page.folder.setText(str(tmp_path / "onnx"))
+    page.budget.setValue(5.0)
+    page.start.click()
+    assert not page.keep.isEnabled() and not page.budget.isEnabled() and page.cancel.isEnabled()
+    assert "Exporting int8" in window.statusBar().currentMessage()
+    qtbot.waitUntil(lambda: not window.runner.busy and page.table.rowCount() > 0, timeout=180000)
+    assert [e.stage for e in progress] == ["export", "quantize", "validate"]
+    assert progress[-1].eta_s is not None
+    rows = {page.table.item(r, 0).text(): page.table.item(r, 1).text() for r in range(page.table.rowCount())}
+    assert "predicted" in rows["size on disk"]
+    assert page.table_note.isVisible() and "identical" in page.table_note.text()
+    assert page.progress.text() == "passed" or page.progress.format() == "passed"
+    assert page.chart.getPlotItem().getAxis("bottom").labelText.startswith("block, as the checkup probed them")
+    assert len(page.bars.opts["x"]) == window.state.session.anatomy.num_blocks
+    assert len(page.chart.getPlotItem().legend.items) == 4
+    page.grab().save(str(screenshots / "tiny-export-done.png"))

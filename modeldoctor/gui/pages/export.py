@@ -9,17 +9,25 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QButtonGroup, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-    QListWidget, QListWidgetItem, QPushButton, QRadioButton, QSplitter, QTableWidget, QTableWidgetItem,
+    QListWidget, QListWidgetItem, QProgressBar, QPushButton, QRadioButton, QSplitter, QTableWidget, QTableWidgetItem,
     QVBoxLayout, QWidget,
 )
 
 from modeldoctor.export.pipeline import (
     DEFAULT_BUDGET_KL, PREDICTORS, missing_checkup, missing_checkup_text, predicted_kl,
 )
+from modeldoctor.gui.pages.data import format_duration
 from modeldoctor.gui.plots import LabelAxis, LogAxis
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
 
 KEPT_COLOR = (150, 150, 150)
+
+
+def format_bytes(count: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.{1 if count < 10 * size else 0}f} {unit}"
+    return f"{int(count)} bytes"
 
 
 class ExportPage(QWidget):
@@ -80,6 +88,9 @@ class ExportPage(QWidget):
         self.run_checkup.hide()
         keep_layout.addWidget(self.run_checkup)
         form_box.addWidget(keep_box, 1)
+        self.prediction = QLabel()  # size and KL of the export before it is written
+        self.prediction.setWordWrap(True)
+        form_box.addWidget(self.prediction)
         buttons = QHBoxLayout()
         self.start = QPushButton("Export and validate")
         self.start.setMinimumHeight(32)
@@ -90,6 +101,15 @@ class ExportPage(QWidget):
         for button in (self.start, self.cancel, self.more):
             buttons.addWidget(button)
         form_box.addLayout(buttons)
+        progress_row = QHBoxLayout()
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("")
+        self.eta = QLabel("")
+        progress_row.addWidget(self.progress, 1)
+        progress_row.addWidget(self.eta)
+        form_box.addLayout(progress_row)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         form_box.addWidget(self.status)
@@ -99,21 +119,38 @@ class ExportPage(QWidget):
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["validation", "value"])
         self.table.verticalHeader().hide()
+        self.table.horizontalHeader().setStretchLastSection(True)
         right_layout.addWidget(self.table, 1)
+        self.table_note = QLabel("The verdict is the mean KL against the budget. Greedy continuations part ways "
+                                 "for good once a single token differs, so 'identical' can be 0% for an export "
+                                 "that passes; 'first divergence' says how many tokens they agree first.")
+        self.table_note.setWordWrap(True)
+        self.table_note.hide()
+        right_layout.addWidget(self.table_note)
         self.bottom_axis = LabelAxis(orientation="bottom")
         self.chart = pg.PlotWidget(axisItems={"bottom": self.bottom_axis,
                                               "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
-        self.chart.setTitle("checkup's predicted KL per layer (grey: kept in fp32) vs measured KL of the export")
+        self.chart.setTitle("predicted KL per linear, worst 60")
+        self.chart.setLabel("left", "mean KL (nats)")
+        self.chart.setLabel("bottom", "linear (grey: kept in fp32)")
         self.chart.setMouseEnabled(x=False, y=False)
+        self.chart.setMenuEnabled(False)
         self.chart.hideButtons()
+        legend = self.chart.addLegend(offset=(-10, 10), brush=pg.mkBrush(255, 255, 255, 210))
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brushes=[])
         self.chart.addItem(self.bars)
-        self.measured = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen((31, 119, 180), width=2),
-                                        label="exported: {value:.3g}", labelOpts={"position": 0.9})
+        self.measured = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen((31, 119, 180), width=2))
         self.predicted_line = pg.InfiniteLine(angle=0, movable=False,
                                               pen=pg.mkPen((224, 123, 57), width=2, style=Qt.PenStyle.DashLine))
         self.chart.addItem(self.measured)
         self.chart.addItem(self.predicted_line)
+        # Legend entries for the two lines and the two kinds of bar.
+        for pen_or_brush, text in ((pg.mkPen((224, 123, 57), width=2, style=Qt.PenStyle.DashLine),
+                                    "predicted KL of the export"),
+                                   (pg.mkPen((31, 119, 180), width=2), "measured KL of the written file")):
+            legend.addItem(pg.PlotDataItem(pen=pen_or_brush), text)
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=SEVERITY_COLORS["moderate"]), "quantized")
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=KEPT_COLOR), "kept in fp32")
         self.measured.hide()
         self.predicted_line.hide()
         right_layout.addWidget(self.chart, 1)
@@ -152,10 +189,12 @@ class ExportPage(QWidget):
 
         precision = self.precision()
         self.predicted = {}
+        self.figures: dict[str, float] = {}  # what the chart draws: the linears' figures, else the blocks'
         chosen, notes = [], []
         if self._session is not None and precision != "fp32":
             _, kl, _ = predicted_kl(self.report, precision)
             self.predicted = {t: v for t, v in kl.items() if not t.isdigit()}  # linears, the head too
+            self.figures = self.predicted or dict(kl)
             chosen, notes = choose_exclusions(self._session, self.report, precision, self.budget.value())
         treated = self._session.treatment if self._session is not None else None
         if treated is not None and precision != "fp32" and treated.keep and treated.keep_for == PREDICTORS[precision]:
@@ -183,11 +222,18 @@ class ExportPage(QWidget):
             self.run_checkup.setText(f"Run the {missing} checkup (linear scope)")
             self.run_checkup.setProperty("modification", missing)
         elif not self.predicted:
-            self.keep_note.setText(" ".join(notes) or f"The {PREDICTORS[precision]} checkup probed blocks only; "
-                                   "a checkup at linear scope ranks single layers.")
+            # Block-scope figures: a bleeding block can only be kept whole.
+            linears = len(self._session.anatomy.blocks[0].linears)
+            self.keep_note.setText(" ".join(notes + [
+                f"The {PREDICTORS[precision]} checkup probed whole blocks, so each bleeding block keeps all {linears} "
+                f"of its linears in fp32 ({len(self.kept())} ticked here), which makes the file large. A checkup "
+                "at linear scope keeps only the linears that bleed."]))
+            self.run_checkup.setText(f"Run a linear-scope checkup of {PREDICTORS[precision]}")
+            self.run_checkup.setProperty("modification", PREDICTORS[precision])
         else:
             self.keep_note.setText(" ".join(notes))
-        self.run_checkup.setVisible(bool(missing))
+        self.run_checkup.setVisible(bool(missing) or (precision != "fp32" and not self.predicted
+                                                      and self._session is not None))
         self._draw_prediction()
 
     def kept(self) -> list[str]:
@@ -205,24 +251,75 @@ class ExportPage(QWidget):
         self.status.setText(f"{added} more layers will stay in fp32. Export again.")
 
     def _draw_prediction(self) -> None:
-        names = [n for n in sorted(self.predicted, key=self.predicted.get, reverse=True)][:60]
+        from modeldoctor.export.pipeline import remaining_kl
+        from modeldoctor.modifications.base import target_linears
+
+        figures = getattr(self, "figures", {})
+        names = [n for n in sorted(figures, key=figures.get, reverse=True)][:60]
         kept = set(self.kept())
-        heights = [log_kl(self.predicted[n]) - np.log10(KL_FLOOR) for n in names]
-        brushes = [pg.mkBrush(*(KEPT_COLOR if n in kept else SEVERITY_COLORS["moderate"])) for n in names]
+        anatomy = self._session.anatomy if self._session is not None else None
+        whole = {n for n in names if anatomy is not None and set(target_linears(anatomy, n)) <= kept}
+        heights = [log_kl(figures[n]) - np.log10(KL_FLOOR) for n in names]
+        brushes = [pg.mkBrush(*(KEPT_COLOR if n in whole else SEVERITY_COLORS["moderate"])) for n in names]
         self.bars.setOpts(x=np.arange(len(names), dtype=float), height=heights, brushes=brushes,
                           pen=pg.mkPen(None), pens=None)
         self.bottom_axis.set_labels(names)
-        remaining = sum(v for n, v in self.predicted.items() if n not in kept)
-        if self.predicted:
+        self.chart.setLabel("bottom", "linear (grey: kept in fp32)" if self.predicted or not figures
+                            else "block, as the checkup probed them (grey: kept whole in fp32)")
+        self.chart.setTitle(f"predicted KL per {'linear' if self.predicted or not figures else 'block'}"
+                            + (", worst 60" if len(figures) > 60 else ""))
+        remaining = remaining_kl(self._session, figures, list(kept)) if figures else 0.0
+        if figures:
             self.predicted_line.setPos(log_kl(remaining) - np.log10(KL_FLOOR))
             self.predicted_line.setToolTip(f"predicted KL of the export: {remaining:.4f}")
             self.predicted_line.show()
+        else:
+            self.predicted_line.hide()
+        self.show_prediction()
+
+    def show_prediction(self) -> None:
+        """What the export will be, before it is written: size from the keep list, KL from the checkup."""
+        from modeldoctor.export.pipeline import predicted_kl, predicted_size, remaining_kl
+
+        if self._session is None:
+            self.prediction.setText("")
+            return
+        precision = self.precision()
+        size = predicted_size(self._session, precision, self.kept())
+        text = (f"<b>Before exporting:</b> about {format_bytes(size.bytes)}, {size.fraction:.0%} of fp32 "
+                f"(estimated from the weights; {size.kept} of {size.linears} linears kept in fp32)")
+        name, kl, _ = predicted_kl(self.report, precision)
+        if precision == "fp32":
+            text += "; the same function as the model, KL 0."
+        elif name is None:
+            text += "; no predicted KL without a checkup of this format."
+        else:
+            predicted = remaining_kl(self._session, kl, self.kept())
+            verdict = "within" if predicted <= self.budget.value() else "over"
+            text += (f"; predicted mean KL {predicted:.4f} ({verdict} the {self.budget.value():g} budget), the sum of "
+                     f"the {name} checkup's figures for what is quantized.")
+        self.prediction.setText(text)
 
     def set_running(self, running: bool) -> None:
         self.start.setEnabled(not running)
         self.cancel.setEnabled(running)
+        for widget in (self.keep, self.budget, self.folder, self.run_checkup, *self.precisions.values()):
+            widget.setEnabled(not running)
         if running:
             self.more.setEnabled(False)
+            self.progress.setRange(0, 0)
+            self.progress.setFormat("starting …")
+            self.eta.setText("")
+            self.table_note.hide()
+        else:
+            self.keep.setEnabled(self.precision() != "fp32")
+            self.progress.setRange(0, 1)
+
+    def progress_update(self, done: int, total: int, eta_s: float | None, stage: str) -> None:
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"step {min(done + 1, total)} of {total}: {stage}")
+        self.eta.setText(f"about {format_duration(eta_s)} left (estimated)" if eta_s is not None else "")
 
     def show_result(self, result) -> None:
         v, fp32 = result.validation, result.fp32
@@ -233,7 +330,8 @@ class ExportPage(QWidget):
                 ("perplexity (original)", f"{v['ppl']:.3f} ({v['ppl_ref']:.3f})"),
                 ("greedy 32 tokens identical", f"{v['greedy_identical']:.0%} of prompts"),
                 ("first divergence", f"{v['greedy_first_divergence']:.1f} tokens"),
-                ("size on disk", f"{v['size_bytes'] / 2**20:,.0f} MiB ({v['size_bytes'] / fp32['size_bytes']:.0%})"),
+                ("size on disk", f"{format_bytes(v['size_bytes'])} ({v['size_bytes'] / fp32['size_bytes']:.0%})"
+                 + (f", predicted {format_bytes(result.predicted_bytes)}" if result.predicted_bytes else "")),
                 ("latency vs fp32 ONNX", f"×{v.get('latency_ratio', 1):.2f}"),
                 ("kept in fp32", f"{len(result.excluded_linears)} layers"),
                 ("predicted mean KL", f"{result.predicted_kl:.4f} ({result.predicted_by} checkup)"
@@ -244,8 +342,12 @@ class ExportPage(QWidget):
             self.table.setItem(r, 0, QTableWidgetItem(key))
             self.table.setItem(r, 1, QTableWidgetItem(value))
         self.table.resizeColumnsToContents()
+        self.table_note.show()
+        self.progress.setValue(self.progress.maximum())
+        self.progress.setFormat("passed" if result.passed else "over budget")
+        self.eta.setText("")
+        self.measured.setToolTip(f"measured KL of the written file: {v['kl_mean']:.4g}")
         self.measured.setPos(log_kl(v["kl_mean"]) - np.log10(KL_FLOOR))
-        self.measured.label.setFormat(f"exported: {v['kl_mean']:.3g}")
         self.measured.show()
         self.more.setEnabled(not result.passed and result.precision != "fp32")
         self.status.setText(f"Exported to {result.path}." if result.passed else
