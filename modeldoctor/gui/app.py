@@ -43,14 +43,49 @@ def install_exception_dialog(window_getter) -> None:
     threading.excepthook = lambda args: handle(args.exc_type, args.exc_value, args.exc_traceback)
 
 
-def apply_palette(app) -> None:
-    """pyqtgraph plots follow the system's light or dark palette."""
+THEMES = ("system", "light", "dark")
+
+
+def system_is_dark(app) -> bool:
+    from PySide6.QtCore import Qt
+
+    return app.styleHints().colorScheme() == Qt.ColorScheme.Dark
+
+
+def dark_palette():
+    from PySide6.QtGui import QColor, QPalette
+
+    palette = QPalette()
+    role = QPalette.ColorRole
+    for name, color in ((role.Window, (45, 45, 48)), (role.WindowText, (230, 230, 230)), (role.Base, (30, 30, 32)),
+                        (role.AlternateBase, (45, 45, 48)), (role.Text, (230, 230, 230)),
+                        (role.Button, (55, 55, 58)), (role.ButtonText, (230, 230, 230)),
+                        (role.ToolTipBase, (60, 60, 64)), (role.ToolTipText, (230, 230, 230)),
+                        (role.Highlight, (42, 130, 218)), (role.HighlightedText, (255, 255, 255)),
+                        (role.Link, (90, 170, 255)), (role.PlaceholderText, (150, 150, 150))):
+        palette.setColor(name, QColor(*color))
+    for name in (role.WindowText, role.Text, role.ButtonText):
+        palette.setColor(QPalette.ColorGroup.Disabled, name, QColor(120, 120, 120))
+    return palette
+
+
+def apply_palette(app, theme: str = "system") -> bool:
+    """Light or dark widgets ("system" follows the desktop's colour scheme); pyqtgraph plots follow
+    the palette. Returns whether the result is dark. Plots created before a change keep their colours
+    until the window is reopened."""
     import pyqtgraph as pg
     from PySide6.QtGui import QPalette
 
+    dark = theme == "dark" or (theme == "system" and system_is_dark(app))
+    if dark:
+        app.setStyle("Fusion")
+        app.setPalette(dark_palette())
+    else:
+        app.setPalette(app.style().standardPalette())
     palette = app.palette()
     pg.setConfigOptions(background=palette.color(QPalette.ColorRole.Base),
                         foreground=palette.color(QPalette.ColorRole.Text), antialias=True)
+    return dark
 
 
 def run_app(model: str | None = None) -> int:
@@ -65,7 +100,6 @@ def run_app(model: str | None = None) -> int:
     icon = RESOURCES / "icons" / "modeldoctor.svg"
     if icon.exists():
         app.setWindowIcon(QIcon(str(icon)))
-    apply_palette(app)
     from modeldoctor.gui.main_window import MainWindow
 
     window = MainWindow()

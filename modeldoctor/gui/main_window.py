@@ -8,7 +8,7 @@ from pathlib import Path
 from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QFileDialog, QHBoxLayout, QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QStackedWidget,
+    QFileDialog, QHBoxLayout, QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QScrollArea, QStackedWidget,
     QWidget,
 )
 
@@ -46,10 +46,11 @@ class MainWindow(QMainWindow):
 
         from modeldoctor.gui.app import apply_palette
 
-        apply_palette(QApplication.instance())
         self.setWindowTitle("Model Doctor")
         self.setAcceptDrops(True)
         self.settings = settings or QSettings("ModelDoctor", "ModelDoctor")
+        self.theme = str(self.settings.value("view/theme", "system"))
+        self.dark = apply_palette(QApplication.instance(), self.theme)
         self.state = AppState()
         self.runner = JobRunner(self)
         self.runner.event.connect(self._on_event)
@@ -73,7 +74,12 @@ class MainWindow(QMainWindow):
         self.export_page = ExportPage()
         for page in (self.load_page, self.data_page, self.plan_page, self.run_page, self.diagnosis_page,
                      self.treatment_page, self.export_page):
-            self.pages.addWidget(page)
+            # Scrolls rather than forcing a large window: every page fits a 1280x720 screen.
+            scroll = QScrollArea()
+            scroll.setWidgetResizable(True)
+            scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+            scroll.setWidget(page)
+            self.pages.addWidget(scroll)
         row.addWidget(self.steps)
         row.addWidget(self.pages, 1)
         self.setCentralWidget(central)
@@ -137,8 +143,30 @@ class MainWindow(QMainWindow):
         go = self.menuBar().addMenu("&Go")
         for number, name in enumerate(STEPS):
             self._action(go, name, lambda checked=False, n=number: self.go(n), f"Ctrl+{number + 1}")
+        view = self.menuBar().addMenu("&View")
+        theme_menu = view.addMenu("Theme")
+        from PySide6.QtGui import QActionGroup
+
+        group = QActionGroup(self)
+        for theme in ("system", "light", "dark"):
+            action = self._action(theme_menu, {"system": "Follow the system", "light": "Light",
+                                               "dark": "Dark"}[theme], lambda checked=False, t=theme: self.set_theme(t))
+            action.setCheckable(True)
+            action.setChecked(theme == self.theme)
+            group.addAction(action)
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "About Model Doctor", self._about)
+
+    def set_theme(self, theme: str) -> None:
+        """Widgets change at once; plots take the new colours the next time the app starts."""
+        from PySide6.QtWidgets import QApplication
+
+        from modeldoctor.gui.app import apply_palette
+
+        self.theme = theme
+        self.settings.setValue("view/theme", theme)
+        self.dark = apply_palette(QApplication.instance(), theme)
+        self.statusBar().showMessage("Theme changed; the plots follow when Model Doctor is next started.")
 
     def _about(self) -> None:
         QMessageBox.about(self, "Model Doctor", "<b>Model Doctor</b><br>Finds the layers of a language model "
@@ -149,7 +177,7 @@ class MainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1280, 820)
+            self.resize(1280, 720)
         self.load_page.set_recent(self._recent())
         tokens = self.settings.value("data/tokens")
         if tokens is not None:

@@ -13,6 +13,13 @@ from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, Bars, log_kl
 
 
 
+def backing():
+    """A translucent brush of the plot background, behind text drawn over bars."""
+    color = pg.mkColor(pg.getConfigOption("background"))
+    color.setAlpha(210)
+    return pg.mkBrush(color)
+
+
 class LogAxis(pg.AxisItem):
     """Ticks of a log10 axis labelled in plain numbers (1e-3, 0.01, 1)."""
 
@@ -65,7 +72,7 @@ class BleedingBarChart(pg.PlotWidget):
         self.addItem(self.threshold_line)
         # Above the bars, on its own backing, so a tall bar never hides it.
         self.threshold_label = pg.TextItem("bleeding threshold", anchor=(0, 1), color=(200, 55, 59),
-                                           fill=pg.mkBrush(255, 255, 255, 200))
+                                           fill=backing())
         self.threshold_label.setZValue(20)
         self.addItem(self.threshold_label)
         self.labels = [pg.TextItem(anchor=(0.5, 1.0), color=pg.getConfigOption("foreground")) for _ in range(3)]

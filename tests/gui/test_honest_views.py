@@ -140,3 +140,44 @@ def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, lla
     for event in progress[paused_at + 1:]:  # the ETA after the pause knows nothing of it
         if event.eta_s is not None:
             assert event.eta_s <= (event.total - event.done) * slowest * 1.5 + 0.2, event
+
+
+def test_every_page_fits_a_1280x720_screen_and_recent_paths_are_whole(qtbot, window, llama_dir):
+    from PySide6.QtCore import Qt
+
+    window.resize(1280, 720)
+    qtbot.waitUntil(lambda: window.size().width() == 1280 and window.size().height() == 720, timeout=5000)
+    load(qtbot, window, llama_dir)
+    for index in range(window.pages.count()):
+        window.pages.setCurrentIndex(index)
+        scroll = window.pages.widget(index)
+        page = scroll.widget()
+        hint = page.minimumSizeHint()
+        viewport = scroll.viewport().size()
+        # Never cut off: a page that does not fit scrolls; none needs a sideways scroll at this size.
+        assert hint.width() <= viewport.width(), (type(page).__name__, hint, viewport)
+        assert scroll.widgetResizable()
+    window.load_page.set_recent([str(llama_dir), "/a/very/long/path/" + "deep/" * 20 + "model"])
+    item = window.load_page.recent.item(1)
+    assert item.toolTip().endswith("/model") and item.data(Qt.ItemDataRole.UserRole).startswith("/a/very")
+    assert item.text().startswith("model  —  ")
+    assert window.load_page.recent.textElideMode() == Qt.TextElideMode.ElideMiddle
+
+
+def test_dark_theme_is_applied_and_remembered(qtbot, window, tmp_path):
+    from PySide6.QtCore import QSettings
+    from PySide6.QtGui import QPalette
+    from PySide6.QtWidgets import QApplication
+
+    from modeldoctor.gui.main_window import MainWindow
+
+    window.set_theme("dark")
+    try:
+        assert window.dark and QApplication.instance().palette().color(QPalette.ColorRole.Window).lightness() < 80
+        assert window.settings.value("view/theme") == "dark"
+        again = MainWindow(window.settings)
+        qtbot.addWidget(again)
+        assert again.dark
+    finally:
+        window.set_theme("light")
+    assert QApplication.instance().palette().color(QPalette.ColorRole.Window).lightness() > 150

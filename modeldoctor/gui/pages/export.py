@@ -17,7 +17,7 @@ from modeldoctor.export.pipeline import (
     DEFAULT_BUDGET_KL, PREDICTORS, missing_checkup, missing_checkup_text, predicted_kl,
 )
 from modeldoctor.gui.pages.data import format_duration
-from modeldoctor.gui.plots import LabelAxis, LogAxis
+from modeldoctor.gui.plots import LabelAxis, LogAxis, backing
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
 
 KEPT_COLOR = (150, 150, 150)
@@ -136,7 +136,7 @@ class ExportPage(QWidget):
         self.chart.setMouseEnabled(x=False, y=False)
         self.chart.setMenuEnabled(False)
         self.chart.hideButtons()
-        legend = self.chart.addLegend(offset=(-10, 10), brush=pg.mkBrush(255, 255, 255, 210))
+        legend = self.chart.addLegend(offset=(-10, 10), brush=backing())
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brushes=[])
         self.chart.addItem(self.bars)
         self.measured = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen((31, 119, 180), width=2))
@@ -215,7 +215,9 @@ class ExportPage(QWidget):
         self.keep.setEnabled(precision != "fp32")
         # Only a checkup of exactly what the export writes predicts it; offer to run that one.
         missing = missing_checkup(self.report, precision) if self._session is not None else None
-        if precision == "fp32":
+        if self._session is None:
+            self.keep_note.setText("Load the model (step 1) to export it; a reopened session alone has no weights.")
+        elif precision == "fp32":
             self.keep_note.setText("fp32 keeps every layer in full precision.")
         elif missing:
             self.keep_note.setText(" ".join(notes + [missing_checkup_text(precision)]))

@@ -58,7 +58,8 @@ class LoadPage(QWidget):
         self.open_folder.clicked.connect(self._choose_folder)
         self.open_gguf.clicked.connect(self._choose_gguf)
         self.open_sample.clicked.connect(self.sampleRequested)
-        self.recent.itemDoubleClicked.connect(lambda item: self.openRequested.emit(item.text()))
+        self.recent.itemDoubleClicked.connect(
+            lambda item: self.openRequested.emit(item.data(Qt.ItemDataRole.UserRole)))
 
     def _choose_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Open model folder")
@@ -71,8 +72,19 @@ class LoadPage(QWidget):
             self.openRequested.emit(path)
 
     def set_recent(self, paths: list[str]) -> None:
+        """Each model by name, then its folder (elided in the middle when narrow); the full path in
+        the tooltip."""
+        from pathlib import Path
+
+        from PySide6.QtWidgets import QListWidgetItem
+
         self.recent.clear()
-        self.recent.addItems(paths)
+        self.recent.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        for path in paths:
+            item = QListWidgetItem(f"{Path(path).name}  —  {Path(path).parent}")
+            item.setData(Qt.ItemDataRole.UserRole, path)
+            item.setToolTip(path)
+            self.recent.addItem(item)
 
     def set_busy(self, busy: bool, message: str = "") -> None:
         self.progress.setVisible(busy)
