@@ -295,3 +295,24 @@ def test_every_report_says_which_text_its_figures_are_on(llama_session, small_da
     assert "selection split" in on_selection.measured_on()
     assert on_selection.reference["tokens"] == data.selection_tokens
     assert on_selection.probes[0].score != on_eval.probes[0].score  # other tokens, other figure
+
+
+def test_diagnosis_names_the_safest_blocks_and_reads_kl_plainly():
+    from modeldoctor.checkup.diagnosis import diagnose, kl_plain_reading
+    from modeldoctor.checkup.verdict import judge
+    from modeldoctor.report.results import CheckupReport, ProbeRecord, ProbeSpec
+
+    def record(index, target, kl, same_top):
+        bleeding, level, reason = judge({"kl_mean": kl}, "structure", 0.01)
+        return ProbeRecord(ProbeSpec(index, "remove", "structure", "isolated", (target,), int(target)),
+                           {"kl_mean": kl, "same_top": same_top}, bleeding, level, reason)
+
+    probes = [record(i, str(i), kl, top) for i, (kl, top) in
+              enumerate([(0.5, 0.6), (0.004, 0.99), (0.012, 0.95), (0.009, 0.96), (0.011, 0.94), (0.2, 0.7)])]
+    report = CheckupReport(model={"name": "tiny"}, plan={"threshold": 0.01}, data={}, reference={},
+                           probes=probes, findings={"threshold": 0.01})
+    text = next(f.text for f in diagnose(report) if f.title.startswith("remove"))
+    assert "Safest blocks to remove: 1 (KL 0.004), 3 (KL 0.009), 4 (KL 0.011)." in text
+    reading = kl_plain_reading(report, 0.01)
+    assert reading is not None and "5% of next-token top choices change" in reading and "3 measured" in reading
+    assert kl_plain_reading(report, 10.0) is None  # nothing measured near it: no made-up reading

@@ -65,6 +65,8 @@ def diagnose(report: CheckupReport) -> list[Finding]:
         if not bleeding:
             text = (f"No layer bleeds: mean KL stays at or below {max(r.score for r in isolated):.3g} nats "
                     f"(threshold {threshold:g}) on all {len(isolated)} probed layers.")
+            if family == "structure":
+                text += " " + safest_text(isolated, name)
             findings.append(Finding(f"{name}: healthy", text, "healthy"))
             continue
         worst = bleeding[0]
@@ -80,6 +82,8 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             low = min(knowledge)
             if low < ref_knowledge - 0.02:
                 text += f" Knowledge-probe accuracy falls from {ref_knowledge:.0%} to as low as {low:.0%}."
+        if family == "structure":
+            text += " " + safest_text(isolated, name)
         findings.append(Finding(f"{name}: {len(bleeding)} bleeding layer{'s' * (len(bleeding) > 1)}", text,
                                 _worst(bleeding), _sentence(TREATMENTS[family]) if family in TREATMENTS else ""))
     for name, crossing in report.findings.get("cumulative", {}).items():
@@ -119,6 +123,33 @@ def diagnose(report: CheckupReport) -> list[Finding]:
         findings.append(call_shapes)
     findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
     return findings
+
+
+def safest(records: list[ProbeRecord], count: int = 3) -> list[ProbeRecord]:
+    """The measured probes of one structural change that hurt least, best first."""
+    measured = [r for r in records if not r.estimated]
+    return sorted(measured, key=lambda r: r.score)[:count]
+
+
+def safest_text(records: list[ProbeRecord], name: str) -> str:
+    best = safest(records)
+    if not best:
+        return ""
+    verb = {"remove": "remove", "duplicate": "duplicate"}.get(name, f"change ({name})")
+    listed = ", ".join(f"{r.spec.target} (KL {r.score:.3g})" for r in best)
+    return f"Safest blocks to {verb}: {listed}."
+
+
+def kl_plain_reading(report: CheckupReport, kl: float) -> str | None:
+    """What a mean KL means on this model and text, read off the checkup's own measured probes: the
+    share of next-token top choices that change in probes near that KL (within a factor of 2)."""
+    near = [1 - r.metrics["same_top"] for r in report.probes
+            if not r.estimated and "same_top" in r.metrics and r.score > 0 and 0.5 <= r.score / kl <= 2]
+    if len(near) < 3:
+        return None
+    changed = float(np.median(near))
+    return (f"at a mean KL of about {kl:.3g} nats, about {changed:.0%} of next-token top choices change "
+            f"(median of {len(near)} measured probes of this checkup near that KL)")
 
 
 PREFILL, DECODE = "int8-dynamic", "int8-dynamic-decode"

@@ -99,6 +99,15 @@ class MainWindow(QMainWindow):
         self.diagnosis_page.saveRequested.connect(self.save_session)
         self.diagnosis_page.htmlRequested.connect(self.export_html)
         self.diagnosis_page.csvRequested.connect(self.export_csv)
+        self.diagnosis_page.treatRequested.connect(self.treat_diagnosed)
+        self.diagnosis_page.probeClicked.connect(self.show_probe)
+        # Each step ends with its next one.
+        self.next_buttons = {
+            0: self._next_button(self.load_page, "Next: choose the evaluation text →", lambda: self.go(1)),
+            1: self._next_button(self.data_page, "Next: plan the checkup →", lambda: self.go(2)),
+            3: self._next_button(self.run_page, "Next: read the diagnosis →", lambda: self.go(4)),
+            5: self._next_button(self.treatment_page, "Next: export the model →", lambda: self.go(6)),
+        }
         self.treatment_page.treatRequested.connect(self.start_treatment)
         self.treatment_page.cancelRequested.connect(self.cancel_job)
         self.treatment_page.saveModelRequested.connect(self.save_treated_model)
@@ -110,6 +119,23 @@ class MainWindow(QMainWindow):
         self._restore_settings()
         self.update_steps()
         self.go(0)
+
+    def _next_button(self, page: QWidget, text: str, slot) -> "QPushButton":
+        from PySide6.QtWidgets import QPushButton
+
+        button = QPushButton(text)
+        button.setMinimumHeight(32)
+        button.clicked.connect(slot)
+        row = QHBoxLayout()
+        row.addStretch()
+        row.addWidget(button)
+        page.layout().addLayout(row)
+        return button
+
+    def treat_diagnosed(self) -> None:
+        """Diagnosis → Treatment with the first recommendation ticked."""
+        self.treatment_page.apply_recommendation()
+        self.go(5)
 
     # ---- menus and settings --------------------------------------------------------------
     def _action(self, menu, text, slot, shortcut=None) -> QAction:
@@ -249,6 +275,13 @@ class MainWindow(QMainWindow):
         self.plan_page.start.setEnabled(loaded and not self.runner.busy and bool(self.plan_page.modifications()))
         self.pause_action.setEnabled(running)
         self.cancel_action.setEnabled(self.runner.busy)
+        if hasattr(self, "next_buttons"):
+            for index, button in self.next_buttons.items():
+                item = self.steps.item(index + 1)
+                button.setEnabled(bool(item.flags() & Qt.ItemFlag.ItemIsEnabled))
+                button.setToolTip(item.toolTip())
+        self.diagnosis_page.treat.setEnabled(loaded and not running)
+        self.diagnosis_page.treat.setToolTip("" if loaded else "Load the model (step 1) to treat it.")
 
     # ---- loading ---------------------------------------------------------------------------
     def dragEnterEvent(self, event) -> None:

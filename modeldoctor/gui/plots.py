@@ -211,8 +211,9 @@ class CurvePlot(pg.PlotWidget):
 
     PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 
-    def __init__(self, x_label: str, parent=None) -> None:
+    def __init__(self, x_label: str, parent=None, empty_text: str = "") -> None:
         super().__init__(parent, axisItems={"left": LogAxis(0.0, orientation="left")})
+        self.empty_text = empty_text  # the title while there is nothing to draw: why, and how to fill it
         self.setLabel("left", "mean KL (nats)")
         self.setLabel("bottom", x_label)
         self.setMenuEnabled(False)
@@ -240,6 +241,7 @@ class CurvePlot(pg.PlotWidget):
             if name not in curves:
                 self.removeItem(self.curves.pop(name))
         self.marks.setData([m[0] for m in marks], [log_kl(m[1]) for m in marks])
+        self.setTitle("" if curves else self.empty_text)
 
     def clear_curves(self) -> None:
         self.update_curves({}, [])

@@ -24,7 +24,8 @@ class PlanPage(QWidget):
         super().__init__(parent)
         layout = QVBoxLayout(self)
         intro = QLabel("<h2>Plan the checkup</h2>Choose the deployment modifications to try. Each is applied to "
-                       "one layer at a time, measured against the original, and undone exactly.")
+                       "one layer at a time, measured against the original, and undone exactly. The defaults work "
+                       "untouched; hover over any option for what it means. <b>Next:</b> Start checkup.")
         intro.setWordWrap(True)
         layout.addWidget(intro)
         grid = QGridLayout()
@@ -135,6 +136,21 @@ class PlanPage(QWidget):
         f.addRow("Exactness:", self.exhaustive)
         grid.addWidget(scan, 2, 0, 1, 2)
 
+        from modeldoctor.gui.glossary import tip
+
+        for widget, term in ((self.int8_dynamic, "int8 dynamic"), (self.asym, "int4 g32 asym"),
+                             (self.group, "int4 g32 asym"), (self.prune_kind, "Wanda"),
+                             (self.isolated, "isolated"), (self.cumulative, "cumulative"), (self.sweep, "strength sweep"),
+                             (self.threshold, "threshold")):
+            widget.setToolTip(tip(term))
+        for box in self.bits.values():
+            box.setToolTip("Weight-only quantization to this many bits (round to nearest); the grouping and "
+                           "asymmetry below apply.")
+        self.exhaustive.setToolTip(tip("estimated / measured"))
+        self.scope_blocks.setToolTip("Each probe modifies one whole block (attention and MLP): fast, finds the "
+                                     "fragile depths.")
+        self.scope_linears.setToolTip("Each probe modifies one linear layer: ranks single layers, which is what an "
+                                      "export keeps in fp32.")
         bottom = QHBoxLayout()
         self.summary = QLabel()
         self.summary.setWordWrap(True)

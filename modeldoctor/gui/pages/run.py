@@ -31,6 +31,11 @@ class RunPage(QWidget):
         self.total_probes = 0
         self.redraws = 0
         layout = QVBoxLayout(self)
+        intro = QLabel("<b>Checkup.</b> Each bar is one layer modified alone, measured against the original: "
+                       "bars above the dashed line bleed. Click a bar for its full story. <b>Next:</b> when it "
+                       "finishes, read the diagnosis.")
+        intro.setWordWrap(True)
+        layout.addWidget(intro)
         top = QHBoxLayout()
         self.progress = QProgressBar()
         self.eta = QLabel("Not started")
@@ -64,6 +69,8 @@ class RunPage(QWidget):
         self.modification = QComboBox()
         chooser.addWidget(self.modification, 1)
         chooser.addWidget(QLabel("(click a bar for details)"))
+        self.glossary = QPushButton("What does this mean?")
+        chooser.addWidget(self.glossary)
         bar_layout.addLayout(chooser)
         self.basis_note = QLabel()  # which bars are estimates and which are measurements
         self.basis_note.setWordWrap(True)
@@ -77,8 +84,10 @@ class RunPage(QWidget):
         upper.setSizes([700, 350])
         splitter.addWidget(upper)
         lower = QTabWidget()
-        self.cumulative = CurvePlot("modified layers (cumulative)")
-        self.sweep = CurvePlot("strength (bits or sparsity)")
+        self.cumulative = CurvePlot("modified layers (cumulative)", empty_text=(
+            "No cumulative probes: tick 'cumulative (1..k)' on the Plan page to fill this tab."))
+        self.sweep = CurvePlot("strength (bits or sparsity)", empty_text=(
+            "No strength sweep: tick 'strength sweep' on the Plan page to fill this tab."))
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(2000)
@@ -98,6 +107,14 @@ class RunPage(QWidget):
         self.resume.clicked.connect(self.resumeRequested)
         self.modification.currentTextChanged.connect(self._select)
         self.bars.barClicked.connect(self._bar_clicked)
+        self.glossary.clicked.connect(self.show_glossary)
+        for plot in (self.cumulative, self.sweep):
+            plot.update_curves({}, [])
+
+    def show_glossary(self) -> None:
+        from modeldoctor.gui.glossary import GlossaryDialog
+
+        GlossaryDialog(self).show()
 
     # ---- run lifecycle -------------------------------------------------------------------
     def begin(self, threshold: float) -> None:
