@@ -27,13 +27,30 @@ def prepare_target(target: Path, overwrite: bool, needed_bytes: int) -> None:
     remove_stale_staging(target)
 
 
+STALE_AFTER_S = 24 * 3600  # where a process cannot be looked up, a day-old staging folder is stale
+
+
+def _writer_alive(folder: Path) -> bool:
+    import time
+
+    pid = folder.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # this process runs one write at a time: an own leftover is stale
+    if Path("/proc").is_dir():
+        return Path(f"/proc/{pid}").exists()
+    try:
+        return time.time() - folder.stat().st_mtime < STALE_AFTER_S
+    except OSError:
+        return False
+
+
 def remove_stale_staging(target: Path) -> None:
-    """Folders left by a write that was killed (its process is gone)."""
-    for folder in target.parent.glob(f".{target.name}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        alive = pid.isdigit() and int(pid) != os.getpid() and Path(f"/proc/{pid}").exists()
-        if not alive:
-            shutil.rmtree(folder, ignore_errors=True)
+    """Folders left in the target's folder by killed writes, whatever target they were for (a
+    staging folder or an old copy whose process is gone); a live write's folders are left alone."""
+    for pattern in (".*.partial-*", ".*.old-*"):
+        for folder in target.parent.glob(pattern):
+            if folder.is_dir() and not _writer_alive(folder):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def replace_folder(built: Path, target: Path) -> None:

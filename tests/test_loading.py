@@ -196,3 +196,34 @@ def test_cli_reports_corrupt_file_as_bad_input(llama_dir, tmp_path, capsys, corr
     lines = [line for line in err.strip().splitlines() if not line.startswith("Loading ")]
     assert len(lines) == 1 and lines[0].startswith("modeldoctor: error:") and file in lines[0], err
     assert "internal error" not in err and "Traceback" not in err
+
+
+def test_a_gguf_is_dequantized_once_and_then_read_from_the_cache(llama_dir, tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from modeldoctor.model import loading
+
+    monkeypatch.setenv("MODELDOCTOR_CACHE", str(tmp_path / "cache"))
+    file = tmp_path / "tiny.gguf"
+    file.write_bytes(b"GGUF stand-in")
+    conversions = []
+
+    def dequantize(path, torch_dtype):
+        conversions.append(path)
+        folder = loading._load_folder(llama_dir, False, torch_dtype)
+        return loading.LoadedModel(folder.model, folder.tokenizer, path, "gguf", "Q4_1")
+    monkeypatch.setattr(loading, "dequantize_gguf", dequantize)
+    first = loading.load_model(file)
+    assert len(conversions) == 1 and (loading.gguf_cache_folder(file) / loading.GGUF_DONE).is_file()
+    second = loading.load_model(file)
+    assert len(conversions) == 1, "the second open reads the cached copy"
+    assert second.path == file and second.format == "gguf" and second.stored_dtype == "Q4_1"
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    old_cache = loading.gguf_cache_folder(file)
+    os.utime(file, ns=(1, 1))  # a changed file is converted again, its stale copy removed
+    loading.load_model(file)
+    assert len(conversions) == 2 and not old_cache.exists()
+    assert file.read_bytes() == b"GGUF stand-in", "the user's file is never written"

