@@ -530,6 +530,8 @@ class MainWindow(QMainWindow):
         self._remember(path)
         self.load_page.set_busy(False, f"Loaded {session.summary.name}.")
         self.load_page.show_card(session.summary)
+        self.run_page.linear_names = session.anatomy.linear_names()
+        self.treatment_page.linear_names = session.anatomy.linear_names()
         self.setWindowTitle(f"Model Doctor — {session.summary.name}")
         self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
         self._data_changed()
@@ -749,6 +751,8 @@ class MainWindow(QMainWindow):
         except ModelDoctorError as exc:
             show_error(self, str(exc))
             return
+        if self.state.session is None or report.model.get("path") != str(self.state.session.loaded.path):
+            self.run_page.linear_names = []  # the report's own targets draw the anatomy
         self.run_page.show_report(report)
         self._set_report(report)
         self.go(4)

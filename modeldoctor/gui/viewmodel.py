@@ -205,3 +205,120 @@ class BeforeAfter:
     def worst_after(self, count: int = 3) -> list[int]:
         bleeding = [i for i, v in enumerate(self.after) if v > self.threshold]
         return sorted(bleeding, key=lambda i: self.after[i], reverse=True)[:count]
+
+
+# ---- the anatomy view: the model as its stack of blocks, one cell per linear ---------------------
+
+KEPT_FP32 = (150, 150, 150)  # a linear the export leaves in fp32
+FORMAT_COLORS = {"int8": (92, 140, 200), "int4": (150, 105, 190), "fp32": KEPT_FP32}
+EMBEDDING = "embedding"
+
+
+@dataclass
+class AnatomyCell:
+    name: str  # the linear ("3.mlp.down_proj", "head") or EMBEDDING
+    color: tuple[int, int, int, int] | None  # None: nothing to show yet (drawn hatched)
+    text: str  # what hovering says
+    record: ProbeRecord | None = None
+    outlined: bool = False  # e.g. kept in fp32 by the treatment
+
+
+@dataclass
+class AnatomyLayout:
+    """Rows are blocks (embedding above, head below); columns are the block's linears in run order,
+    grouped by the part they belong to (attention, MLP, ...)."""
+
+    blocks: list[int]
+    columns: list[str]  # relative linear names, "self_attn.q_proj"
+
+    @classmethod
+    def from_names(cls, names: list[str]) -> "AnatomyLayout":
+        blocks, columns = [], []
+        for name in names:
+            if "." not in name or not name.split(".", 1)[0].isdigit():
+                continue
+            block, rest = name.split(".", 1)
+            if int(block) not in blocks:
+                blocks.append(int(block))
+            if rest not in columns:
+                columns.append(rest)
+        return cls(sorted(blocks), columns)
+
+    def groups(self) -> list[tuple[str, int]]:
+        """(part name, number of columns) in column order: [("self_attn", 4), ("mlp", 3)]."""
+        out: list[tuple[str, int]] = []
+        for column in self.columns:
+            part = column.split(".", 1)[0]
+            if out and out[-1][0] == part:
+                out[-1] = (part, out[-1][1] + 1)
+            else:
+                out.append((part, 1))
+        return out
+
+
+def checkup_cells(layout: AnatomyLayout, records: list[ProbeRecord], modification: str | None) -> dict[str, AnatomyCell]:
+    """Each linear coloured by its probe's verdict under `modification`: its own probe at linear
+    scope, its block's at block scope; estimates pale; not probed (yet): no colour."""
+    mine = {r.spec.targets[0]: r for r in records
+            if r.spec.mode == "isolated" and r.spec.modification == modification and len(r.spec.targets) == 1}
+    cells: dict[str, AnatomyCell] = {}
+    for block in layout.blocks:
+        for column in layout.columns:
+            name = f"{block}.{column}"
+            record = mine.get(name) or mine.get(str(block))
+            cells[name] = _verdict_cell(name, record, block_level=record is not None and name not in mine)
+    cells["head"] = _verdict_cell("head", mine.get("head"), block_level=False)
+    cells[EMBEDDING] = AnatomyCell(EMBEDDING, None, "token embedding: not probed (a lookup, not a matmul)")
+    return cells
+
+
+def _verdict_cell(name: str, record: ProbeRecord | None, block_level: bool) -> AnatomyCell:
+    if record is None:
+        return AnatomyCell(name, None, f"{name}: not measured yet")
+    how = "estimated" if record.estimated else "measured"
+    where = f" (its block's probe: block {record.spec.targets[0]})" if block_level else ""
+    verdict = record.severity if record.bleeding else "healthy"
+    text = f"{name}: mean KL {record.score:.4g} nats, {how}, {verdict}{where}"
+    return AnatomyCell(name, (*verdict_color(record), ESTIMATED_ALPHA if record.estimated else 255), text, record)
+
+
+def export_cells(layout: AnatomyLayout, kept: set[str], precision: str, predicted: dict[str, float],
+                 head_tied: bool) -> dict[str, AnatomyCell]:
+    """Each linear in the format the export writes for it: fp32 where kept, else the precision."""
+    cells: dict[str, AnatomyCell] = {}
+    names = [f"{b}.{c}" for b in layout.blocks for c in layout.columns] + ["head"]
+    for name in names:
+        fmt = "fp32" if name in kept or precision == "fp32" else precision
+        figure = predicted.get(name)
+        text = f"{name}: {fmt}" + (f", predicted KL {figure:.4g} when quantized" if figure is not None else "")
+        cells[name] = AnatomyCell(name, (*FORMAT_COLORS[fmt], 255), text + " (click to switch)")
+    cells[EMBEDDING] = AnatomyCell(EMBEDDING, (*KEPT_FP32, 255), "token embedding: fp32"
+                                   + (" (shared with the tied head)" if head_tied else ""))
+    return cells
+
+
+def treatment_cells(layout: AnatomyLayout, outcome, threshold: float, kept: set[str]) -> dict[str, AnatomyCell]:
+    """A treatment's per-block figures after it, on every linear of the block; linears the
+    treatment keeps in fp32 outlined."""
+    from modeldoctor.checkup.verdict import severity
+
+    layers = (getattr(outcome, "layers", None) or {}) if outcome is not None else {}
+    after = dict(zip(layers.get("targets", []), layers.get("after", [])))
+    before = dict(zip(layers.get("targets", []), layers.get("before", [])))
+    cells: dict[str, AnatomyCell] = {}
+    for block in layout.blocks:
+        for column in layout.columns:
+            name = f"{block}.{column}"
+            value = after.get(str(block))
+            kept_text = ", kept in fp32" if name in kept else ""
+            if value is None:
+                cells[name] = AnatomyCell(name, None, f"{name}: no per-block figure{kept_text}", outlined=name in kept)
+            else:
+                cells[name] = AnatomyCell(
+                    name, (*SEVERITY_COLORS[severity(value, threshold)], 255),
+                    f"{name}: block {block} mean KL {before.get(str(block), float('nan')):.4g} → {value:.4g}"
+                    f"{kept_text}", outlined=name in kept)
+    cells["head"] = AnatomyCell("head", None, "head" + (", kept in fp32" if "head" in kept else ""),
+                                outlined="head" in kept)
+    cells[EMBEDDING] = AnatomyCell(EMBEDDING, None, "token embedding")
+    return cells

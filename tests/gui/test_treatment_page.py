@@ -49,8 +49,13 @@ def test_recommendation_then_treat_draws_before_and_after(qtbot, window, llama_d
     assert page.figures.rowCount() >= 3 and page.figures.item(0, 0).text() == "mean KL"
     assert page.verdict.text()
     assert page.eta.text() == "completed"
+    # The anatomy view: every linear of a block in its block's colour after; kept linears outlined.
+    cells = page.anatomy.cells
+    assert all(cells[f"{b}.{c}"].color is not None for b in range(blocks) for c in page.anatomy.layout_.columns)
+    kept = set(window.state.session.treatment.keep)
+    assert {n for n, c in cells.items() if c.outlined} == {n for n in kept if n in cells}
     if outcome.applied:
-        assert "kept in fp32" in page.state.text()
+        assert "kept in fp32" in page.state.text() and kept
         window.go(6)
         assert sorted(window.export_page.kept()) == sorted(window.state.session.treatment.keep)
     page.grab().save(str(screenshots / "tiny-treatment.png"))

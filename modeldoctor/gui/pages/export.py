@@ -9,13 +9,14 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QButtonGroup, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-    QListWidget, QListWidgetItem, QProgressBar, QPushButton, QRadioButton, QSplitter, QTableWidget, QTableWidgetItem,
-    QVBoxLayout, QWidget,
+    QListWidget, QListWidgetItem, QProgressBar, QPushButton, QRadioButton, QSplitter, QTabWidget, QTableWidget,
+    QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from modeldoctor.export.pipeline import (
     DEFAULT_BUDGET_KL, PREDICTORS, missing_checkup, missing_checkup_text, predicted_kl,
 )
+from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.pages.data import format_duration
 from modeldoctor.gui.plots import LabelAxis, LogAxis, backing
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
@@ -77,10 +78,14 @@ class ExportPage(QWidget):
         folder_row.addWidget(choose)
         form.addRow("Save to:", folder_row)
         form_box.addWidget(options)
-        keep_box = QGroupBox("Keep in fp32 (ticked from the checkup; adjust freely)")
+        keep_box = QGroupBox("Format of each linear (fp32 ticked from the checkup; click to switch)")
         keep_layout = QVBoxLayout(keep_box)
-        self.keep = QListWidget()
-        keep_layout.addWidget(self.keep)
+        self.keep_tabs = QTabWidget()
+        self.anatomy = AnatomyView()  # the model's linears in the format the export writes for each
+        self.keep = QListWidget()  # the same choice as a list (keyboard, screen readers)
+        self.keep_tabs.addTab(self.anatomy, "Anatomy")
+        self.keep_tabs.addTab(self.keep, "List")
+        keep_layout.addWidget(self.keep_tabs)
         self.keep_note = QLabel()
         self.keep_note.setWordWrap(True)
         keep_layout.addWidget(self.keep_note)
@@ -166,6 +171,7 @@ class ExportPage(QWidget):
         self.precision_group.buttonToggled.connect(lambda *a: self.refresh_suggestions())
         self.budget.valueChanged.connect(lambda *a: self.refresh_suggestions())
         self.keep.itemChanged.connect(lambda *a: self._draw_prediction())
+        self.anatomy.cellClicked.connect(self.toggle_keep)
 
     def _choose_folder(self) -> None:
         folder = QFileDialog.getSaveFileName(self, "Export to a new folder", self.folder.text() or "model-onnx")[0]
@@ -238,6 +244,34 @@ class ExportPage(QWidget):
                                                       and self._session is not None))
         self._draw_prediction()
 
+    def toggle_keep(self, name: str) -> None:
+        """A click on a linear in the anatomy view switches it between fp32 and the export's format."""
+        if self.precision() == "fp32" or not self.keep.isEnabled():
+            return
+        for i in range(self.keep.count()):
+            item = self.keep.item(i)
+            if item.data(Qt.ItemDataRole.UserRole) == name:
+                checked = item.checkState() == Qt.CheckState.Checked
+                item.setCheckState(Qt.CheckState.Unchecked if checked else Qt.CheckState.Checked)
+                return
+
+    def _draw_anatomy(self) -> None:
+        from modeldoctor.gui.viewmodel import AnatomyLayout, export_cells
+
+        if self._session is None:
+            self.anatomy.set_layout(AnatomyLayout([], []))
+            return
+        layout = AnatomyLayout.from_names(self._session.anatomy.linear_names())
+        self.anatomy.set_layout(layout)
+        precision = self.precision()
+        kept = set(self.kept())
+        self.anatomy.set_cells(
+            export_cells(layout, kept, precision, self.predicted, self._session.anatomy.head_tied),
+            legend=(f"grey: fp32 ({len(kept) if precision != 'fp32' else 'all'}) · "
+                    + ("blue: int8" if precision == "int8" else "purple: int4" if precision == "int4" else "")
+                    + " · click a linear to switch it"),
+            title=f"{precision} export")
+
     def kept(self) -> list[str]:
         return [self.keep.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.keep.count())
                 if self.keep.item(i).checkState() == Qt.CheckState.Checked]
@@ -278,6 +312,7 @@ class ExportPage(QWidget):
         else:
             self.predicted_line.hide()
         self.show_prediction()
+        self._draw_anatomy()
 
     def show_prediction(self) -> None:
         """What the export will be, before it is written: size from the keep list, KL from the checkup."""

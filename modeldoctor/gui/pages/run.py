@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (
 from PySide6.QtCore import Qt
 
 from modeldoctor.gui.pages.data import format_duration, format_range
+from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.plots import BleedingBarChart, BleedingHeatmap, CurvePlot
 from modeldoctor.gui.viewmodel import CheckupViewModel
 
@@ -79,9 +80,16 @@ class RunPage(QWidget):
         self.bars = BleedingBarChart()
         bar_layout.addWidget(self.bars)
         upper.addWidget(bar_panel)
+        self.right_tabs = QTabWidget()
+        self.anatomy = AnatomyView()  # the model itself, coloured by the selected modification
+        self.anatomy.setToolTip("The model as its blocks (rows) and their linears (columns); click a cell for "
+                                "its probe.")
         self.heatmap = BleedingHeatmap()
-        upper.addWidget(self.heatmap)
-        upper.setSizes([700, 350])
+        self.right_tabs.addTab(self.anatomy, "Anatomy")
+        self.right_tabs.addTab(self.heatmap, "Heatmap")
+        upper.addWidget(self.right_tabs)
+        upper.setSizes([640, 400])
+        self.linear_names: list[str] = []  # the loaded model's, for the anatomy view
         splitter.addWidget(upper)
         lower = QTabWidget()
         self.cumulative = CurvePlot("modified layers (cumulative)", empty_text=(
@@ -107,6 +115,7 @@ class RunPage(QWidget):
         self.resume.clicked.connect(self.resumeRequested)
         self.modification.currentTextChanged.connect(self._select)
         self.bars.barClicked.connect(self._bar_clicked)
+        self.anatomy.cellClicked.connect(self._cell_clicked)
         self.glossary.clicked.connect(self.show_glossary)
         for plot in (self.cumulative, self.sweep):
             plot.update_curves({}, [])
@@ -232,11 +241,33 @@ class RunPage(QWidget):
         self.bars.setTitle(f"{self.model.selected}: mean KL per layer" if self.model.selected else "")
         self.bars.update_bars(bars, total=max(expected, self._expected_bars()))
         self.heatmap.update_matrix(self.model.heatmap())
+        self._draw_anatomy()
         cumulative = self.model.cumulative()
         self.cumulative.update_curves({k: (x, y) for k, (x, y, _) in cumulative.items()},
                                       [(c, y[list(x).index(c)]) for _, (x, y, c) in cumulative.items() if c])
         sweeps = self.model.sweeps()
         self.sweep.update_curves(sweeps, [])
+
+    def _draw_anatomy(self) -> None:
+        from modeldoctor.gui.viewmodel import AnatomyLayout, checkup_cells
+
+        names = self.linear_names or [t for r in self.model.records for t in r.spec.targets]
+        layout = AnatomyLayout.from_names(names)
+        if not layout.columns:  # a reopened block-scope session without its model: one cell per block
+            layout = AnatomyLayout.from_names([f"{t}.block" for r in self.model.records for t in r.spec.targets
+                                               if t.isdigit()])
+        self.anatomy.set_layout(layout)
+        threshold = self.model.threshold
+        self.anatomy.set_cells(
+            checkup_cells(layout, self.model.records, self.model.selected),
+            legend=(f"green: healthy (≤ {threshold:g} nats) · yellow, orange, red: bleeding (> {threshold:g}, "
+                    f"> {5 * threshold:g}, > {50 * threshold:g}) · pale: estimated · hatched: not measured yet"),
+            title=f"{self.model.selected or ''}")
+
+    def _cell_clicked(self, name: str) -> None:
+        cell = self.anatomy.cells.get(name)
+        if cell is not None and cell.record is not None:
+            self.probeClicked.emit(cell.record)
 
     def _expected_bars(self) -> int:
         """Bars the selected modification will have when done (keeps the x axis still)."""

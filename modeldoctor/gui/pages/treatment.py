@@ -11,10 +11,11 @@ import time
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
-    QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 
 from modeldoctor.errors import PlanError
+from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.pages.data import format_duration
 from modeldoctor.gui.plots import LabelAxis, LogAxis
 from modeldoctor.gui.viewmodel import KL_FLOOR, BeforeAfter, log_kl
@@ -172,7 +173,12 @@ class TreatmentPage(QWidget):
         self.labels = [pg.TextItem(anchor=(0.5, 1.0), color=pg.getConfigOption("foreground")) for _ in range(3)]
         for label in self.labels:
             self.chart.addItem(label)
-        right_layout.addWidget(self.chart, 2)
+        self.chart_tabs = QTabWidget()
+        self.chart_tabs.addTab(self.chart, "Per layer")
+        self.anatomy = AnatomyView()  # the treated model: each block's figure after, kept linears outlined
+        self.chart_tabs.addTab(self.anatomy, "Anatomy")
+        self.linear_names: list[str] = []
+        right_layout.addWidget(self.chart_tabs, 2)
         self.verdict = QLabel("")
         self.verdict.setWordWrap(True)
         right_layout.addWidget(self.verdict)
@@ -309,11 +315,14 @@ class TreatmentPage(QWidget):
         self.status.setText(message)
 
     def show_state(self, state) -> None:
+        self.kept_linears = list(state.keep)
         lines = [f"• {item['summary']}" + (" (saved earlier)" if item.get("inherited") else "")
                  for item in state.applied]
         self.state.setText("<br>".join(lines) if lines else "untreated: the model as loaded")
         self.save_model.setEnabled(state.treated and not self.cancel.isEnabled())
         self.reset.setEnabled(state.treated and not self.cancel.isEnabled())
+        index = self.shown.currentIndex()
+        self._draw_anatomy(self.outcomes[index] if 0 <= index < len(self.outcomes) else None)
 
     def clear_outcomes(self) -> None:
         self.outcomes = []
@@ -361,8 +370,21 @@ class TreatmentPage(QWidget):
         if outcome is not None and bars.labels:
             self.legend_items(outcome.layers.get("before_label", "before"), outcome.layers.get("after_label", "after"))
         self.verdict.setText(f"<b>{outcome.verdict}</b>" if outcome else "")
+        self._draw_anatomy(outcome)
         self._fill_figures(outcome)
         self._fill_extra(outcome)
+
+    def _draw_anatomy(self, outcome) -> None:
+        from modeldoctor.gui.viewmodel import AnatomyLayout, treatment_cells
+
+        layout = AnatomyLayout.from_names(self.linear_names)
+        kept = set(getattr(self, "kept_linears", []))
+        self.anatomy.set_layout(layout)
+        self.anatomy.set_cells(
+            treatment_cells(layout, outcome, self.threshold, kept),
+            legend=("each block coloured by its mean KL after the treatment (green: under the threshold) · "
+                    "outlined: kept in fp32 · hatched: no per-block figure"),
+            title=outcome.title if outcome is not None else "")
 
     def _fill_figures(self, outcome) -> None:
         rows = []
