@@ -48,8 +48,9 @@ def main() -> None:
             sys.exit("--checkup must be a checkup on the selection split (modeldoctor checkup --split selection).")
     else:
         with timed("linear-scope checkup on the selection split (int8-dynamic, int4-g32-asym)", times):
+            # Exhaustive, as the Export page's checkup: the predicted KL adds every linear's exact figure.
             report = checkup(session, CheckupPlan(modifications=["int8-dynamic", "int4-g32-asym"], scope="linears",
-                                                  knowledge=False), selection)
+                                                  knowledge=False, exhaustive=True), selection)
         report.save(Path(tempfile.gettempdir()) / "modeldoctor-export-checkup")
     variants = [("fp32", "fp32", None, [], 1.0), ("naive int8", "int8", None, [], 10.0),
                 ("repaired int8", "int8", report, None, args.int8_budget), ("naive int4", "int4", None, [], 10.0),

