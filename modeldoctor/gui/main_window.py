@@ -75,7 +75,10 @@ class MainWindow(QMainWindow):
         self.export_page = ExportPage()
         for page in (self.load_page, self.data_page, self.plan_page, self.run_page, self.diagnosis_page,
                      self.treatment_page, self.export_page):
-            # Scrolls rather than forcing a large window: every page fits a 1280x720 screen.
+            if page in (self.run_page, self.diagnosis_page):  # plots that stretch: they fit any size as they are
+                self.pages.addWidget(page)
+                continue
+            # Forms scroll rather than forcing a large window: every page fits a 1280x720 screen.
             scroll = QScrollArea()
             scroll.setWidgetResizable(True)
             scroll.setFrameShape(QScrollArea.Shape.NoFrame)
@@ -260,7 +263,8 @@ class MainWindow(QMainWindow):
         why = {
             1: None if loaded else "Load a model first.",
             2: None if loaded else "Load a model first.",
-            3: None if (running or report) else "Start a checkup from the Plan step first.",
+            3: None if (running or report or not self.run_page.problem.isHidden()) else
+            "Start a checkup from the Plan step first.",
             4: None if report and not running else ("Wait for the checkup to finish." if running
                                                     else "Run a checkup (or open a saved session) first."),
             5: None if loaded and not running else ("Wait for the checkup to finish." if running
