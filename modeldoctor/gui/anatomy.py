@@ -43,13 +43,20 @@ class AnatomyView(QWidget):
         self.update()
 
     # ---- geometry ---------------------------------------------------------------------------
+    def _edge(self) -> int:
+        """Height of the embedding and head rows: at least a line of text."""
+        return max(int(self._row_height()), self.fontMetrics().height() + 2)
+
+    def _row_height(self) -> float:
+        return max((self.height() - TOP - BOTTOM_TEXT) / max(len(self.layout_.blocks) + 2, 1), 3.0)
+
     def _grid(self) -> tuple[float, float, list[float]]:
-        """(cell width, row height, x of each column)."""
+        """(cell width, block row height, x of each column)."""
         columns = max(len(self.layout_.columns), 1)
         groups = max(len(self.layout_.groups()), 1)
         width = max((self.width() - LEFT - 8 - GAP * (groups - 1)) / columns, 4.0)
-        rows = len(self.layout_.blocks) + 2
-        height = max((self.height() - TOP - BOTTOM_TEXT) / max(rows, 1), 3.0)
+        edge = self._edge()
+        height = max((self.height() - TOP - BOTTOM_TEXT - 2 * edge) / max(len(self.layout_.blocks), 1), 2.0)
         xs, x, previous = [], float(LEFT), None
         for column in self.layout_.columns:
             part = column.split(".", 1)[0]
@@ -64,17 +71,18 @@ class AnatomyView(QWidget):
         width, height, xs = self._grid()
         if not xs:
             return None
-        full = QRect(int(xs[0]), 0, int(xs[-1] + width - xs[0]), int(height) - 1)
+        edge = self._edge()
+        full = QRect(int(xs[0]), 0, int(xs[-1] + width - xs[0]), edge - 1)
         if name == EMBEDDING:
             return full.translated(0, TOP)
         if name == "head":
-            return full.translated(0, int(TOP + (len(self.layout_.blocks) + 1) * height))
+            return full.translated(0, int(TOP + edge + len(self.layout_.blocks) * height) + 1)
         block, _, column = name.partition(".")
         if not block.isdigit() or int(block) not in self.layout_.blocks or column not in self.layout_.columns:
             return None
-        row = self.layout_.blocks.index(int(block)) + 1
-        return QRect(int(xs[self.layout_.columns.index(column)]), int(TOP + row * height), int(width) - 1,
-                     int(height) - 1)
+        row = self.layout_.blocks.index(int(block))
+        return QRect(int(xs[self.layout_.columns.index(column)]), int(TOP + edge + row * height), int(width) - 1,
+                     max(int(height) - 1, 1))
 
     def cell_at(self, point: QPoint) -> str | None:
         for name in [EMBEDDING, "head"] + [f"{b}.{c}" for b in self.layout_.blocks for c in self.layout_.columns]:

@@ -123,7 +123,7 @@ class BleedingBarChart(pg.PlotWidget):
             else:
                 label.setVisible(False)
         top = max([h for h in bars.heights()] + [self.threshold_line.value() + 1, 1.0])
-        self.setYRange(0, top + 0.6, padding=0)
+        self.setYRange(0, top + 1.2, padding=0)  # room above the tallest bar for its two-line label
         self.setXRange(-0.6, max(total or 0, len(x)) - 0.4, padding=0)
 
     def _clicked(self, event) -> None:
