@@ -27,7 +27,7 @@ def prepare_target(target: Path, overwrite: bool, needed_bytes: int) -> None:
     remove_stale_staging(target)
 
 
-STALE_AFTER_S = 24 * 3600  # where a process cannot be looked up, a day-old staging folder is stale
+STALE_AFTER_S = 24 * 3600  # on Windows, where a process is not looked up, a day-old staging folder is stale
 
 
 def _writer_alive(folder: Path) -> bool:
@@ -38,7 +38,15 @@ def _writer_alive(folder: Path) -> bool:
         return False  # this process runs one write at a time: an own leftover is stale
     if Path("/proc").is_dir():
         return Path(f"/proc/{pid}").exists()
-    try:
+    if os.name == "posix":  # macOS and the BSDs: signal 0 asks whether the process exists
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:  # Windows (os.kill would end the process): a folder older than a day is stale
         return time.time() - folder.stat().st_mtime < STALE_AFTER_S
     except OSError:
         return False

@@ -312,7 +312,7 @@ def test_diagnosis_names_the_safest_blocks_and_reads_kl_plainly():
     report = CheckupReport(model={"name": "tiny"}, plan={"threshold": 0.01}, data={}, reference={},
                            probes=probes, findings={"threshold": 0.01})
     text = next(f.text for f in diagnose(report) if f.title.startswith("remove"))
-    assert "Safest blocks to remove: 1 (KL 0.004), 3 (KL 0.009), 4 (KL 0.011)." in text
+    assert "Safest blocks to remove: 1 (KL 0.004), 3 (KL 0.009), 4 (KL 0.011) (the later ones bleed too)." in text
     reading = kl_plain_reading(report, 0.01)
     assert reading is not None and "5% of next-token top choices change" in reading and "3 measured" in reading
     assert kl_plain_reading(report, 10.0) is None  # nothing measured near it: no made-up reading

@@ -222,8 +222,10 @@ def test_a_gguf_is_dequantized_once_and_then_read_from_the_cache(llama_dir, tmp_
     assert second.path == file and second.format == "gguf" and second.stored_dtype == "Q4_1"
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
+    other = loading.gguf_cache_folder(file).parent / "tiny-2.5-0123456789abcdef"  # another file's copy
+    other.mkdir()
     old_cache = loading.gguf_cache_folder(file)
     os.utime(file, ns=(1, 1))  # a changed file is converted again, its stale copy removed
     loading.load_model(file)
-    assert len(conversions) == 2 and not old_cache.exists()
+    assert len(conversions) == 2 and not old_cache.exists() and other.is_dir()
     assert file.read_bytes() == b"GGUF stand-in", "the user's file is never written"

@@ -137,7 +137,11 @@ def safest_text(records: list[ProbeRecord], name: str) -> str:
         return ""
     verb = {"remove": "remove", "duplicate": "duplicate"}.get(name, f"change ({name})")
     listed = ", ".join(f"{r.spec.target} (KL {r.score:.3g})" for r in best)
-    return f"Safest blocks to {verb}: {listed}."
+    if all(r.bleeding for r in best):
+        done = {"remove": "removed", "duplicate": "duplicated"}.get(name, "changed")
+        return f"No block can be {done} without bleeding; the least harmful: {listed}."
+    return f"Safest blocks to {verb}: {listed}" + (" (the later ones bleed too)." if any(r.bleeding for r in best)
+                                                    else ".")
 
 
 def kl_plain_reading(report: CheckupReport, kl: float) -> str | None:

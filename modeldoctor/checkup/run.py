@@ -76,7 +76,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             keep: frozenset[str] = frozenset(), temperature: float = 1.0) -> ProbeRecord:
     """Apply one probe's modification (leaving `keep` linears alone), measure it against the
     reference, restore the model. The logits are divided by `temperature` (decoding calibration)."""
-    began = time.monotonic()
+    began = control.clock()  # a pause is not probe time
     mod = create(spec.modification)
     ctx = session.mod_context(data, mod.needs_input_norms, control, mod.needs_gradients, keep)
     if mod.family == "decoding":

@@ -402,11 +402,16 @@ class MainWindow(QMainWindow):
         self.treatment_page.show_state(session.treatment)
         self.update_steps()
 
+    def report_is_of_loaded_model(self, report: CheckupReport) -> bool:
+        session = self.state.session
+        return session is not None and report.model.get("path") == str(session.loaded.path)
+
     def set_report(self, report: CheckupReport) -> None:
         """A checkup (finished, partial or reopened) is the one every page now shows."""
         self.state.report = report
         self.diagnosis_page.show_report(report)
-        self.export_page.set_context(self.state.session, report)
+        # A session of another model predicts nothing about the one loaded (its targets need not exist here).
+        self.export_page.set_context(self.state.session, report if self.report_is_of_loaded_model(report) else None)
         from modeldoctor.treatment.recommend import recommend
 
         self.treatment_page.show_recommendations(recommend(report))
@@ -453,9 +458,10 @@ class MainWindow(QMainWindow):
         except ModelDoctorError as exc:
             show_error(self, str(exc))
             return
-        if self.state.session is None or report.model.get("path") != str(self.state.session.loaded.path):
+        if not self.report_is_of_loaded_model(report):
             self.run_page.linear_names = []  # the report's own targets draw the anatomy
-        self.run_page.show_report(report)
+        self.run_page.show_report(report, resumable=report.status == "cancelled"
+                                  and self.report_is_of_loaded_model(report))
         self.set_report(report)
         self.go(4)
         self.statusBar().showMessage(f"Opened session {path}.")

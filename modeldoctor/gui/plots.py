@@ -178,8 +178,9 @@ class BleedingHeatmap(pg.PlotWidget):
         self.legend.setText(f"<span style='font-size:8pt'>{severity_legend(threshold)}<br>pale: estimated · "
                             "hatched: not measured yet</span>")
 
-    def update_matrix(self, cells) -> None:
+    def update_matrix(self, cells, title: str = "layers × modifications") -> None:
         self.cells = cells
+        self.setTitle(title)
         colors = cells.colors if cells.colors.size else np.zeros((1, 1, 4), np.uint8)
         self.image.setImage(colors, autoLevels=False, levels=(0, 255))
         rows, cols = max(len(cells.rows), 1), max(len(cells.cols), 1)

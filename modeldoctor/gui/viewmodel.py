@@ -267,7 +267,9 @@ def checkup_cells(layout: AnatomyLayout, records: list[ProbeRecord], modificatio
             name = f"{block}.{column}"
             record = mine.get(name) or mine.get(str(block))
             cells[name] = _verdict_cell(name, record, block_level=record is not None and name not in mine)
-    cells["head"] = _verdict_cell("head", mine.get("head"), block_level=False)
+    linear_scope = any(not target.isdigit() for target in mine)
+    cells["head"] = (_verdict_cell("head", mine.get("head"), block_level=False) if linear_scope or "head" in mine
+                     else AnatomyCell("head", None, "head: a block-scope checkup does not probe it (linear scope does)"))
     cells[EMBEDDING] = AnatomyCell(EMBEDDING, None, "token embedding: not probed (a lookup, not a matmul)")
     return cells
 

@@ -264,8 +264,11 @@ def _load_gguf(file: Path, torch_dtype) -> LoadedModel:
 
 def _cache_gguf(loaded: LoadedModel, cached: Path) -> None:
     """Best effort: a full disk or a read-only cache only costs the next open a conversion."""
+    import re
+
+    own = re.compile(re.escape(loaded.path.stem) + r"-[0-9a-f]{16}")  # this file's copies, not another's
     for stale in cached.parent.glob(f"{loaded.path.stem}-*"):  # earlier versions of the same file
-        if stale != cached:
+        if stale != cached and own.fullmatch(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
     staging = cached.parent / f".{cached.name}.partial-{os.getpid()}"
     try:

@@ -57,7 +57,7 @@ def test_block_scope_colours_a_blocks_linears_by_its_probe(qtbot, window, llama_
     block1 = [c for n, c in cells.items() if n.startswith("1.")]
     assert block1 and len({c.color for c in block1}) == 1 and all(c.record.spec.targets == ("1",) for c in block1)
     assert "its block's probe" in block1[0].text
-    assert cells["head"].color is None and "not measured" in cells["head"].text
+    assert cells["head"].color is None and "does not probe it" in cells["head"].text
 
 
 def test_export_anatomy_shows_each_linears_format_and_a_click_switches_it(qtbot, window, llama_dir, screenshots):

@@ -60,3 +60,40 @@ def test_cancelled_checkup_is_kept_and_resumed(qtbot, window, llama_dir, monkeyp
                     and not window.runner.busy, timeout=60000)
     assert len(window.state.report.probes) == 6 and len(measured) == 4
     assert window.run_page.resume.isHidden()
+
+
+def test_a_reopened_cancelled_session_resumes_with_its_own_plan_and_another_models_is_shown_safely(
+        qtbot, window, llama_dir, model_dirs, tmp_path):
+    from tests.gui.conftest import load
+
+    load(qtbot, window, llama_dir)
+    window.data_page.slider.setValue(1)
+    window.plan_page.exhaustive.setChecked(True)
+    window.start_checkup()
+    qtbot.waitUntil(lambda: len(window.run_page.model.records) >= 2, timeout=60000)
+    window.run_page.cancel.click()
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=60000)
+    path = tmp_path / "partial.json"
+    window.write_session(path)
+    plan = window.state.report.plan
+    window.plan_page.remove.setChecked(False)  # the Plan page changes; the resumed run must not follow it
+    window.open_session(str(path))
+    assert window.run_page.resume.isVisibleTo(window.run_page)
+    window.run_page.resume.click()
+    qtbot.waitUntil(lambda: window.state.report is not None and not window.runner.busy, timeout=120000)
+    assert window.state.report.status == "completed" and window.state.report.plan["modifications"] == \
+        plan["modifications"]
+    # A session of a different model (more blocks than the one loaded): shown, never used to predict.
+    from modeldoctor.report.results import CheckupReport
+
+    other = CheckupReport.load(path)
+    other.model["path"] = "/elsewhere/bigger-model"
+    spec = other.probes[0].spec
+    other.probes.append(type(other.probes[0])(**{**other.probes[0].__dict__, "spec": type(spec)(
+        **{**spec.__dict__, "index": 999, "targets": ("31",), "block": 31})}))
+    other_path = tmp_path / "other.json"
+    other.save_file(other_path)
+    window.open_session(str(other_path))
+    assert not window.run_page.resume.isVisibleTo(window.run_page)
+    window.go(6)
+    assert window.export_page.report is None

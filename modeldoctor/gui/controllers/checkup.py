@@ -61,6 +61,9 @@ class CheckupController(Controller):
         self.state.plan, self.state.data_spec = plan, spec
         self.state.report = None
         self.state.running = True
+        # The pages that read the previous checkup stop showing it: a failed re-run leaves none.
+        window.export_page.set_context(self.state.session, None)
+        window.treatment_page.show_recommendations([])
         self.page.begin(plan.threshold)
         counts: dict[str, int] = {}
         for probe in probes:
@@ -80,11 +83,15 @@ class CheckupController(Controller):
         self.status("Checkup running …")
 
     def resume_checkup(self) -> None:
-        """Continue the cancelled checkup on screen with its own plan and text."""
+        """Continue the cancelled checkup on screen (run here or reopened) with its own plan and text."""
+        from modeldoctor.data import DataSpec
+
         report = self.state.report
-        if report is None or report.status != "cancelled" or self.state.plan is None:
+        if report is None or report.status != "cancelled" or not self.window.report_is_of_loaded_model(report):
             return
-        self.start_checkup(self.state.plan, resume=report, spec=self.state.data_spec)
+        spec = report.data.get("spec")
+        self.start_checkup(CheckupPlan.from_dict(report.plan), resume=report,
+                           spec=DataSpec(**spec) if spec else self.state.data_spec)
 
     def start_checkup_of(self, modification: str) -> None:
         """A checkup of exactly one modification, per linear, with the Plan page's other settings

@@ -43,6 +43,7 @@ class ExportPage(QWidget):
         self.linears: list[str] = []
         self.predicted: dict[str, float] = {}
         self.last_result = None  # the latest export's ExportResult
+        self.figures: dict[str, float] = {}  # what the chart draws: the linears' figures, else the blocks'
         layout = QVBoxLayout(self)
         intro = QLabel("<h2>Export</h2>Exports through optimum-onnx, quantizes with onnxruntime, keeps the "
                        "layers you tick in fp32, then validates the result against the original before "
@@ -196,7 +197,7 @@ class ExportPage(QWidget):
 
         precision = self.precision()
         self.predicted = {}
-        self.figures: dict[str, float] = {}  # what the chart draws: the linears' figures, else the blocks'
+        self.figures = {}
         chosen, notes = [], []
         if self._session is not None and precision != "fp32":
             _, kl, _ = predicted_kl(self.report, precision)
@@ -291,7 +292,7 @@ class ExportPage(QWidget):
         from modeldoctor.export.pipeline import remaining_kl
         from modeldoctor.modifications.base import target_linears
 
-        figures = getattr(self, "figures", {})
+        figures = self.figures
         names = [n for n in sorted(figures, key=figures.get, reverse=True)][:60]
         kept = set(self.kept())
         anatomy = self._session.anatomy if self._session is not None else None

@@ -31,9 +31,12 @@ class RunPage(QWidget):
         self._drawn_version = -1
         self.total_probes = 0
         self.redraws = 0
+        self._eta_text = ""
+        self._began = time.monotonic()
+        self.expected_per_modification: dict[str, int] = {}
         layout = QVBoxLayout(self)
         intro = QLabel("<b>Checkup.</b> Each bar is one layer modified alone, measured against the original: "
-                       "bars above the dashed line bleed. Click a bar for its full story. <b>Next:</b> when it "
+                       "bars above the dashed line bleed (and a clear outlier among its peers is marked bleeding too). Click a bar for its full story. <b>Next:</b> when it "
                        "finishes, read the diagnosis.")
         intro.setWordWrap(True)
         layout.addWidget(intro)
@@ -174,8 +177,11 @@ class RunPage(QWidget):
             self.progress.setFormat(reason)
         self.pause.setEnabled(False)
         self.cancel.setEnabled(False)
+        self.pause.blockSignals(True)  # a run that ended is not "resumed"
         self.pause.setChecked(False)
-        elapsed = time.monotonic() - getattr(self, "_began", time.monotonic())
+        self.pause.setText("Pause")
+        self.pause.blockSignals(False)
+        elapsed = time.monotonic() - self._began
         self.eta.setText(f"{reason} in {format_duration(elapsed)}")
         kept = [r for r in (records or []) if not r.estimated]
         self.resume.setVisible(reason == "cancelled" and bool(records))
@@ -195,8 +201,9 @@ class RunPage(QWidget):
         self.problem.show()
         self.append_log(f"failed: {message}")
 
-    def show_report(self, report) -> None:
-        """Redraw everything from a finished (or reopened) report without running anything."""
+    def show_report(self, report, resumable: bool = False) -> None:
+        """Redraw everything from a finished (or reopened) report without running anything; Resume is
+        offered for a cancelled one of the model that is loaded."""
         threshold = report.plan.get("threshold", 0.01)
         self.model.reset(threshold)
         for plot in (self.bars, self.heatmap, self.cumulative, self.sweep):
@@ -208,6 +215,7 @@ class RunPage(QWidget):
         self.progress.setFormat(f"{len(report.probes)} probes")
         self.eta.setText(f"{report.status}, {format_duration(report.elapsed_s)}")
         self.problem.hide()
+        self.resume.setVisible(resumable)
         self.redraw()
 
     def add_record(self, record) -> None:
@@ -240,7 +248,8 @@ class RunPage(QWidget):
         expected = sum(1 for _ in bars.values)
         self.bars.setTitle(f"{self.model.selected}: mean KL per layer" if self.model.selected else "")
         self.bars.update_bars(bars, total=max(expected, self._expected_bars()))
-        self.heatmap.update_matrix(self.model.heatmap())
+        self.heatmap.update_matrix(self.model.heatmap(), f"blocks × linears under {self.model.selected}"
+                                   if self.model.linear_scope() else "blocks × modifications")
         self._draw_anatomy()
         cumulative = self.model.cumulative()
         self.cumulative.update_curves({k: (x, y) for k, (x, y, _) in cumulative.items()},
@@ -271,7 +280,7 @@ class RunPage(QWidget):
 
     def _expected_bars(self) -> int:
         """Bars the selected modification will have when done (keeps the x axis still)."""
-        return getattr(self, "expected_per_modification", {}).get(self.model.selected, 0)
+        return self.expected_per_modification.get(self.model.selected, 0)
 
     def _select(self, name: str) -> None:
         if name:
@@ -281,7 +290,7 @@ class RunPage(QWidget):
     def _pause_toggled(self, paused: bool) -> None:
         self.pause.setText("Resume" if paused else "Pause")
         if self.pause.isEnabled():  # a run is under way (end() unchecks the button too)
-            self.eta.setText("paused" if paused else getattr(self, "_eta_text", ""))
+            self.eta.setText("paused" if paused else self._eta_text)
         self.pauseToggled.emit(paused)
 
     def _bar_clicked(self, index: int) -> None:

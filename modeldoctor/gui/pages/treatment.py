@@ -178,6 +178,7 @@ class TreatmentPage(QWidget):
         self.anatomy = AnatomyView()  # the treated model: each block's figure after, kept linears outlined
         self.chart_tabs.addTab(self.anatomy, "Anatomy")
         self.linear_names: list[str] = []
+        self.kept_linears: list[str] = []
         right_layout.addWidget(self.chart_tabs, 2)
         self.verdict = QLabel("")
         self.verdict.setWordWrap(True)
@@ -378,7 +379,7 @@ class TreatmentPage(QWidget):
         from modeldoctor.gui.viewmodel import AnatomyLayout, treatment_cells
 
         layout = AnatomyLayout.from_names(self.linear_names)
-        kept = set(getattr(self, "kept_linears", []))
+        kept = set(self.kept_linears)
         self.anatomy.set_layout(layout)
         self.anatomy.set_cells(
             treatment_cells(layout, outcome, self.threshold, kept),
