@@ -50,6 +50,7 @@ class MainWindow(QMainWindow):
         self.settings = settings or QSettings("ModelDoctor", "ModelDoctor")
         self.theme = str(self.settings.value("view/theme", "system"))
         self.dark = apply_palette(QApplication.instance(), self.theme)
+        QApplication.instance().styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
         self.state = AppState()
         self.runner = JobRunner(self)
         self.runner.event.connect(self._on_event)
@@ -205,6 +206,10 @@ class MainWindow(QMainWindow):
         self.settings.setValue("view/theme", theme)
         self.dark = apply_palette(QApplication.instance(), theme)
         self.statusBar().showMessage("Theme changed; the plots follow when Model Doctor is next started.")
+
+    def _system_scheme_changed(self, *_) -> None:
+        if self.theme == "system":  # follow the desktop when it switches between light and dark
+            self.set_theme("system")
 
     def _about(self) -> None:
         QMessageBox.about(self, "Model Doctor", "<b>Model Doctor</b><br>Finds the layers of a language model "

@@ -17,7 +17,7 @@ from modeldoctor.export.pipeline import (
     DEFAULT_BUDGET_KL, PREDICTORS, missing_checkup, missing_checkup_text, predicted_kl,
 )
 from modeldoctor.gui.anatomy import AnatomyView
-from modeldoctor.gui.pages.data import format_duration
+from modeldoctor.gui.clock import JobClock
 from modeldoctor.gui.plots import LabelAxis, LogAxis, backing
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
 
@@ -64,6 +64,11 @@ class ExportPage(QWidget):
             self.precision_group.addButton(button)
             row.addWidget(button)
         self.precisions["int8"].setChecked(True)
+        from modeldoctor.gui.glossary import tip
+
+        self.precisions["fp32"].setToolTip("Every weight in 32-bit floats: the same function as the model.")
+        self.precisions["int8"].setToolTip(tip("int8 dynamic"))
+        self.precisions["int4"].setToolTip(tip("int4 g32 asym"))
         form.addRow("Precision:", row)
         self.budget = QDoubleSpinBox()
         self.budget.setDecimals(3)
@@ -71,6 +76,7 @@ class ExportPage(QWidget):
         self.budget.setSingleStep(0.005)
         self.budget.setValue(DEFAULT_BUDGET_KL)
         self.budget.setSuffix(" nats")
+        self.budget.setToolTip(tip("KL (nats)") + " An export whose measured mean KL is above this is not written.")
         form.addRow("Largest mean KL:", self.budget)
         folder_row = QHBoxLayout()
         self.folder = QLineEdit()
@@ -120,6 +126,7 @@ class ExportPage(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         form_box.addWidget(self.status)
+        self.clock = JobClock(self.eta, self.status, self, eta_prefix="estimated time left ")
         splitter.addWidget(left)
         right = QWidget()
         right_layout = QVBoxLayout(right)
@@ -345,12 +352,14 @@ class ExportPage(QWidget):
         for widget in (self.keep, self.budget, self.folder, self.run_checkup, *self.precisions.values()):
             widget.setEnabled(not running)
         if running:
+            self.clock.start()
             self.more.setEnabled(False)
             self.progress.setRange(0, 0)
             self.progress.setFormat("starting …")
             self.eta.setText("")
             self.table_note.hide()
         else:
+            self.clock.stop()
             self.keep.setEnabled(self.precision() != "fp32")
             self.progress.setRange(0, 1)
 
@@ -358,7 +367,7 @@ class ExportPage(QWidget):
         self.progress.setRange(0, total)
         self.progress.setValue(done)
         self.progress.setFormat(f"step {min(done + 1, total)} of {total}: {stage}")
-        self.eta.setText(f"about {format_duration(eta_s)} left (estimated)" if eta_s is not None else "")
+        self.clock.update(done, total, eta_s, stage)
 
     def show_result(self, result) -> None:
         self.last_result = result

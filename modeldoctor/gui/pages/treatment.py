@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-import time
-
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
     QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
@@ -16,7 +14,7 @@ from PySide6.QtWidgets import (
 
 from modeldoctor.errors import PlanError
 from modeldoctor.gui.anatomy import AnatomyView
-from modeldoctor.gui.pages.data import format_duration
+from modeldoctor.gui.clock import JobClock
 from modeldoctor.gui.plots import LabelAxis, LogAxis
 from modeldoctor.gui.viewmodel import KL_FLOOR, BeforeAfter, log_kl
 from modeldoctor.treatment.base import FIGURES, TreatmentPlan, treatments
@@ -196,11 +194,7 @@ class TreatmentPage(QWidget):
         splitter.setSizes([430, 650])
         layout.addWidget(splitter, 1)
 
-        # Between progress events the clock keeps moving: the stage's own time and a counted-down ETA.
-        self.clock = QTimer(self)
-        self.clock.setInterval(1000)
-        self.clock.timeout.connect(self._tick_clock)
-        self._stage, self._stage_began, self._eta_at = "", 0.0, None
+        self.clock = JobClock(self.eta, self.status, self)
         self.start.clicked.connect(self.treatRequested)
         self.cancel.clicked.connect(self.cancelRequested)
         self.save_model.clicked.connect(self.saveModelRequested)
@@ -277,7 +271,6 @@ class TreatmentPage(QWidget):
         for widget in (self.save_model, self.reset, self.choices, self.advice_box):
             widget.setEnabled(not running)
         if running:
-            self._stage, self._stage_began, self._eta_at = "", time.monotonic(), None
             self.clock.start()
         else:
             self.clock.stop()
@@ -287,21 +280,7 @@ class TreatmentPage(QWidget):
         self.progress.setRange(0, total)
         self.progress.setValue(done)
         self.progress.setFormat(f"{done} / {total} steps")
-        now = time.monotonic()
-        self._eta_at = None if eta_s is None or done >= total else now + eta_s
-        if stage and stage.split(": ")[:2] != self._stage.split(": ")[:2]:
-            self._stage_began = now
-        self._stage = stage or self._stage
-        self._tick_clock()
-
-    def _tick_clock(self) -> None:
-        now = time.monotonic()
-        if self._eta_at is not None:
-            self.eta.setText(f"ETA {format_duration(max(self._eta_at - now, 0.0))}")
-        elif self.progress.maximum() and self.progress.value() >= self.progress.maximum():
-            self.eta.setText("finishing …")
-        if self._stage:
-            self.status.setText(f"{self._stage} ({format_duration(now - self._stage_began)})")
+        self.clock.update(done, total, eta_s, stage)
 
     def add_outcome(self, outcome) -> None:
         self.outcomes.append(outcome)
