@@ -50,6 +50,22 @@ class LabelAxis(pg.AxisItem):
         self.setTicks([[(i, label) for i, label in enumerate(self.labels) if i % step == 0]])
 
 
+def spaced_labels(plot: pg.PlotWidget, ranked: list[int], labels: list[str], values: list[float], slots: int,
+                  count: int) -> list[int]:
+    """Of the bars in `ranked` order (worst first), up to `count` whose two-line labels (name, KL)
+    do not overlap at the plot's current width."""
+    bar_px = max(plot.plotItem.vb.width(), 200.0) / max(slots, 1)
+    longest = max((max(len(label), len(f"{value:.3g}")) for label, value in zip(labels, values)), default=2)
+    gap = max(1, math.ceil((7.0 * longest + 12) / bar_px))
+    chosen: list[int] = []
+    for i in ranked:
+        if all(abs(i - j) >= gap for j in chosen):
+            chosen.append(i)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
 class BleedingBarChart(pg.PlotWidget):
     """Mean KL per layer on a log scale, coloured by verdict, threshold line, worst labelled."""
 
@@ -89,19 +105,7 @@ class BleedingBarChart(pg.PlotWidget):
 
     def labelled_bars(self, bars: Bars, total: int) -> list[int]:
         """The worst bars that get a label, none so close to another that the texts would overlap."""
-        width_px = max(self.plotItem.vb.width(), 200.0)
-        bar_px = width_px / max(total, 1)
-        longest = max((max(len(label), len(f"{value:.3g}")) for label, value in zip(bars.labels, bars.values)),
-                      default=2)
-        text_px = 7.0 * longest + 12  # a label is two lines: the layer, and its KL
-        gap = max(1, math.ceil(text_px / bar_px))
-        chosen: list[int] = []
-        for i in bars.worst(len(bars.values)):
-            if all(abs(i - j) >= gap for j in chosen):
-                chosen.append(i)
-            if len(chosen) == len(self.labels):
-                break
-        return chosen
+        return spaced_labels(self, bars.worst(len(bars.values)), bars.labels, bars.values, total, len(self.labels))
 
     def update_bars(self, bars: Bars, total: int | None = None) -> None:
         self.current = bars
@@ -118,7 +122,11 @@ class BleedingBarChart(pg.PlotWidget):
             if slot < len(worst):
                 i = worst[slot]
                 label.setText(f"{bars.labels[i]}\n{bars.values[i]:.3g}")
-                label.setPos(float(i), float(bars.heights()[i]))
+                # At either end of the axis the label leans inwards, so it is never cut off.
+                slots = max(total or 0, len(x))
+                edge = 0.0 if i < 2 else 1.0 if i > slots - 3 else 0.5
+                label.setAnchor((edge, 1.0))
+                label.setPos(float(i) + (0.4 - 0.8 * edge if edge != 0.5 else 0.0), float(bars.heights()[i]))
                 label.setVisible(True)
             else:
                 label.setVisible(False)

@@ -131,12 +131,12 @@ def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, lla
     window.run_page.pause.click()
     paused_at = len(progress)
     assert window.run_page.eta.text() == "paused"
-    qtbot.wait(1200)
+    qtbot.wait(3000)
     window.run_page.pause.click()
     assert window.run_page.eta.text() != "paused"
     qtbot.waitUntil(lambda: window.state.report is not None and not window.runner.busy, timeout=120000)
     slowest = max(p.seconds for p in window.state.report.probes)
-    assert slowest < 0.9, f"a probe took {slowest:.2f} s: the pause was counted"
+    assert slowest < 2.5, f"a probe took {slowest:.2f} s: the 3 s pause was counted"
     assert min(p.seconds for p in window.state.report.probes) >= 0, "the pause was subtracted twice"
     for event in progress[paused_at + 1:]:  # the ETA after the pause knows nothing of it
         if event.eta_s is not None:

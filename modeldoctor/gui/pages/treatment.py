@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 from modeldoctor.errors import PlanError
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
-from modeldoctor.gui.plots import LabelAxis, LogAxis
+from modeldoctor.gui.plots import LabelAxis, LogAxis, spaced_labels
 from modeldoctor.gui.viewmodel import KL_FLOOR, BeforeAfter, log_kl
 from modeldoctor.treatment.base import FIGURES, TreatmentPlan, treatments
 
@@ -326,7 +326,8 @@ class TreatmentPage(QWidget):
                                 brushes=[pg.mkBrush(*c) for c in bars.after_colors()], pen=pg.mkPen(None))
         self.bottom_axis.set_labels(bars.labels)
         self.threshold_line.setPos(log_kl(self.threshold) - np.log10(KL_FLOOR))
-        worst = bars.worst_after(len(self.labels))
+        worst = spaced_labels(self.chart, bars.worst_after(len(bars.after)), bars.labels, bars.after, len(bars.labels),
+                              len(self.labels))
         for slot, label in enumerate(self.labels):
             if slot < len(worst):
                 i = worst[slot]
@@ -337,7 +338,7 @@ class TreatmentPage(QWidget):
                 label.setVisible(False)
         top = max(list(bars.heights(bars.before)) + list(bars.heights(bars.after)) +
                   [log_kl(self.threshold) - np.log10(KL_FLOOR) + 1, 1.0])
-        self.chart.setYRange(0, top + 0.6, padding=0)
+        self.chart.setYRange(0, top + 1.2, padding=0)
         self.chart.setXRange(-0.6, max(len(x), 1) - 0.4, padding=0)
         if outcome is None:
             self.chart.setTitle("per-layer bars appear here after a treatment")
