@@ -108,6 +108,7 @@ def full_flow(app, window, folder: Path, readme: Path) -> dict:
     window.run_page.modification.setCurrentText("int8-dynamic")
     window.run_page.redraw()
     shot("4-checkup-done", readme_name="4-checkup-done")
+    messages = {"checkup": window.statusBar().currentMessage()}  # the other windows show the same results
     window.run_page.right_tabs.setCurrentIndex(1)
     window.run_page.lower_tabs.setCurrentIndex(1)
     shot("4-checkup-heatmap-and-an-empty-tab")
@@ -135,6 +136,7 @@ def full_flow(app, window, folder: Path, readme: Path) -> dict:
     shot("6-treatment-running")
     wait_until(lambda: treatment.outcomes and not window.runner.busy)
     shot("6-treatment", readme_name="6-treatment")
+    messages["treatment"] = window.statusBar().currentMessage()
     treatment.chart_tabs.setCurrentIndex(1)
     shot("6-treatment-anatomy")
     treatment.chart_tabs.setCurrentIndex(0)
@@ -149,9 +151,10 @@ def full_flow(app, window, folder: Path, readme: Path) -> dict:
     shot("7-export-running")
     wait_until(lambda: not window.runner.busy and page.table.rowCount() > 0)
     shot("7-export-done")
+    messages["export"] = window.statusBar().currentMessage()
     window.treatment_page.grab()  # keeps the outcome objects alive for the other windows
     return {"report": window.state.report, "outcomes": list(treatment.outcomes), "export": page.last_result,
-            "speed": window.state.speed}
+            "speed": window.state.speed, "messages": messages}
 
 
 def redraw_flow(app, window, session, results: dict, folder: Path) -> None:
@@ -178,6 +181,7 @@ def redraw_flow(app, window, session, results: dict, folder: Path) -> None:
     report = results["report"]
     window.run_page.show_report(report)
     window.set_report(report)
+    window.statusBar().showMessage(results["messages"]["checkup"])
     window.run_page.modification.setCurrentText("int8-dynamic")
     window.go(3)
     shot("4-checkup-done")
@@ -187,13 +191,18 @@ def redraw_flow(app, window, session, results: dict, folder: Path) -> None:
     for outcome in results["outcomes"]:
         treatment.add_outcome(outcome)
     treatment.show_state(session.treatment)
+    window.statusBar().showMessage(results["messages"]["treatment"])
     window.go(5)
     shot("6-treatment")
     window.go(6)
     window.export_page.precisions["int8"].setChecked(True)
     shot("7-export")
     if results["export"] is not None:
-        window.export_page.show_result(results["export"])
+        result = results["export"]
+        window.export_page.folder.setText(str(result.path))
+        window.export_page.budget.setValue(result.budget_kl)
+        window.export_page.show_result(result)
+        window.statusBar().showMessage(results["messages"]["export"])
         shot("7-export-done")
 
 

@@ -4,6 +4,8 @@ the view model (checkup verdicts, export formats, treatment figures); clicking a
 
 from __future__ import annotations
 
+import math
+
 from PySide6.QtCore import QPoint, QRect, QSize, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QPainter, QPalette, QPen
 from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
@@ -119,12 +121,14 @@ class AnatomyView(QWidget):
             painter.drawText(QRect(int(cx), 18 + line, int(width), line), Qt.AlignmentFlag.AlignCenter,
                              short(column))
         hatch = QBrush(QColor(150, 150, 150, 140), Qt.BrushStyle.BDiagPattern)
-        label_every = max(1, int(12 // max(height, 1)) + 1)
+        # A block number is a line of text tall, centred on its row (rows are often thinner than
+        # text), and only every so many rows are numbered, so numbers neither clip nor overlap.
+        label_every = max(1, math.ceil(line / max(height, 1.0)))
+        painter.setPen(text)
         for number, block in enumerate(self.layout_.blocks):
             if number % label_every == 0:
-                rect = self.cell_rect(f"{block}.{self.layout_.columns[0]}")
-                painter.setPen(text)
-                painter.drawText(QRect(0, rect.top(), LEFT - 4, rect.height() + 1),
+                middle = self.cell_rect(f"{block}.{self.layout_.columns[0]}").center().y()
+                painter.drawText(QRect(0, middle - line // 2, LEFT - 4, line),
                                  Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, str(block))
         names = [EMBEDDING] + [f"{b}.{c}" for b in self.layout_.blocks for c in self.layout_.columns] + ["head"]
         for name in names:

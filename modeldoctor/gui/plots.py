@@ -96,7 +96,10 @@ class BleedingBarChart(pg.PlotWidget):
             label.setZValue(10)
             self.addItem(label)
         self.current = Bars()
+        self.slots = 0
         self.scene().sigMouseClicked.connect(self._clicked)
+        # Which labels fit depends on the width: lay them out again whenever it changes.
+        self.plotItem.vb.sigResized.connect(self._place_labels)
 
     def set_threshold(self, threshold: float) -> None:
         self.threshold_line.setPos(log_kl(threshold) - self.offset)
@@ -117,22 +120,26 @@ class BleedingBarChart(pg.PlotWidget):
         self.bars.setOpts(x=x, height=bars.heights(), width=0.8, brushes=brushes, pen=pg.mkPen(None),
                           pens=pens or None)  # pyqtgraph fails on an empty list of pens
         self.bottom.set_labels(bars.labels)
-        worst = self.labelled_bars(bars, max(total or 0, len(x)))
+        self.slots = max(total or 0, len(x))
+        self._place_labels()
+        top = max([h for h in bars.heights()] + [self.threshold_line.value() + 1, 1.0])
+        self.setYRange(0, top + 1.2, padding=0)  # room above the tallest bar for its two-line label
+        self.setXRange(-0.6, self.slots - 0.4, padding=0)
+
+    def _place_labels(self) -> None:
+        bars, slots = self.current, self.slots
+        worst = self.labelled_bars(bars, slots)
         for slot, label in enumerate(self.labels):
             if slot < len(worst):
                 i = worst[slot]
                 label.setText(f"{bars.labels[i]}\n{bars.values[i]:.3g}")
                 # At either end of the axis the label leans inwards, so it is never cut off.
-                slots = max(total or 0, len(x))
                 edge = 0.0 if i < 2 else 1.0 if i > slots - 3 else 0.5
                 label.setAnchor((edge, 1.0))
                 label.setPos(float(i) + (0.4 - 0.8 * edge if edge != 0.5 else 0.0), float(bars.heights()[i]))
                 label.setVisible(True)
             else:
                 label.setVisible(False)
-        top = max([h for h in bars.heights()] + [self.threshold_line.value() + 1, 1.0])
-        self.setYRange(0, top + 1.2, padding=0)  # room above the tallest bar for its two-line label
-        self.setXRange(-0.6, max(total or 0, len(x)) - 0.4, padding=0)
 
     def _clicked(self, event) -> None:
         if not self.current.values:

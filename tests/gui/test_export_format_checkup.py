@@ -37,6 +37,7 @@ def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, l
     KL are predicted before writing, the export shows its progress, the result table explains itself."""
     from modeldoctor.events import Progress
 
+    window.resize(1280, 720)  # the page scrolls at this size: its progress bar starts below the fold
     load(qtbot, window, llama_dir)
     window.data_page.slider.setValue(2)
     window.plan_page.bits[4].setChecked(False)
@@ -58,6 +59,7 @@ def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, l
     page.folder.setText(str(tmp_path / "onnx"))
     page.budget.setValue(5.0)
     page.start.click()
+    assert not page.progress.visibleRegion().isEmpty(), "the running export's progress is scrolled into view"
     assert not page.keep.isEnabled() and not page.budget.isEnabled() and page.cancel.isEnabled()
     assert "Exporting int8" in window.statusBar().currentMessage()
     qtbot.waitUntil(lambda: not window.runner.busy and page.table.rowCount() > 0, timeout=180000)

@@ -115,6 +115,29 @@ def test_bar_labels_never_overlap(qtbot):
     assert np.isfinite(chart.threshold_line.value())
 
 
+def test_bar_labels_follow_the_width(qtbot):
+    """Bars drawn while the chart is narrow get labelled again once it is wide (the worst-layers
+    chart: adjacent bars, each wide enough for its label)."""
+    from modeldoctor.gui.plots import BleedingBarChart
+    from modeldoctor.gui.viewmodel import Bars
+
+    chart = BleedingBarChart()
+    qtbot.addWidget(chart)
+    chart.resize(220, 300)
+    chart.show()
+    qtbot.waitExposed(chart)
+    values = [0.163, 0.113, 0.109, 0.0555, 0.0233]
+    bars = Bars(["11", "28", "29", "2", "9"], values, ["moderate"] * 5, [None] * 5, [False] * 5)
+    chart.update_bars(bars, 5)
+
+    def labelled():
+        return [label.toPlainText().split()[0] for label in chart.labels if label.isVisible()]
+
+    assert labelled() != ["11", "28", "29"], "too narrow for three adjacent labels"
+    chart.resize(1000, 300)
+    qtbot.waitUntil(lambda: labelled() == ["11", "28", "29"], timeout=3000)
+
+
 def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, llama_dir):
     load(qtbot, window, llama_dir)
     window.data_page.slider.setValue(2)

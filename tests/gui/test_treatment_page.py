@@ -113,6 +113,7 @@ def test_treat_save_and_reset(qtbot, window, llama_dir, tmp_path):
 
 
 def test_choices_lock_and_the_stage_shows_while_treating(qtbot, window, llama_dir):
+    window.resize(1280, 600)  # the page scrolls at this size: its progress bar starts below the fold
     load(qtbot, window, llama_dir)
     _small_data(window)
     page = window.treatment_page
@@ -123,6 +124,7 @@ def test_choices_lock_and_the_stage_shows_while_treating(qtbot, window, llama_di
     window.runner.event.connect(lambda e: stages.append(page.status.text()) if hasattr(e, "stage") else None)
     page.start.click()
     assert window.runner.busy
+    assert not page.progress.visibleRegion().isEmpty(), "the running job's progress is scrolled into view"
     # Nothing of the plan being run can be changed mid-run.
     assert not page.choices.isEnabled() and not page.checks["smoothquant"].isEnabled()
     assert not page.target.isEnabled() and not page.budget.isEnabled() and not page.use_advice.isEnabled()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtWidgets import QMessageBox, QScrollArea
 
 from modeldoctor.events import Failed
 
@@ -25,6 +25,15 @@ class Controller:
 
     def status(self, message: str) -> None:
         self.window.statusBar().showMessage(message)
+
+    def reveal(self, widget) -> None:
+        """Scroll the page so `widget` (a job's progress bar) is on screen: on a small screen the
+        form pages scroll, and a job whose progress sits below the fold looks frozen."""
+        parent = widget.parentWidget()
+        while parent is not None and not isinstance(parent, QScrollArea):
+            parent = parent.parentWidget()
+        if parent is not None:
+            parent.ensureWidgetVisible(widget, 0, 40)
 
     def busy_refuse(self) -> bool:
         """True (after telling the user) when another job is running."""

@@ -52,6 +52,7 @@ class ExportController(Controller):
             yield from export_model(session, data, target, precision, report, keep, budget, overwrite,
                                     control=control)
         self.start("export", work)
+        self.reveal(page.progress)
 
     def on_event(self, event) -> None:
         page = self.page

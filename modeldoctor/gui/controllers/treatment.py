@@ -41,6 +41,7 @@ class TreatmentController(Controller):
             yield from run_treatments(session, plan, session.data(spec), control)
         self.start("treatment", work)
         self.status("Treating …")
+        self.reveal(self.page.progress)
 
     def save_treated_model(self) -> None:
         session = self.state.session

@@ -201,6 +201,7 @@ class TreatmentPage(QWidget):
         self.reset.clicked.connect(self.resetRequested)
         self.use_advice.clicked.connect(self.apply_recommendation)
         self.shown.currentIndexChanged.connect(self._draw)
+        self.chart.plotItem.vb.sigResized.connect(self._draw)  # which bar labels fit depends on the width
         self.target.currentIndexChanged.connect(self._refresh_checks)
         for box in self.checks.values():
             box.toggled.connect(self._refresh_checks)
