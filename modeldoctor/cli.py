@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from modeldoctor.errors import ModelDoctorError
+from modeldoctor.export import PRECISIONS as PRECISION_CHOICES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
@@ -264,6 +265,53 @@ def print_report(report, top: int = 15) -> None:
             print(f"      → {finding.recommendation}")
 
 
+def parse_size_budget(text: str | None, fp32_bytes: int) -> int | None:
+    """'30%' of the fp32 weights, or '150MB' / '150MiB' / '0.2GB'; None when not given."""
+    if not text:
+        return None
+    value = text.strip().lower().replace(" ", "")
+    units = {"%": None, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+    for unit, size in units.items():
+        if value.endswith(unit):
+            try:
+                number = float(value[: -len(unit)])
+            except ValueError:
+                break
+            if number <= 0:
+                break
+            return int(fp32_bytes * number / 100) if size is None else int(number * size)
+    raise ModelDoctorError(f"Cannot read the size budget '{text}'; give a share of fp32 such as 30% or a size "
+                           "such as 150MB.")
+
+
+def fast_export_checkup(session, precision: str, data_spec, quiet: bool = False):
+    """The two-stage linear checkup of the formats a precision writes, on the selection text:
+    first-stage estimates of every linear, exact probes of the worst. Returns its report."""
+    from modeldoctor.checkup.plan import CheckupPlan
+    from modeldoctor.checkup.run import run_checkup
+    from modeldoctor.data import DataSpec
+    from modeldoctor.events import Failed, Finished
+    from modeldoctor.export.pipeline import PREDICTORS, PROMOTION
+
+    formats = [precision] + ([PROMOTION[precision]] if PROMOTION[precision] != "fp32" else [])
+    plan = CheckupPlan(modifications=[PREDICTORS[f] for f in formats], scope="linears", knowledge=False,
+                       attention=False)
+    data = session.data(DataSpec(**{**data_spec.__dict__, "split": "eval"})).selection_view()
+    data.require_selection("Choosing the export's formats")
+    if not quiet:
+        print(f"No --from-checkup: estimating {', '.join(plan.modifications)} for every linear on the selection text "
+              f"({data.eval_tokens} tokens) and measuring the worst …", file=sys.stderr)
+    final = None
+    for event in run_checkup(session, plan, data):
+        if isinstance(event, Failed):
+            raise ModelDoctorError(event.message)
+        if isinstance(event, Finished):
+            final = event
+    if final is None or final.reason != "completed":
+        raise ModelDoctorError("The checkup that chooses the export's formats did not complete.")
+    return final.report
+
+
 def cmd_export(args) -> int:
     from modeldoctor.data import DataSpec
     from modeldoctor.report import CheckupReport
@@ -273,18 +321,23 @@ def cmd_export(args) -> int:
     if out.exists() and not args.force:
         raise ModelDoctorError(f"{out} already exists; pass --force to replace it.")
     session = _open_session(args)
-    data = session.data(DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False))
+    size_budget = parse_size_budget(args.size_budget, int(session.summary.parameters * 4))
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep is not None else None
-    return _run_export(session, data, out, args.precision, report, keep, args.budget, args.force)
+    spec = DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False)
+    if report is None and keep is None and args.precision != "fp32" and not args.no_checkup:
+        report = fast_export_checkup(session, args.precision, spec)
+    data = session.data(spec)
+    return _run_export(session, data, out, args.precision, report, keep, args.budget, args.force, size_budget)
 
 
-def _run_export(session, data, out: Path, precision: str, report, keep, budget: float, force: bool) -> int:
+def _run_export(session, data, out: Path, precision: str, report, keep, budget: float, force: bool,
+                size_budget: int | None = None) -> int:
     from modeldoctor.events import Failed, Finished, LogMessage, Stage
     from modeldoctor.export.pipeline import export_model
 
     began = time.monotonic()
     final = None
-    for event in export_model(session, data, out, precision, report, keep, budget, force):
+    for event in export_model(session, data, out, precision, report, keep, budget, force, size_budget=size_budget):
         if isinstance(event, Stage):
             print(f"[{time.monotonic() - began:5.0f} s] {event.name}: {event.detail}", file=sys.stderr)
         elif isinstance(event, LogMessage):
@@ -386,8 +439,6 @@ def cmd_treat(args) -> int:
 
         print(f"Saved the treated model to {save_treated_model(session, args.save_model, args.force)}.")
     if args.export:
-        from modeldoctor.export.pipeline import export_model
-
         export_data = session.data(DataSpec(source=source, tokens=args.tokens, seq_len=min(256, args.tokens),
                                             calibration_tokens=args.calibration_tokens, knowledge=False,
                                             seed=args.seed))
@@ -415,6 +466,8 @@ def print_treatments(report) -> None:
 
 
 def print_validation(result) -> None:
+    from modeldoctor.export.pipeline import format_counts
+
     v, fp32 = result.validation, result.fp32
     rows = [("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
             ("KL median / p99 / max", f"{v['kl_median']:.4f} / {v['kl_p99']:.3f} / {v['kl_max']:.3f}"),
@@ -424,8 +477,15 @@ def print_validation(result) -> None:
                                            f"{v['greedy_first_divergence']:.1f}"),
             ("size on disk", f"{v['size_bytes'] / 2**20:,.0f} MiB ({v['size_bytes'] / fp32['size_bytes']:.0%} of fp32)"),
             ("latency, 128-token prefill", f"{v['latency_s'] * 1000:.0f} ms (×{v.get('latency_ratio', 1):.2f} fp32 ONNX)"),
-            ("kept in fp32", f"{len(result.excluded_linears)} linears"),
+            ("formats", ", ".join(f"{n} {f}" for f, n in format_counts(result.formats).items())),
+            ("predicted", (f"mean KL {result.predicted_kl:.4f} ({result.predicted_by}), "
+                           if result.predicted_kl is not None else "no KL (no checkup of this format), ")
+             + (f"{result.predicted_bytes / 2**20:,.0f} MiB" if result.predicted_bytes else "")),
             ("verdict", "passed" if result.passed else "FAILED: over budget")]
+    if len(result.rounds) > 1:
+        rows[-1:-1] = [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, measured {r['kl_mean']:.4f}, "
+                                      f"{r['size_bytes'] / 2**20:,.0f} MiB")
+                       for i, r in enumerate(result.rounds, 1) if r["predicted_kl"] is not None]
     width = max(len(k) for k, _ in rows)
     print()
     for key, value in rows:
@@ -465,12 +525,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("sample", help="fetch and convert the sample model; print its folder")
     p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("export", help="export a validated ONNX model, bleeding layers kept in fp32")
+    p = sub.add_parser("export", help="export a validated ONNX model, one format per linear chosen from a checkup")
     model_args(p)
-    p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int8")
-    p.add_argument("--from-checkup", metavar="DIR", help="checkup folder (or checkup.json) whose bleeding layers stay fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="int8",
+                   help="int8 / int4: MatMulNBits blocks of 32 (int4 mixes in 8 bits where it pays; the head and a "
+                        "tied embedding at 8 bits); int8-dynamic: W8A8 MatMulInteger; fp32")
+    p.add_argument("--from-checkup", metavar="DIR",
+                   help="checkup folder (or checkup.json) whose figures choose the formats; without it a fast "
+                        "two-stage checkup on the selection text runs first")
+    p.add_argument("--no-checkup", action="store_true", help="no checkup: every linear in the precision's format")
     p.add_argument("--keep", metavar="LINEARS", help="comma-separated linears to keep in fp32 (overrides the checkup)")
     p.add_argument("--budget", type=float, default=0.02, help="largest mean KL accepted (default 0.02)")
+    p.add_argument("--size-budget", metavar="SIZE",
+                   help="largest file, as a share of fp32 (30%%) or a size (150MB): the formats then minimise the "
+                        "predicted KL within it")
     p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens for validation")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -482,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "default: what --from-checkup recommends")
     p.add_argument("--from-checkup", metavar="DIR", help="checkup folder whose diagnosis picks the treatments")
     p.add_argument("--target", default="int8-dynamic",
-                   help="the deployment modification to treat: int8-dynamic, int4-g32-asym, … or none")
+                   help="the deployment modification to treat: int8-dynamic, int8-b32, int4-b32 (what the "
+                        "int8-dynamic, int8 and int4 exports write), int4-g32-asym, … or none")
     p.add_argument("--budget", type=float, default=0.10, help="mixed precision: fraction of weights in fp32")
     p.add_argument("--sparsity", type=float, default=0.5, help="gradient-aware pruning sparsity (0.5 = 50 %%)")
     p.add_argument("--pattern", choices=("unstructured", "2of4"), default="unstructured")
@@ -497,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="treatment-results", help="folder for treatment.json")
     p.add_argument("--save-model", metavar="DIR", help="also save the treated model as a safetensors folder")
     p.add_argument("--export", metavar="DIR", help="then export the treated model to ONNX here")
-    p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int8", help="with --export")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="int8", help="with --export")
     p.add_argument("--export-budget", type=float, default=0.02, help="with --export: largest mean KL accepted")
     p.add_argument("--force", action="store_true", help="replace --save-model / --export folders if they exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

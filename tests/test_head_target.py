@@ -69,6 +69,34 @@ def test_a_checkup_probes_the_head_with_and_without_the_prefix_cache(llama_sessi
     assert cached.probes[0].score == pytest.approx(full.probes[0].score, rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_a_shared_table_probe_changes_the_embedding_too_and_restores_bit_exact(model_dirs, family):
+    """int8-b32 on a tied head is the export's one 8-bit table: the lookup reads it too."""
+    session = Session.open(model_dirs[family])
+    anatomy = session.anatomy
+    assert anatomy.head_tied
+    ids = torch.randint(3, 300, (1, 16))
+    before, digest = logits(session, ids), session.weights_digest()
+    embedding = anatomy.embedding.weight.detach().clone()
+    mod = create("int8-b32")
+    assert mod.changes_embedding(anatomy, HEAD) and not mod.changes_embedding(anatomy, anatomy.linear_names()[0])
+    assert not create("int4-b32").changes_embedding(anatomy, HEAD)
+    assert not create("int8-g32-asym").changes_embedding(anatomy, HEAD)
+    with mod.applied(session.mod_context(), [HEAD]):
+        assert not torch.equal(anatomy.embedding.weight, embedding)
+        assert anatomy.head.weight is anatomy.embedding.weight
+        assert not torch.equal(logits(session, ids), before)
+    assert session.weights_digest() == digest and anatomy.head_tied
+    torch.testing.assert_close(logits(session, ids), before, rtol=0, atol=0)
+    # The prefix cache cannot reuse the states entering block 0 when the embedding changed.
+    data = session.data(SPEC)
+    plans = [CheckupPlan(modifications=["int8-b32"], scope="linears", targets=[HEAD], knowledge=False,
+                         prefix_cache=cached, exhaustive=True) for cached in (True, False)]
+    cached, full = (checkup(session, plan, data) for plan in plans)
+    assert cached.probes[0].score > 0
+    assert cached.probes[0].score == pytest.approx(full.probes[0].score, rel=1e-5)
+
+
 def test_head_is_listed_and_named_in_the_findings(llama_dir, llama_session, capsys):
     from modeldoctor.checkup.diagnosis import diagnose
     from modeldoctor.cli import main
@@ -83,29 +111,54 @@ def test_head_is_listed_and_named_in_the_findings(llama_dir, llama_session, caps
     assert any(HEAD in r.reason for r in recommend(report))
 
 
-@pytest.mark.parametrize("family", sorted(TIED))
-def test_the_simulation_of_every_linear_is_what_the_int4_export_computes(model_dirs, tmp_path, family):
-    """Prediction and export agree: int4-g32-asym applied in torch to every linear target (the
-    head too, tied or not) but the kept ones gives the exported model's logits."""
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_the_simulation_of_every_linear_is_what_the_export_computes(model_dirs, tmp_path, family, precision):
+    """Prediction and export agree: int4-b32 / int8-b32 applied in torch to every
+    linear target (the head too, tied or not: at 8 bits a tied head is the shared table the
+    embedding lookup reads as well) but the kept ones gives the exported model's logits."""
     session = Session.open(model_dirs[family])
     data = session.data(SPEC)
     keep = [session.anatomy.linear_names()[1]]
-    events = list(export_model(session, data, tmp_path / "out", "int4", exclude=keep, budget_kl=100.0,
+    formats = {name: "fp32" if name in keep else precision for name in session.anatomy.linear_targets()}
+    events = list(export_model(session, data, tmp_path / "out", precision, formats=formats, budget_kl=100.0,
                                prompts=["Hi"]))
     assert events[-1].reason == "completed"
     exported = OnnxCausalLM(tmp_path / "out" / "model.onnx")
-    mod = create("int4-g32-asym")
-    worst_gap, shift = 0.0, 0.0
+    import modeldoctor.modifications.quantize as quantize
+
+    def simulate(name: str, seq, noise: float = 0.0):
+        exact = quantize.quantize_activation_blocks
+        if noise:  # the same simulation with its activations a last bit or so off
+            generator = torch.Generator().manual_seed(0)
+            quantize.quantize_activation_blocks = lambda x, block=32: exact(
+                x * (1 + noise * torch.randn(x.shape, generator=generator)), block)
+        try:
+            with create(name).applied(session.mod_context(keep=frozenset(keep)), session.anatomy.linear_targets()):
+                return logits(session, torch.from_numpy(seq))
+        finally:
+            quantize.quantize_activation_blocks = exact
+
+    def mean_gap(a, b):  # the largest logit difference per position, averaged
+        return float((a - b).abs().amax(-1).mean())
+
+    shift, gap, floor, weights_only = [], [], [], []
     for seq in sequences(data)[:2]:
-        ids = torch.from_numpy(seq)
-        reference = logits(session, ids)
-        with mod.applied(session.mod_context(keep=frozenset(keep)), session.anatomy.linear_targets()):
-            simulated = logits(session, ids)
         onnx_logits = torch.from_numpy(exported.logits(seq))
-        worst_gap = max(worst_gap, float((simulated - onnx_logits).abs().max()))
-        shift = max(shift, float((reference - onnx_logits).abs().max()))
-    assert shift > 0.05  # int4 moves the logits ...
-    assert worst_gap < 1e-3 * shift + 1e-4  # ... exactly as the simulation says
+        simulated = simulate(f"{precision}-b32", seq)
+        shift.append(mean_gap(logits(session, torch.from_numpy(seq)), onnx_logits))
+        gap.append(mean_gap(simulated, onnx_logits))
+        floor.append(mean_gap(simulated, simulate(f"{precision}-b32", seq, noise=1e-6)))
+        weights_only.append(mean_gap(simulate(f"{precision}-g32-asym", seq), onnx_logits))
+    shift, gap, floor, weights_only = (float(np.mean(v)) for v in (shift, gap, floor, weights_only))
+    assert shift > (0.05 if precision == "int4" else 0.002)  # quantizing moves the logits ...
+    # ... as the simulation says: exactly (float accumulation) until an int8 activation that sits on
+    # a rounding boundary flips by one step, which a last-bit difference anywhere upstream also does
+    # to the simulation itself; a 32-wide test model shows such flips (the sample hardly does). So
+    # the file is no further from the simulation than the simulation is from itself ...
+    assert gap <= 1.5 * floor + 1e-4, (gap, floor)
+    # ... and much closer than a simulation of the weights alone.
+    assert gap < 0.5 * weights_only, (gap, weights_only)
 
 
 def test_the_checkup_predicts_the_heads_share_of_the_export(llama_session, tmp_path):
@@ -115,9 +168,9 @@ def test_the_checkup_predicts_the_heads_share_of_the_export(llama_session, tmp_p
     head = next(p for p in report.probes if p.spec.targets == (HEAD,))
     assert head.score > 0
     kept = [HEAD]
-    events = list(export_model(llama_session, data, tmp_path / "kept", "int8", report, exclude=kept,
+    events = list(export_model(llama_session, data, tmp_path / "kept", "int8-dynamic", report, exclude=kept,
                                budget_kl=100.0, prompts=["Hi"]))
-    quantized = list(export_model(llama_session, data, tmp_path / "all", "int8", report, exclude=[],
+    quantized = list(export_model(llama_session, data, tmp_path / "all", "int8-dynamic", report, exclude=[],
                                   budget_kl=100.0, prompts=["Hi"]))
     kept_result, all_result = events[-1].report, quantized[-1].report
     assert all_result.predicted_kl - kept_result.predicted_kl == pytest.approx(head.score)
@@ -128,15 +181,35 @@ def test_the_checkup_predicts_the_heads_share_of_the_export(llama_session, tmp_p
 
 
 @pytest.mark.parametrize("family", sorted(TIED))
-def test_a_tied_head_stays_fp32_unless_a_keep_list_says_otherwise(model_dirs, tmp_path, family):
-    """Keeping a tied head costs nothing (the embedding keeps its fp32 weight anyway), so the
-    automatic choice keeps it; an untied head is quantized like the block linears."""
+def test_a_tied_head_stays_fp32_in_a_dynamic_export_unless_a_keep_list_says_otherwise(model_dirs, tmp_path, family):
+    """In an int8-dynamic export keeping a tied head costs nothing (the embedding keeps its fp32
+    weight anyway), so the preset keeps it; an untied head is quantized like the block linears."""
     from tests.export.test_keep_lists import float_linears
 
     session = Session.open(model_dirs[family])
-    events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int8", budget_kl=100.0,
+    events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int8-dynamic", budget_kl=100.0,
                                prompts=["Hi"]))
     result = events[-1].report
     assert events[-1].reason == "completed"
     assert result.excluded_linears == ([HEAD] if TIED[family] else [])
     assert float_linears(tmp_path / "out" / "model.onnx", session) == set(result.excluded_linears)
+
+
+@pytest.mark.parametrize("family", sorted(TIED))
+def test_an_int8_export_stores_a_tied_table_once_at_8_bits(model_dirs, tmp_path, family):
+    import onnx
+
+    session = Session.open(model_dirs[family])
+    events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int8", budget_kl=100.0,
+                               prompts=["Hi"]))
+    result = events[-1].report
+    assert events[-1].reason == "completed" and result.excluded_linears == []
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    lookups = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    floats = [i for i in graph.initializer if tuple(i.dims) == tuple(session.anatomy.embedding.weight.shape)]
+    if TIED[family]:
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
+        assert len(lookups) == 1 and lookups[0].input[0] == head.input[1]  # one table, read by both
+        assert not floats  # no fp32 copy of the table is left
+    else:
+        assert not lookups and len(floats) == 1  # an untied embedding stays fp32

@@ -29,6 +29,8 @@ class Trace:
 
     calls: list[BlockCall]
     states: list[torch.Tensor]  # states[j]: hidden entering block j; states[N]: after the last block
+    input_ids: torch.Tensor | None = None  # the batch, to recompute the embedding when a probe changes it
+    attention_mask: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.states)
@@ -75,7 +77,32 @@ class Replayer:
                 handle.remove()
         if any(c is None for c in calls) or any(s is None for s in states):
             raise UnsupportedModelError("Not every block ran during a forward pass; the model cannot be probed.")
-        return Trace(calls, states), out.logits
+        return Trace(calls, states, batch.input_ids, batch.attention_mask), out.logits
+
+    def embed(self, trace: Trace) -> torch.Tensor:
+        """The state entering block 0 as the embedding is now (a probe may have changed its
+        table): the model's own forward up to block 0, whatever it adds there (positions,
+        scaling), stopped before any block runs."""
+        captured: list[torch.Tensor] = []
+
+        class _Reached(Exception):
+            pass
+
+        def hook(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Reached
+
+        handle = self.anatomy.block_list[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=trace.input_ids, attention_mask=trace.attention_mask, use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise UnsupportedModelError("The first block did not run; the embedding cannot be recomputed.")
+        return captured[0]
 
     def run_from(self, trace: Trace, start: int, hidden: torch.Tensor | None = None,
                  keep_states: bool = True, head_mask: torch.Tensor | None = None) -> Run:

@@ -89,8 +89,10 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         return ProbeRecord(spec, metrics, bleeding, level, reason, samples=samples,
                            seconds=control.clock() - began)
 
-    start = spec.block if plan.prefix_cache else 0
-    carried = carry.start(spec) if carry and plan.prefix_cache else None
+    # A probe that changes the embedding table (a tied head's shared table) reruns everything.
+    fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
+    start = spec.block if plan.prefix_cache and not fresh_embedding else 0
+    carried = carry.start(spec) if carry and plan.prefix_cache and not fresh_embedding else None
     if carried is not None:
         start = carried[0]
     capture = carry.capture_block(spec) if carry and plan.prefix_cache else None
@@ -98,7 +100,11 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
 
     def start_for(kind: str, number: int) -> tuple[int, torch.Tensor | None]:
         """Where this batch's replay starts: the carried states if the previous step kept them
-        (it skips knowledge probes unless it bled), else the first modified block."""
+        (it skips knowledge probes unless it bled), else the first modified block; a changed
+        embedding starts from block 0 with the embedding recomputed."""
+        if fresh_embedding:
+            traces = ref.traces if kind == "eval" else ref.knowledge_traces
+            return 0, session.replayer.embed(traces[number])
         if carried is not None and len(carried[1][kind]) > number:
             return start, carried[1][kind][number]
         return (spec.block if plan.prefix_cache else 0), None

@@ -19,10 +19,12 @@ from onnx import helper, numpy_helper
 from modeldoctor.errors import ModelDoctorError
 from modeldoctor.export.mapping import linear_fingerprint, matmul_weights
 from modeldoctor.model import Anatomy
+from modeldoctor.model.anatomy import HEAD
 
-# The op onnxruntime writes for a quantized MatMul, and the suffix it adds to that MatMul's name.
-QUANTIZED_NODES = {"int8": (("MatMulInteger", "DynamicQuantizeMatMul"), "_quant"),
-                   "int4": (("MatMulNBits",), "_Q4")}
+# The ops a quantized MatMul becomes in each format, and the suffix added to that MatMul's name.
+QUANTIZED_NODES = {"int8-dynamic": (("MatMulInteger", "DynamicQuantizeMatMul"), "_quant"),
+                   "int8": (("MatMulNBits",), "_Q8"), "int4": (("MatMulNBits",), "_Q4")}
+NBITS = {"int8": 8, "int4": 4}
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -72,7 +74,7 @@ def rewrite_gemms(model: onnx.ModelProto) -> int:
         rewritten += 1
     graph.ClearField("node")
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return rewritten
 
 
@@ -97,6 +99,21 @@ def fold_transposed_weights(model: onnx.ModelProto, nodes: set[str]) -> None:
         name = _unique(f"{source.input[0]}_transposed_for_{node.name.strip('/').replace('/', '_')}", taken)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), name))
         node.input[1] = name
+    _drop_dead_transposes(graph)
+
+
+def matmul_weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    """The initializer a MatMul's weight comes from: its own, or the one a Transpose reads (a tied head)."""
+    initializers = {i.name for i in model.graph.initializer}
+    if node.input[1] in initializers:
+        return node.input[1]
+    source = next((n for n in model.graph.node if node.input[1] in n.output), None)
+    if source is not None and source.op_type == "Transpose" and source.input[0] in initializers:
+        return source.input[0]
+    return None
+
+
+def _drop_dead_transposes(graph: onnx.GraphProto) -> None:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [n for n in graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
     if len(keep) != len(graph.node):
@@ -104,36 +121,45 @@ def fold_transposed_weights(model: onnx.ModelProto, nodes: set[str]) -> None:
         graph.node.extend(keep)
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove Transposes nothing reads, then initializers nothing reads."""
+    _drop_dead_transposes(graph)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     unused = [i for i in graph.initializer if i.name not in used]
     for initializer in unused:
         graph.initializer.remove(initializer)
 
 
-def check_quantized(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[str, str], kept: list[str],
-                    precision: str) -> None:
-    """Every kept linear must still be a float MatMul holding its exact weight, and every other
-    linear a quantized node; anything else is an error, so no export goes out with a
-    precision it does not say it has."""
-    ops, suffix = QUANTIZED_NODES[precision]
+def check_quantized(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[str, str],
+                    formats: dict[str, str]) -> dict[str, str]:
+    """Every linear must be written in exactly its format: an fp32 one a float MatMul holding its
+    exact weight, an int8/int4 one a MatMulNBits of that width, an int8-dynamic one an integer
+    matmul; a tied head at 8 bits must share its table with a block-quantized embedding lookup.
+    Anything else is an error, so no export goes out with a precision it does not say it has.
+    Returns linear -> the node that computes it in the written graph."""
     float_nodes = matmul_weights(model)
-    quantized = {n.name for n in model.graph.node if n.op_type in ops}
-    kept_set = set(kept)
-    left_fp32, lost_fp32 = [], []
+    nodes = {n.name: n for n in model.graph.node}
+    written, wrong = {}, []
     for name, node in mapping.items():
-        is_float = node in float_nodes.get(linear_fingerprint(anatomy, name), [])
-        is_quantized = node + suffix in quantized
-        if name in kept_set and (not is_float or is_quantized):
-            lost_fp32.append(name)
-        elif name not in kept_set and (is_float or not is_quantized):
-            left_fp32.append(name)
-    problems = []
-    if lost_fp32:
-        problems.append(f"{len(lost_fp32)} linears meant to stay fp32 are not ({', '.join(lost_fp32[:4])})")
-    if left_fp32:
-        problems.append(f"{len(left_fp32)} linears meant for {precision} are not quantized "
-                        f"({', '.join(left_fp32[:4])})")
-    if problems:
-        raise ModelDoctorError("The quantized model does not match the fp32 keep list: " + "; ".join(problems)
-                               + ". Nothing was written.")
+        wanted = formats.get(name, "fp32")
+        if wanted == "fp32":
+            ok = node in float_nodes.get(linear_fingerprint(anatomy, name), [])
+            written[name] = node
+        else:
+            ops, suffix = QUANTIZED_NODES[wanted]
+            found = nodes.get(node + suffix)
+            ok = found is not None and found.op_type in ops and node not in nodes
+            if ok and wanted in NBITS:
+                ok = _attributes(found).get("bits") == NBITS[wanted]
+            written[name] = node + suffix
+        if not ok:
+            wrong.append(f"{name} (meant {wanted})")
+    if formats.get(HEAD) == "int8" and anatomy.head_tied and HEAD in mapping:
+        head = nodes.get(mapping[HEAD] + "_Q8")
+        lookups = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+        if head is None or not any(n.input[0] == head.input[1] for n in lookups):
+            wrong.append("the tied head and the embedding (meant one shared 8-bit table)")
+    if wrong:
+        raise ModelDoctorError(f"The quantized model does not write {len(wrong)} linears in the format chosen for "
+                               f"them ({', '.join(wrong[:4])}). Nothing was written.")
+    return written

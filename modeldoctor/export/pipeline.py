@@ -22,8 +22,8 @@ from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Progress, Stage
 from modeldoctor.export.onnx_export import export_fp32
-from modeldoctor.export.quantize import INT4_BLOCK, PRECISIONS, quantize_export
-from modeldoctor.export.validate import latency, validate
+from modeldoctor.export.quantize import BLOCK, PRECISIONS, preset_formats, quantize_export
+from modeldoctor.export.validate import DECODE_CACHE, latency, validate
 from modeldoctor.export.runtime import OnnxCausalLM
 from modeldoctor.model.anatomy import HEAD
 from modeldoctor.modifications.base import target_linears
@@ -31,12 +31,21 @@ from modeldoctor.report.results import CheckupReport
 from modeldoctor.session import Session
 
 DEFAULT_BUDGET_KL = 0.02
-# The modification that simulates exactly what each precision's export writes: onnxruntime's
-# quantize_dynamic (int8 weights per tensor, uint8 activations per call), and MatMulNBits
-# (4-bit blocks of 32 along the input, with zero points); fp32 writes the model as it is.
-# Only a probe, keep list or temperature made for exactly that format predicts or tunes it.
-EXPORT_FORMATS = {"fp32": "none", "int8": "int8-dynamic", "int4": f"int4-g{INT4_BLOCK}-asym"}
-PREDICTORS = {precision: mod for precision, mod in EXPORT_FORMATS.items() if precision != "fp32"}
+# The modification that simulates exactly what each format writes: MatMulNBits blocks of 32
+# inputs with zero points at 8 or 4 bits and int8 activations per block, and onnxruntime's
+# quantize_dynamic (int8 weights per tensor, uint8 activations per call). Only a probe, keep list or temperature made for exactly
+# that format predicts or tunes it.
+EXPORT_FORMATS = {"fp32": "none", "int8": f"int8-b{BLOCK}", "int4": f"int4-b{BLOCK}",
+                  "int8-dynamic": "int8-dynamic"}
+PREDICTORS = {fmt: mod for fmt, mod in EXPORT_FORMATS.items() if fmt != "fp32"}
+# What a linear moves to when the chooser gives it more precision, per export precision.
+PROMOTION = {"int4": "int8", "int8": "fp32", "int8-dynamic": "fp32"}
+# Estimated KL of an 8-bit linear from its 4-bit figure when no int8 checkup measured it: the
+# rounding error shrinks 17× (255 levels instead of 15) and KL grows with its square.
+INT8_FROM_INT4 = 1 / 17 ** 2
+# A KL budget is aimed at with this margin: isolated KLs add up to a little less than the
+# whole (on the sample the sum ran 2–15 % under the measured KL).
+KL_AIM = 0.7
 
 
 @dataclass
@@ -45,25 +54,27 @@ class ExportResult:
     precision: str
     passed: bool
     budget_kl: float
-    excluded_linears: list[str]
-    excluded_nodes: list[str]
+    excluded_linears: list[str]  # linears written in fp32
+    excluded_nodes: list[str]  # their ONNX MatMuls
     validation: dict[str, float]
     fp32: dict[str, float]
     message: str
     notes: list[str] = field(default_factory=list)
-    predicted_by: str | None = None  # the checkup modification whose probes predicted this export
+    predicted_by: str | None = None  # the checkup modifications whose probes predicted this export
     predicted_kl: float | None = None  # sum of their isolated KLs over what the export quantizes
     missing_checkup: str | None = None  # the modification to run a checkup of, when none predicted it
     predicted_bytes: int | None = None  # the size predicted before writing (predicted_size)
+    formats: dict[str, str] = field(default_factory=dict)  # each linear's format in the written file
+    rounds: list[dict] = field(default_factory=list)  # each export tried: formats count, predicted, measured
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def predicted_kl(report: CheckupReport | None, precision: str) -> tuple[str | None, dict[str, float], set[str]]:
+def predicted_kl(report: CheckupReport | None, fmt: str) -> tuple[str | None, dict[str, float], set[str]]:
     """(modification used, isolated KL per target, targets the verdict calls bleeding), from the
-    checkup's probes of exactly the format the export writes; (None, {}, set()) without them."""
-    name = PREDICTORS.get(precision)
+    checkup's probes of exactly what format `fmt` writes; (None, {}, set()) without them."""
+    name = PREDICTORS.get(fmt)
     probes = [p for p in report.probes if p.spec.modification == name and p.spec.mode == "isolated"] \
         if report is not None and name else []
     if not probes:
@@ -72,7 +83,7 @@ def predicted_kl(report: CheckupReport | None, precision: str) -> tuple[str | No
 
 
 def missing_checkup(report: CheckupReport | None, precision: str) -> str | None:
-    """The modification a checkup must probe to predict this export, when the report has none."""
+    """The modification a checkup must probe to predict this export's main format, when the report has none."""
     if precision not in PREDICTORS or predicted_kl(report, precision)[0] is not None:
         return None
     return PREDICTORS[precision]
@@ -81,13 +92,15 @@ def missing_checkup(report: CheckupReport | None, precision: str) -> str | None:
 def missing_checkup_text(precision: str) -> str:
     name = PREDICTORS[precision]
     return (f"No checkup of {name} (what the {precision} export writes) predicts this export, so nothing is kept in "
-            f"fp32 automatically and there is no predicted KL; run a checkup of {name} at linear scope to get both.")
+            f"higher precision automatically and there is no predicted KL; run a checkup of {name} at linear scope "
+            "to get both.")
 
 
-# Bytes per weight of each format as the exporter writes it: int8 dynamic stores int8 weights with
-# one scale and zero point per tensor; int4 MatMulNBits stores 4-bit weights plus an fp32 scale
-# and a 4-bit zero point per block.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + (4 + 0.5) / INT4_BLOCK}
+# Bytes per weight of each format as the exporter writes it: MatMulNBits stores the packed
+# weights plus an fp32 scale and a zero point (8 or 4 bits) per block of 32; int8 dynamic stores
+# int8 weights with one scale and zero point per tensor.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0 + (4 + 1) / BLOCK, "int4": 0.5 + (4 + 0.5) / BLOCK,
+                    "int8-dynamic": 1.0}
 
 
 @dataclass(frozen=True)
@@ -96,73 +109,157 @@ class SizePrediction:
     fp32_bytes: int
     kept: int  # linears left in fp32
     linears: int
+    counts: dict = field(default_factory=dict)  # format -> how many linears
 
     @property
     def fraction(self) -> float:
         return self.bytes / max(self.fp32_bytes, 1)
 
 
-def predicted_size(session: Session, precision: str, excluded: list[str]) -> SizePrediction:
+def _linear_bytes_saved(session: Session, name: str, fmt: str) -> float:
+    """Bytes the file saves against fp32 when this linear is written in `fmt` (negative: it grows).
+    A tied head shares the embedding's table: at 8 bits that table shrinks; at another
+    quantized format the head gets a copy beside the fp32 table the lookup keeps."""
+    weights = session.anatomy.linear(name).weight.numel()
+    if fmt == "fp32":
+        return 0.0
+    if name == HEAD and session.anatomy.head_tied:
+        return weights * (4 - BYTES_PER_WEIGHT[fmt]) if fmt == "int8" else -weights * BYTES_PER_WEIGHT[fmt]
+    return weights * (4 - BYTES_PER_WEIGHT[fmt])
+
+
+def format_counts(formats: dict[str, str]) -> dict[str, int]:
+    """How many linears each format has, the most used first."""
+    counts: dict[str, int] = {}
+    for fmt in formats.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def predicted_size(session: Session, formats: dict[str, str]) -> SizePrediction:
     """The export's weights on disk before it is written (an estimate: graph overhead and the
-    KV-cache plumbing are left out, which matters only for tiny models). A tied head that is
-    quantized adds a quantized copy beside the fp32 embedding the lookup keeps."""
-    anatomy = session.anatomy
+    KV-cache plumbing are left out, which matters only for tiny models)."""
     fp32 = int(session.summary.parameters * 4)
+    targets = session.anatomy.linear_targets()
+    chosen = {name: formats.get(name, "fp32") for name in targets}
+    saved = sum(_linear_bytes_saved(session, name, fmt) for name, fmt in chosen.items())
+    counts = format_counts(chosen)
+    return SizePrediction(int(fp32 - saved), fp32, counts.get("fp32", 0), len(targets), counts)
+
+
+def format_figures(report: CheckupReport | None, used) -> dict[str, dict[str, float]]:
+    """format -> target -> isolated KL, for each of the formats `used` that a checkup probed."""
+    figures = {}
+    for fmt in sorted(set(used) - {"fp32"}):
+        name, kl, _ = predicted_kl(report, fmt)
+        if name is not None:
+            figures[fmt] = kl
+    return figures
+
+
+def target_kl(figures: dict[str, dict[str, float]], target: str, fmt: str) -> float | None:
+    """The isolated KL of a target in a format: measured; for int8 without an int8 checkup,
+    estimated from the int4 figure; None when neither was probed."""
+    if fmt == "fp32":
+        return 0.0
+    if target in figures.get(fmt, {}):
+        return figures[fmt][target]
+    if fmt == "int8" and target in figures.get("int4", {}):
+        return figures["int4"][target] * INT8_FROM_INT4
+    return None
+
+
+def remaining_kl(session: Session, figures: dict[str, dict[str, float]], formats: dict[str, str]) -> float:
+    """Predicted KL of the export: the isolated KLs of the probed targets, each in the format it is
+    written in (a block probe counts for every format any of its linears is written in)."""
+    targets = {t for kl in figures.values() for t in kl}
+    total = 0.0
+    for target in targets:
+        for fmt in {formats.get(n, "fp32") for n in target_linears(session.anatomy, target)}:
+            total += target_kl(figures, target, fmt) or 0.0
+    return float(total)
+
+
+def choose_formats(session: Session, report: CheckupReport | None, precision: str, budget_kl: float,
+                   size_budget: int | None = None) -> tuple[dict[str, str], list[str]]:
+    """One format per linear. Every linear starts in the precision's own format (an int4 export
+    writes the head at 8 bits); then targets move up one step at a time (int4 → int8 → fp32)
+    where the checkup's figures say it pays most: the largest drop in predicted KL per byte
+    added, a greedy knapsack. Without `size_budget` moves go on until the predicted KL fits
+    KL_AIM of the KL budget (the smallest file that does); with it, moves go on while the file
+    stays within that many bytes (the smallest predicted KL that fits). A block-scope checkup
+    moves whole blocks."""
+    formats = preset_formats(session.anatomy, precision)
     if precision == "fp32":
-        return SizePrediction(fp32, fp32, len(anatomy.linear_targets()), len(anatomy.linear_targets()))
-    kept = set(excluded)
-    saved = 0.0
-    for name in anatomy.linear_targets():
-        if name in kept:
-            continue
-        weights = anatomy.linear(name).weight.numel()
-        quantized = weights * BYTES_PER_WEIGHT[precision]
-        saved += (-quantized) if name == HEAD and anatomy.head_tied else weights * 4 - quantized
-    targets = anatomy.linear_targets()
-    return SizePrediction(int(fp32 - saved), fp32, sum(1 for n in targets if n in kept), len(targets))
+        return formats, []
+    figures = format_figures(report, {precision, PROMOTION[precision], *formats.values()})
+    if precision not in figures:
+        return formats, []
+    _, kl, bleeding = predicted_kl(report, precision)
 
+    probed = {t for figure in figures.values() for t in figure}
+    covering: dict[str, set[str]] = {}  # linear -> the probed targets whose figure it changes
+    for target in probed:
+        for linear in target_linears(session.anatomy, target):
+            covering.setdefault(linear, set()).add(target)
 
-def remaining_kl(session: Session, kl: dict[str, float], excluded: list[str]) -> float:
-    """Predicted KL of the export: the isolated KLs of the probed targets it quantizes (a
-    block counts unless every linear in it is kept)."""
-    kept = set(excluded)
-    return float(sum(v for t, v in kl.items() if not set(target_linears(session.anatomy, t)) <= kept))
+    def contribution(target: str, chosen: dict[str, str]) -> float:
+        return sum(target_kl(figures, target, f) or 0.0
+                   for f in {chosen[n] for n in target_linears(session.anatomy, target)})
 
+    def step(target: str) -> tuple[float, float, dict[str, str]] | None:
+        """(KL saved, bytes added, the linears that move and where) of moving a target's lowest
+        linears up a step."""
+        linears = target_linears(session.anatomy, target)
+        lowest = min((formats[n] for n in linears), key=lambda f: BYTES_PER_WEIGHT[f])
+        up = PROMOTION.get(lowest) if lowest != "fp32" else None
+        if up is None:
+            return None
+        moved = {n: up for n in linears if formats[n] == lowest}
+        after = {**formats, **moved}
+        touched = set().union(*(covering.get(n, set()) for n in moved))
+        saved = sum(contribution(t, formats) - contribution(t, after) for t in touched)
+        added = sum(_linear_bytes_saved(session, n, lowest) - _linear_bytes_saved(session, n, up) for n in moved)
+        return saved, max(added, 1.0), moved
 
-def free_exclusions(session: Session, precision: str) -> tuple[list[str], list[str]]:
-    """Linears that stay fp32 unless a keep list says otherwise, and why: a head tied to the
-    token embedding shares the fp32 weight the embedding lookup keeps anyway, so keeping it
-    costs no space, while quantizing it writes a quantized copy beside that weight."""
-    if precision == "fp32" or not session.anatomy.head_tied:
-        return [], []
-    return [HEAD], ["The LM head shares the token embedding's weight, so it stays fp32 at no cost in size "
-                    "(quantizing it would add a quantized copy); untick 'head' to quantize it anyway."]
-
-
-def choose_exclusions(session: Session, report: CheckupReport | None, precision: str,
-                      budget_kl: float) -> tuple[list[str], list[str]]:
-    """Linears to keep in fp32: a tied head (free), every bleeding one, then the worst others
-    until the sum of the remaining predicted KLs fits half the budget (isolated KLs roughly
-    add up)."""
-    free, notes = free_exclusions(session, precision)
-    modification, kl, bleeding = predicted_kl(report, precision)
-    if modification is None:
-        return free, notes
-    chosen = free + [t for t in sorted(kl, key=kl.get, reverse=True) if t in bleeding and t not in free]
-    remaining = sum(v for t, v in kl.items() if t not in chosen)
-    for target in sorted((t for t in kl if t not in chosen), key=kl.get, reverse=True):
-        if remaining <= budget_kl / 2:
+    while True:
+        if size_budget is None and remaining_kl(session, figures, formats) <= KL_AIM * budget_kl:
             break
-        chosen.append(target)
-        remaining -= kl[target]
-    notes.append(f"From the checkup's {modification} probes: {len(bleeding)} bleeding and "
-                 f"{len(chosen) - len(set(bleeding) | set(free))} more to fit the budget; predicted KL of the rest "
-                 f"{remaining:.4f}.")
-    guessed = sum(1 for p in report.probes if p.spec.modification == modification and p.estimated)
+        size = predicted_size(session, formats).bytes
+        options = []
+        for target in kl:
+            change = step(target)
+            if change and change[0] > 0 and (size_budget is None or size + change[1] <= size_budget):
+                options.append((change[0] / change[1], target, change[2]))
+        if not options:
+            break
+        formats.update(max(options, key=lambda o: (o[0], o[1]))[2])
+    counts = predicted_size(session, formats).counts
+    described = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
+    constraint = (f"the smallest predicted KL within {size_budget / 2**20:,.1f} MiB" if size_budget is not None
+                  else f"the smallest file whose predicted KL fits {KL_AIM:.0%} of the {budget_kl:g} budget")
+    notes = [f"From the checkup's {', '.join(PREDICTORS[f] for f in figures)} probes ({len(bleeding)} bleeding), "
+             f"chosen for {constraint}: {described}; predicted KL {remaining_kl(session, figures, formats):.4f}."]
+    if precision == "int4" and "int8" not in figures:
+        notes.append("No int8-b32 checkup measured the linears written at 8 bits; their KL is estimated from "
+                     "the int4 figures (17× finer rounding, KL ∝ error²).")
+    probed = {PREDICTORS[f] for f in figures}
+    guessed = sum(1 for p in report.probes if p.spec.modification in probed and p.estimated)
     if guessed:
         notes.append(f"{guessed} of those figures are first-stage estimates, which run low (up to about 2× on the "
                      "sample), so the predicted KL is optimistic; an exhaustive checkup makes it exact.")
-    return list(dict.fromkeys(n for t in chosen for n in target_linears(session.anatomy, t))), notes
+    return formats, notes
+
+
+def formats_with(session: Session, precision: str, fp32: list[str]) -> dict[str, str]:
+    """The precision's formats with the named linears in fp32."""
+    formats = preset_formats(session.anatomy, precision)
+    unknown = [n for n in fp32 if n not in formats]
+    if unknown:
+        raise ModelDoctorError(f"No linear named {', '.join(unknown[:5])} in this model; cannot keep it in fp32 "
+                               f"(linears are named like {session.anatomy.linear_names()[0]}, the LM head 'head').")
+    formats.update({name: "fp32" for name in fp32})
+    return formats
 
 
 class ExportSteps:
@@ -190,11 +287,66 @@ class ExportSteps:
         yield Progress(index, len(self.names), time.monotonic() - self.began, eta, stage=name)
 
 
+MAX_ROUNDS = 3  # exports tried when the measured KL of an automatic choice misses the budget
+
+
+def preset_notes(session: Session, precision: str) -> list[str]:
+    """What the precision does to the head and the embedding, said once."""
+    anatomy = session.anatomy
+    if precision == "int8-dynamic" and anatomy.head_tied:
+        return ["The LM head shares the token embedding's weight, so an int8-dynamic export keeps it fp32 at no cost "
+                "in size (quantizing it would add an int8 copy beside the fp32 table the lookup reads)."]
+    if precision in ("int8", "int4") and anatomy.head_tied:
+        return ["The LM head and the token embedding share one table, written once at 8 bits (GatherBlockQuantized "
+                "for the lookup, MatMulNBits for the head); the head probe of int8-b32 simulates exactly that."]
+    if precision in ("int8", "int4"):
+        return ["The LM head is written at 8 bits; the token embedding (untied) stays fp32."]
+    return []
+
+
+def _chosen_formats(session: Session, report: CheckupReport | None, precision: str, budget_kl: float,
+                    exclude: list[str] | None, formats: dict[str, str] | None, size_budget: int | None,
+                    data: EvalData) -> tuple[dict[str, str], list[str], bool]:
+    """(formats, notes, whether they were chosen automatically and may be revised after a miss)."""
+    treated = session.treatment
+    written_format = EXPORT_FORMATS[precision]
+    notes = preset_notes(session, precision)
+    if formats is not None:
+        return {**preset_formats(session.anatomy, precision), **formats}, notes, False
+    if exclude is not None:
+        return formats_with(session, precision, list(exclude)), notes, False
+    if precision == "fp32":
+        return preset_formats(session.anatomy, precision), [], False
+    if treated.keep and treated.keep_for == written_format:
+        notes.insert(0, f"Keeping the {len(treated.keep)} linears that the mixed-precision treatment chose for "
+                        f"{treated.keep_for} in fp32.")
+        return formats_with(session, precision, list(treated.keep)), notes, False
+    if treated.keep:
+        notes.append(f"The mixed-precision keep list was chosen for {treated.keep_for}, not for {written_format} "
+                     "(what this export writes), so it is not used.")
+    chosen, chosen_notes = choose_formats(session, report, precision, budget_kl, size_budget)
+    notes += chosen_notes
+    if report is not None and report.data.get("split", "evaluation") == "evaluation" \
+            and data.spec.split == "eval" and predicted_kl(report, precision)[0]:
+        # A choice made on the text that then validates it is not held out.
+        notes.append("The formats come from a checkup on the evaluation text, which this validation also reads, so "
+                     "its figures are not fully held out; for held-out figures run the checkup on the selection "
+                     "text (modeldoctor checkup --split selection).")
+    return chosen, notes, bool(chosen_notes)
+
+
 def export_model(session: Session, data: EvalData, target: str | os.PathLike, precision: str = "int8",
                  report: CheckupReport | None = None, exclude: list[str] | None = None,
                  budget_kl: float = DEFAULT_BUDGET_KL, overwrite: bool = False, prompts: list[str] | None = None,
-                 control: RunControl | None = None) -> Iterator[Event]:
-    """Yield events; the last is Finished with an ExportResult (or Failed then Finished)."""
+                 control: RunControl | None = None, formats: dict[str, str] | None = None,
+                 size_budget: int | None = None) -> Iterator[Event]:
+    """Yield events; the last is Finished with an ExportResult (or Failed then Finished).
+
+    Each linear's format comes from `formats` (linear -> fp32/int8/int4/int8-dynamic), else the
+    precision with the `exclude` linears in fp32, else the treatment's keep list, else the
+    checkup's figures (choose_formats, under `budget_kl` or `size_budget` bytes). When an
+    automatic choice measures over the budget, the worst linears move up and it is tried
+    again, at most MAX_ROUNDS exports in all."""
     control = control or RunControl()
     target = Path(target).expanduser().resolve()
     staging = staging_folder(target)
@@ -204,39 +356,20 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         prepare_target(target, overwrite, session.summary.memory_bytes * 3)
         treated = session.treatment
         written_format = EXPORT_FORMATS[precision]
-        notes: list[str] = []
-        if exclude is not None:
-            excluded = list(exclude)
-        elif precision != "fp32" and treated.keep and treated.keep_for == written_format:
-            free, notes = free_exclusions(session, precision)
-            excluded = list(dict.fromkeys(list(treated.keep) + free))
-            notes.insert(0, f"Keeping the {len(treated.keep)} linears that the mixed-precision treatment chose for "
-                            f"{treated.keep_for} in fp32.")
-        elif precision != "fp32":
-            if treated.keep:
-                notes.append(f"The mixed-precision keep list was chosen for {treated.keep_for}, not for "
-                             f"{written_format} (what this export writes), so it is not used.")
-            excluded, chosen_notes = choose_exclusions(session, report, precision, budget_kl)
-            notes += chosen_notes
-            if report is not None and report.data.get("split", "evaluation") == "evaluation" \
-                    and data.spec.split == "eval" and predicted_kl(report, precision)[0]:
-                # A choice made on the text that then validates it is not held out.
-                notes.append("The fp32 list comes from a checkup on the evaluation text, which this validation "
-                             "also reads, so its figures are not fully held out; for held-out figures run the "
-                             "checkup on the selection text (modeldoctor checkup --split selection).")
-        else:
-            excluded = []
-        unknown = [n for n in excluded if n not in set(session.anatomy.linear_targets())]
-        if unknown:
-            raise ModelDoctorError(f"No linear named {', '.join(unknown[:5])} in this model; cannot keep it in fp32 "
-                                   f"(linears are named like {session.anatomy.linear_names()[0]}, the LM head 'head').")
-        predictor, kl, _ = predicted_kl(report, precision)
+        chosen, notes, revisable = _chosen_formats(session, report, precision, budget_kl, exclude, formats,
+                                                   size_budget, data)
+        figures_by_format = format_figures(report, {precision, PROMOTION.get(precision, "fp32"), *chosen.values()})
+        used = sorted(set(chosen.values()) - {"fp32"})
+        unpredicted = [f for f in used if f not in figures_by_format and not (f == "int8" and "int4" in figures_by_format)]
         missing = missing_checkup(report, precision)
         if missing:
             notes.append(missing_checkup_text(precision))
-        elif predictor and HEAD not in excluded and HEAD not in kl:
+        elif unpredicted:
+            notes.append(f"No checkup of {', '.join(PREDICTORS[f] for f in unpredicted)} predicts the linears written "
+                         "in that format, so the predicted KL leaves them out.")
+        elif figures_by_format and chosen[HEAD] != "fp32" and not any(HEAD in kl for kl in figures_by_format.values()):
             notes.append(f"The checkup did not probe the LM head (it does at linear scope), so the predicted KL "
-                         f"leaves out what {precision} costs there.")
+                         f"leaves out what {chosen[HEAD]} costs there.")
         if treated.temperature != 1.0 and treated.temperature_for != written_format:
             notes.append(f"The calibrated temperature {treated.temperature:.3f} was fitted for "
                          f"{treated.temperature_for}, not for {written_format} (what this export writes), so it "
@@ -248,42 +381,69 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         yield from steps.enter_all("export", "optimum-onnx, fp32, with past key values")
         fp32_path = export_fp32(session.model, session.tokenizer, staging / "fp32")
         control.checkpoint()
-        fp32_latency = latency(OnnxCausalLM(fp32_path))
+        fp32_runtime = OnnxCausalLM(fp32_path)
+        fp32_latency = latency(fp32_runtime)
         fp32 = {"size_bytes": float(sum(p.stat().st_size for p in fp32_path.parent.glob("*.onnx*"))),
                 "latency_s": fp32_latency}
-        excluded_nodes: list[str] = []
-        if precision == "fp32":
-            final = fp32_path.parent
-        else:
-            yield from steps.enter_all("quantize", f"{precision}, {len(excluded)} linears kept in fp32")
-            final = staging / "model"
-            final.mkdir()
-            excluded_nodes = quantize_export(fp32_path, final / fp32_path.name, precision, session.anatomy,
-                                             excluded, staging / "prepared")
-            shutil.rmtree(staging / "prepared", ignore_errors=True)
-            for extra in fp32_path.parent.iterdir():
-                if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
-                    shutil.copy2(extra, final / extra.name)
-        control.checkpoint()
-        yield from steps.enter_all("validate", f"against the torch model on {data.eval_tokens} tokens")
+        fp32_decode = fp32_runtime.decode_step_seconds(DECODE_CACHE)
+        if fp32_decode is not None:
+            fp32["decode_s"] = fp32_decode
+        del fp32_runtime
         from modeldoctor.checkup.run import _decoding_prompts
 
-        if temperature != 1.0:
-            _set_generation_temperature(final, temperature)
-        figures = validate(session.model, session.tokenizer, data, final / fp32_path.name,
-                           prompts if prompts is not None else _decoding_prompts(), fp32_latency, control,
-                           original=session.original_weights, temperature=temperature)
-        passed = figures["kl_mean"] <= budget_kl
+        rounds: list[dict] = []
+        while True:
+            counts = predicted_size(session, chosen).counts
+            detail = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
+            written: dict[str, str] = {}
+            if precision == "fp32":
+                final = fp32_path.parent
+            else:
+                yield from steps.enter_all("quantize", detail + (f" (round {len(rounds) + 1})" if rounds else ""))
+                final = staging / "model"
+                shutil.rmtree(final, ignore_errors=True)
+                final.mkdir()
+                written = quantize_export(fp32_path, final / fp32_path.name, chosen, session.anatomy,
+                                          staging / "prepared")
+                shutil.rmtree(staging / "prepared", ignore_errors=True)
+                for extra in fp32_path.parent.iterdir():
+                    if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
+                        shutil.copy2(extra, final / extra.name)
+            control.checkpoint()
+            yield from steps.enter_all("validate", f"against the torch model on {data.eval_tokens} tokens")
+            if temperature != 1.0:
+                _set_generation_temperature(final, temperature)
+            figures = validate(session.model, session.tokenizer, data, final / fp32_path.name,
+                               prompts if prompts is not None else _decoding_prompts(), fp32_latency, control,
+                               original=session.original_weights, temperature=temperature,
+                               baseline_decode_s=fp32_decode)
+            predicted = remaining_kl(session, figures_by_format, chosen) if figures_by_format else None
+            size = predicted_size(session, chosen)
+            rounds.append({"formats": dict(counts), "predicted_kl": predicted, "predicted_bytes": size.bytes,
+                           "kl_mean": figures["kl_mean"], "size_bytes": figures["size_bytes"]})
+            passed = figures["kl_mean"] <= budget_kl
+            if passed or not revisable or len(rounds) >= MAX_ROUNDS or not predicted or size_budget is not None:
+                break
+            # The isolated figures under-predicted: aim as much lower as they missed by, and try again.
+            aim = budget_kl * predicted / figures["kl_mean"]
+            revised, _ = choose_formats(session, report, precision, aim)
+            if revised == chosen:
+                break
+            yield LogMessage(f"Round {len(rounds)}: measured KL {figures['kl_mean']:.4f} is over the {budget_kl:g} "
+                             f"budget (predicted {predicted:.4f}); moving more linears up and exporting again.")
+            chosen = revised
+            steps = ExportSteps(True)
+        kept = [n for n in session.anatomy.linear_targets() if chosen.get(n, "fp32") == "fp32"]
         message = (f"mean KL {figures['kl_mean']:.4f} {'≤' if passed else '>'} budget {budget_kl:g}; "
                    f"top-1 {figures['same_top']:.1%}; size {figures['size_bytes'] / fp32['size_bytes']:.0%} of fp32; "
                    f"latency ×{figures.get('latency_ratio', 1):.2f}")
-        result = ExportResult(str(target) if passed else None, precision, passed, budget_kl, excluded,
-                              excluded_nodes, figures, fp32, message, notes, predicted_by=predictor,
-                              predicted_kl=remaining_kl(session, kl, excluded) if predictor else None,
-                              missing_checkup=missing,
-                              predicted_bytes=predicted_size(session, precision, excluded).bytes)
+        result = ExportResult(str(target) if passed else None, precision, passed, budget_kl, kept,
+                              [written[n] for n in kept if n in written], figures, fp32, message, notes,
+                              predicted_by=", ".join(PREDICTORS[f] for f in figures_by_format) or None,
+                              predicted_kl=rounds[-1]["predicted_kl"], missing_checkup=missing,
+                              predicted_bytes=rounds[-1]["predicted_bytes"], formats=dict(chosen), rounds=rounds)
         if not passed:
-            yield Failed(f"Export over budget, nothing written: {message}. Keep more layers in fp32 "
+            yield Failed(f"Export over budget, nothing written: {message}. Keep more layers in higher precision "
                          "(or treat the bleeding ones) and export again.")
             yield Finished("failed", message, result)
             return
@@ -321,7 +481,8 @@ def _write_card(folder: Path, result: ExportResult, report: CheckupReport | None
             "recovery_prompts": treatment.get("recovery") if treatment else None,
             "validation": result.validation, "fp32_onnx": result.fp32, "budget_kl": result.budget_kl,
             "passed": result.passed, "notes": result.notes, "predicted_by": result.predicted_by,
-            "predicted_kl": result.predicted_kl, "missing_checkup": result.missing_checkup}
+            "predicted_kl": result.predicted_kl, "missing_checkup": result.missing_checkup,
+            "formats": result.formats, "rounds": result.rounds}
     if report is not None:
         from modeldoctor.checkup.diagnosis import diagnose
 

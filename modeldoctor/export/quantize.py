@@ -1,8 +1,23 @@
-"""onnxruntime quantization of an exported model, with per-linear exclusions, checked after.
+"""onnxruntime quantization of an exported model, one format per linear, checked after.
 
-Only configurations known to work are produced: int8 dynamic with one scale per weight
-tensor (per-channel int8 on MatMul collapses models: SmolLM2's perplexity goes from 17.5
-to about 10 million), and int4 weight-only MatMulNBits with small blocks.
+Formats a linear can be written in:
+
+- ``fp32``: the exported MatMul as it is.
+- ``int8`` / ``int4``: ``MatMulNBits`` with 8 or 4 bits, blocks of 32 inputs, an fp32 scale
+  and a zero point per block (asymmetric), at accuracy level 4: the CPU kernel quantizes each
+  row's activations to int8 per block and multiplies integers, which is what makes it fast
+  (on this AVX2 machine, without it 8-bit decode runs about 20× slower than fp32). The
+  blocks are packed by onnxruntime's own kernels (the ones its MatMulNBitsQuantizer calls),
+  so the file computes what the ``int8-b32`` / ``int4-b32`` probes simulate. Formats can be
+  mixed freely.
+- ``int8-dynamic``: W8A8 through ``quantize_dynamic`` (``MatMulInteger``, int8 weights with one
+  scale per tensor, uint8 activations per call), for runtimes that want integer matmuls. It
+  cannot be mixed with the block formats in one export. (Per-channel scales there are a
+  collapse mode of the AVX2 kernel without VNNI, so they are never written.)
+
+A head tied to the token embedding written at 8 bits becomes one shared table: the
+embedding lookup reads it through ``GatherBlockQuantized`` and the head through
+``MatMulNBits``, so the 28 M-parameter table of a small model is stored once, in 8 bits.
 """
 
 from __future__ import annotations
@@ -10,14 +25,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from modeldoctor.errors import ModelDoctorError
+from modeldoctor.export import PRECISIONS
 from modeldoctor.model import Anatomy
+from modeldoctor.model.anatomy import HEAD
 
-PRECISIONS = ("fp32", "int8", "int4")
-INT4_BLOCK = 32
+FORMATS = ("fp32", "int8", "int4", "int8-dynamic")
+BLOCK = 32
+BLOCK_BITS = {"int8": 8, "int4": 4}
+ACCURACY_LEVEL = 4  # int8 activations per block: the fast CPU path (simulated by quantize_activation_blocks)
+SHARED_TABLE_BITS = 8  # the one width a tied table is shared at (a 4-bit head makes small models repeat)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # a protobuf file holds at most 2 GB
 
 
@@ -28,58 +49,181 @@ def _quiet_quantizer_logs() -> None:
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
 
-def quantize_model(source: Path, target: Path, precision: str, exclude_nodes: list[str],
-                   external_data: bool = False) -> None:
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+def block_quantize(weight_in_out: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed [N, blocks, 32·bits/8], scales [N, blocks], zero points) of a (K=in, N=out) fp32
+    weight, by onnxruntime's block quantization kernels (asymmetric)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-        _quiet_quantizer_logs()
-        quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude_nodes),
-                         use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
-    elif precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    rows, cols = weight_in_out.shape
+    blocks = -(-rows // BLOCK)
+    per_byte = 8 // bits
+    weight = np.ascontiguousarray(np.pad(weight_in_out, ((0, blocks * BLOCK - rows), (0, 0))), dtype=np.float32)
+    packed = np.zeros((cols, blocks, BLOCK // per_byte), dtype=np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
+    scales = np.zeros((cols, blocks), dtype=np.float32)
+    kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    kernel(packed, weight, scales, zero_points, BLOCK, cols, rows, False)
+    return packed, scales, zero_points
 
-        _quiet_quantizer_logs()
-        quantizer = MatMulNBitsQuantizer(str(source), bits=4, block_size=INT4_BLOCK, is_symmetric=False,
-                                         nodes_to_exclude=list(exclude_nodes), op_types_to_quantize=("MatMul",))
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(target), use_external_data_format=external_data)
-    else:
+
+def _matmul_nbits(node: onnx.NodeProto, weight_in_out: np.ndarray, bits: int, weight_name: str,
+                  graph: onnx.GraphProto) -> onnx.NodeProto:
+    packed, scales, zero_points = block_quantize(weight_in_out, bits)
+    names = [f"{weight_name}_Q{bits}", f"{weight_name}_scales", f"{weight_name}_zero_points"]
+    for array, name in zip((packed, scales, zero_points), names):
+        graph.initializer.append(numpy_helper.from_array(array, name))
+    rows, cols = weight_in_out.shape
+    return helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{bits}",
+                            domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=BLOCK,
+                            accuracy_level=ACCURACY_LEVEL)
+
+
+def _shared_table(head: onnx.NodeProto, gather: onnx.NodeProto, table: np.ndarray, graph: onnx.GraphProto,
+                  ) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]:
+    """One 8-bit table (V, H) read by the head's MatMulNBits and the embedding's gather. The
+    packed weights are stored once as [V, H/32, 32]; the gather reads whole rows of blocks
+    and a Reshape joins each row's blocks back into H values."""
+    vocab, hidden = table.shape
+    if hidden % BLOCK:
+        raise ModelDoctorError(f"The embedding width {hidden} is not a multiple of {BLOCK}; its table cannot be "
+                               "shared at 8 bits. Keep the head in fp32.")
+    packed, scales, zero_points = block_quantize(np.ascontiguousarray(table.T), SHARED_TABLE_BITS)
+    blocks = hidden // BLOCK
+    names = {"table": "shared_embedding_Q8", "scales": "shared_embedding_scales",
+             "zero_points": "shared_embedding_zero_points", "row_scales": "shared_embedding_row_scales",
+             "row_zero_points": "shared_embedding_row_zero_points", "shape": "shared_embedding_row_shape"}
+    for key, array in (("table", packed), ("scales", scales), ("zero_points", zero_points),
+                       ("row_scales", scales.reshape(vocab, blocks, 1)),
+                       ("row_zero_points", zero_points.reshape(vocab, blocks, 1)),
+                       ("shape", np.array([0, 0, hidden], dtype=np.int64))):
+        graph.initializer.append(numpy_helper.from_array(array, names[key]))
+    matmul = helper.make_node("MatMulNBits", [head.input[0], names["table"], names["scales"], names["zero_points"]],
+                              list(head.output), name=f"{head.name}_Q8", domain="com.microsoft", K=hidden, N=vocab,
+                              bits=SHARED_TABLE_BITS, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+    rows = f"{gather.output[0]}_blocks"
+    lookup = [helper.make_node("GatherBlockQuantized", [names["table"], gather.input[1], names["row_scales"],
+                                                        names["row_zero_points"]], [rows],
+                               name=f"{gather.name}_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                               block_size=BLOCK, bits=SHARED_TABLE_BITS),
+              helper.make_node("Reshape", [rows, names["shape"]], list(gather.output), name=f"{gather.name}_rows")]
+    return matmul, lookup
+
+
+def embedding_gather(model: onnx.ModelProto, table: str) -> onnx.NodeProto | None:
+    """The Gather that looks token ids up in the initializer `table`."""
+    return next((n for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] == table), None)
+
+
+def write_block_formats(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[str, str],
+                        formats: dict[str, str]) -> None:
+    """Replace each linear's MatMul by MatMulNBits at its format ('int8' or 'int4'; 'fp32' stays).
+    A tied head at 8 bits shares one table with the embedding lookup; at 4 bits it gets its own
+    copy and the lookup keeps the fp32 table."""
+    from modeldoctor.export.graph import fold_transposed_weights, matmul_weight_source
+
+    graph = model.graph
+    shared = anatomy.head_tied and formats.get(HEAD) == "int8"
+    copied = {mapping[n] for n, f in formats.items() if f in BLOCK_BITS and not (n == HEAD and shared)}
+    fold_transposed_weights(model, copied)
+    initializers = {i.name: i for i in graph.initializer}
+    by_node = {node: name for name, node in mapping.items()}
+    replaced: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        name = by_node.get(node.name)
+        if node.op_type != "MatMul" or name is None or formats.get(name) not in BLOCK_BITS:
+            continue
+        if name == HEAD and shared:
+            table_name = matmul_weight_source(model, node)
+            gather = embedding_gather(model, table_name) if table_name else None
+            if gather is None:
+                raise ModelDoctorError("The tied head's table has no embedding lookup in the exported graph; it "
+                                       "cannot be shared at 8 bits. Keep the head in fp32.")
+            matmul, lookup = _shared_table(node, gather, numpy_helper.to_array(initializers[table_name]), graph)
+            replaced[node.name] = [matmul]
+            replaced[gather.name] = lookup
+            continue
+        weight = node.input[1]
+        if weight not in initializers:
+            raise ModelDoctorError(f"The MatMul computing {name} has no constant weight; it cannot be quantized.")
+        replaced[node.name] = [_matmul_nbits(node, numpy_helper.to_array(initializers[weight]),
+                                             BLOCK_BITS[formats[name]], weight, graph)]
+    nodes = [new for node in graph.node for new in replaced.get(node.name, [node])]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    from modeldoctor.export.graph import drop_unused_initializers
+
+    drop_unused_initializers(graph)
+
+
+def quantize_dynamic_int8(source: Path, target: Path, exclude_nodes: list[str], external_data: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet_quantizer_logs()
+    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude_nodes),
+                     use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
+
+
+def preset_formats(anatomy: Anatomy, precision: str) -> dict[str, str]:
+    """Each linear's format in a precision before any choice: every block linear in that format;
+    the head too, except that an int4 export writes the head at 8 bits (a 4-bit head is known to
+    make small models repeat themselves), and an int8-dynamic export keeps a tied head fp32
+    (it would add an int8 copy beside the fp32 table the lookup reads)."""
+    if precision not in PRECISIONS:
         raise ModelDoctorError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    formats = {name: precision for name in anatomy.linear_names()}
+    if precision == "int4":
+        formats[HEAD] = "int8"
+    elif precision == "int8-dynamic" and anatomy.head_tied:
+        formats[HEAD] = "fp32"
+    else:
+        formats[HEAD] = precision
+    return formats
 
 
-def quantize_export(fp32_path: Path, target: Path, precision: str, anatomy: Anatomy, keep: list[str],
-                    work: Path) -> list[str]:
-    """Quantize the fp32 export into `target`, every linear (the head too) to `precision` except
-    the `keep` linears, which stay fp32; then check the written graph does exactly that.
-    Returns the ONNX names of the MatMuls kept in fp32. `work` is a scratch folder."""
+def quantize_export(fp32_path: Path, target: Path, formats: dict[str, str], anatomy: Anatomy,
+                    work: Path) -> dict[str, str]:
+    """Write the fp32 export quantized into `target`, each linear in its format (a linear left
+    out of `formats` stays fp32), then check the written graph does exactly that. Returns
+    linear -> the ONNX node that computes it in the written graph. `work` is a scratch folder."""
     from modeldoctor.export.graph import check_quantized, fold_transposed_weights, rewrite_gemms
     from modeldoctor.export.mapping import map_linears
 
     known = set(anatomy.linear_targets())
-    unknown = [n for n in keep if n not in known]
+    unknown = [n for n in formats if n not in known]
     if unknown:
         raise ModelDoctorError(f"No linear named {', '.join(unknown[:5])} in this model; linears are named like "
                                f"{anatomy.linear_targets()[0]}, and the LM head is 'head'.")
+    bad = sorted({f for f in formats.values() if f not in FORMATS})
+    if bad:
+        raise ModelDoctorError(f"Unknown format {', '.join(bad)}; a linear is one of {', '.join(FORMATS)}.")
+    formats = {name: formats.get(name, "fp32") for name in anatomy.linear_targets()}
+    used = set(formats.values())
+    if "int8-dynamic" in used and used & set(BLOCK_BITS):
+        raise ModelDoctorError("int8-dynamic (MatMulInteger) cannot be mixed with the int8/int4 block formats in "
+                               "one export.")
     model = onnx.load(str(fp32_path))
     rewrite_gemms(model)
     mapping, missing = map_linears(model, anatomy)
     if missing:
         raise ModelDoctorError(f"No ONNX MatMul computes {', '.join(missing[:5])}; the export cannot set or check "
                                "its precision.")
-    kept = set(keep)
-    fold_transposed_weights(model, {node for name, node in mapping.items() if name not in kept})
     external = sum(p.stat().st_size for p in fp32_path.parent.glob("*.onnx*")) > EXTERNAL_DATA_BYTES
-    work.mkdir(parents=True, exist_ok=True)
-    prepared = work / fp32_path.name
-    onnx.save_model(model, str(prepared), save_as_external_data=external, location=f"{prepared.name}_data")
-    del model
-    kept_nodes = [mapping[n] for n in keep]
-    quantize_model(prepared, target, precision, kept_nodes, external)
-    refuse_collapse_modes(target)
-    check_quantized(onnx.load(str(target)), anatomy, mapping, list(keep), precision)
-    return kept_nodes
+    if "int8-dynamic" in used:
+        fold_transposed_weights(model, {mapping[n] for n, f in formats.items() if f == "int8-dynamic"})
+        work.mkdir(parents=True, exist_ok=True)
+        prepared = work / fp32_path.name
+        onnx.save_model(model, str(prepared), save_as_external_data=external, location=f"{prepared.name}_data")
+        del model
+        quantize_dynamic_int8(prepared, target, [mapping[n] for n, f in formats.items() if f == "fp32"], external)
+        refuse_collapse_modes(target)
+        model = onnx.load(str(target))
+    else:
+        write_block_formats(model, anatomy, mapping, formats)
+        onnx.save_model(model, str(target), save_as_external_data=external, location=f"{target.name}_data")
+    return check_quantized(model, anatomy, mapping, formats)
 
 
 def refuse_collapse_modes(path: Path) -> None:

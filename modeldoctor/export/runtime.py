@@ -27,6 +27,31 @@ class OnnxCausalLM:
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         return self.session.run(["logits"], feed)[0]
 
+    def decode_step_seconds(self, cached: int, steps: int = 8) -> float | None:
+        """Median seconds of one-token decode steps after a `cached`-token prefill (the deployed
+        generation loop's cost per token); None for a model without a cache."""
+        import time
+
+        past_names = [n for n in self.inputs if n.startswith("past_key_values")]
+        if not past_names:
+            return None
+        ids = (np.arange(cached, dtype=np.int64) % 1000 + 10)[None]
+        out_names = [o.name for o in self.session.get_outputs()]
+        outputs = dict(zip(out_names, self.session.run(None, self._feed(ids, np.ones_like(ids), start=0))))
+        times = []
+        length = cached
+        for step in range(steps + 1):  # the first step warms up
+            length += 1
+            feed = self._feed(np.asarray([[11 + step]], dtype=np.int64), np.ones((1, length), dtype=np.int64),
+                              start=length - 1)
+            for name in past_names:
+                feed[name] = outputs[name.replace("past_key_values", "present")]
+            began = time.perf_counter()
+            outputs = dict(zip(out_names, self.session.run(None, feed)))
+            if step:
+                times.append(time.perf_counter() - began)
+        return float(np.median(times))
+
     def greedy(self, prompt_ids: list[int], new_tokens: int) -> list[int]:
         """Greedy continuation using the model's key/value cache, one token per step."""
         past_names = [n for n in self.inputs if n.startswith("past_key_values")]

@@ -18,6 +18,7 @@ from modeldoctor.metrics.divergence import RefLogProbs, next_token_logprob, summ
 GREEDY_TOKENS = 32
 LATENCY_TOKENS = 128
 LATENCY_RUNS = 5
+DECODE_CACHE = 256  # the decode speed is one token after this many cached ones
 
 
 def folder_bytes(folder: Path) -> int:
@@ -30,7 +31,7 @@ def sequences(data: EvalData) -> list[np.ndarray]:
 
 
 def latency(model: OnnxCausalLM, tokens: int = LATENCY_TOKENS) -> float:
-    """Median seconds to prefill a fixed batch (1 x tokens)."""
+    """Median seconds to prefill a fixed batch (1 x tokens) (see DECODE_CACHE for the decode speed)."""
     ids = (np.arange(tokens, dtype=np.int64) % 1000 + 10)[None]
     model.logits(ids)  # warm-up
     times = []
@@ -43,7 +44,8 @@ def latency(model: OnnxCausalLM, tokens: int = LATENCY_TOKENS) -> float:
 
 def validate(torch_model, tokenizer, data: EvalData, onnx_path: Path, prompts: list[str],
              baseline_latency_s: float | None = None, control: RunControl | None = None,
-             original: Callable[[], ContextManager] = contextlib.nullcontext, temperature: float = 1.0) -> dict:
+             original: Callable[[], ContextManager] = contextlib.nullcontext, temperature: float = 1.0,
+             baseline_decode_s: float | None = None) -> dict:
     """KL statistics, top-1 agreement, perplexity and greedy agreement against the torch model
     as `original()` makes it (the untreated weights), plus size on disk and latency (and its
     ratio to a baseline, the fp32 ONNX model). The exported logits are divided by the
@@ -89,4 +91,9 @@ def validate(torch_model, tokenizer, data: EvalData, onnx_path: Path, prompts: l
     figures["latency_s"] = latency(model)
     if baseline_latency_s:
         figures["latency_ratio"] = figures["latency_s"] / baseline_latency_s
+    decode = model.decode_step_seconds(DECODE_CACHE)
+    if decode is not None:
+        figures["decode_s"] = decode
+        if baseline_decode_s:
+            figures["decode_ratio"] = decode / baseline_decode_s
     return figures

@@ -29,6 +29,12 @@ TERMS = {
                     "on every call: what onnxruntime's quantize_dynamic writes.",
     "int4 g32 asym": "Weights stored as 4-bit integers in groups of 32 with their own scale and zero point (no "
                      "activation quantization): what the int4 export (MatMulNBits) writes.",
+    "int8 b32": "Weights stored as 8-bit integers in blocks of 32 with their own scale and zero point, "
+                "activations quantized to 8 bits per block of 32 as the multiply runs: what the int8 export "
+                "(MatMulNBits, accuracy level 4) writes; a head tied to the embedding becomes one 8-bit table "
+                "that both read.",
+    "int4 mixed": "Most linears at 4 bits in blocks of 32; the fragile ones, and the head, at 8 bits (both "
+                  "MatMulNBits with 8-bit activations per block), chosen from the checkup's figures.",
     "Wanda": "Pruning that removes the weights with the smallest |weight| × input norm, per output row (Sun et "
              "al., 2023). Magnitude pruning uses |weight| alone; 2:4 keeps two of every four weights.",
     "SmoothQuant": "Moves the size of activation outliers into the weights with a per-channel scale folded into "

@@ -210,7 +210,7 @@ class BeforeAfter:
 # ---- the anatomy view: the model as its stack of blocks, one cell per linear ---------------------
 
 KEPT_FP32 = (150, 150, 150)  # a linear the export leaves in fp32
-FORMAT_COLORS = {"int8": (92, 140, 200), "int4": (150, 105, 190), "fp32": KEPT_FP32}
+FORMAT_COLORS = {"int8": (92, 140, 200), "int4": (150, 105, 190), "int8-dynamic": (70, 160, 150), "fp32": KEPT_FP32}
 EMBEDDING = "embedding"
 
 
@@ -284,18 +284,19 @@ def _verdict_cell(name: str, record: ProbeRecord | None, block_level: bool) -> A
     return AnatomyCell(name, (*verdict_color(record), ESTIMATED_ALPHA if record.estimated else 255), text, record)
 
 
-def export_cells(layout: AnatomyLayout, kept: set[str], precision: str, predicted: dict[str, float],
+def export_cells(layout: AnatomyLayout, formats: dict[str, str], predicted: dict[str, float],
                  head_tied: bool) -> dict[str, AnatomyCell]:
-    """Each linear in the format the export writes for it: fp32 where kept, else the precision."""
+    """Each linear in the format the export writes for it; a tied head's table is the embedding's."""
     cells: dict[str, AnatomyCell] = {}
     names = [f"{b}.{c}" for b in layout.blocks for c in layout.columns] + ["head"]
     for name in names:
-        fmt = "fp32" if name in kept or precision == "fp32" else precision
+        fmt = formats.get(name, "fp32")
         figure = predicted.get(name)
-        text = f"{name}: {fmt}" + (f", predicted KL {figure:.4g} when quantized" if figure is not None else "")
+        text = f"{name}: {fmt}" + (f", predicted KL {figure:.4g} at the export's format" if figure is not None else "")
         cells[name] = AnatomyCell(name, (*FORMAT_COLORS[fmt], 255), text + " (click to switch)")
-    cells[EMBEDDING] = AnatomyCell(EMBEDDING, (*KEPT_FP32, 255), "token embedding: fp32"
-                                   + (" (shared with the tied head)" if head_tied else ""))
+    table = formats.get("head", "fp32") if head_tied and formats.get("head") == "int8" else "fp32"
+    cells[EMBEDDING] = AnatomyCell(EMBEDDING, (*FORMAT_COLORS[table], 255), f"token embedding: {table}"
+                                   + (" (one table shared with the tied head)" if head_tied else ""))
     return cells
 
 

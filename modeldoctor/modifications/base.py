@@ -72,6 +72,11 @@ class Modification:
     def applied(self, ctx: ModContext, targets: list[str]) -> contextlib.AbstractContextManager:
         raise NotImplementedError
 
+    def changes_embedding(self, anatomy: Anatomy, target: str) -> bool:
+        """Whether applying this to `target` also changes the token embedding (so a probe of it
+        cannot reuse the unmodified model's states entering block 0)."""
+        return False
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
@@ -87,6 +92,10 @@ def target_linears(anatomy: Anatomy, target: str) -> list[str]:
 class WeightModification(Modification):
     """Rewrites linear weights in place; the originals are copied back on exit."""
 
+    # Whether the export writes a head tied to the embedding in this format as one table that
+    # both read (then the probe changes the embedding too); otherwise the head gets a copy.
+    shares_tied_table: bool = False
+
     def new_weight(self, ctx: ModContext, linear: str, weight: torch.Tensor) -> torch.Tensor:
         """Return the modified (out, in) weight."""
         raise NotImplementedError
@@ -94,13 +103,17 @@ class WeightModification(Modification):
     def linears_for(self, ctx: ModContext, target: str) -> list[str]:
         return target_linears(ctx.anatomy, target)
 
+    def changes_embedding(self, anatomy: Anatomy, target: str) -> bool:
+        return self.shares_tied_table and target == HEAD and anatomy.head_tied
+
     def extra_hooks(self, ctx: ModContext, linear: str, module: torch.nn.Module) -> list:
         return []
 
     @contextlib.contextmanager
     def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
         names = [n for t in targets for n in self.linears_for(ctx, t) if n not in ctx.keep]
-        with preserved_weights(ctx.anatomy, names), temporary_hooks() as hooks:
+        with preserved_weights(ctx.anatomy, names, untie_head=not self.shares_tied_table), \
+                temporary_hooks() as hooks:
             with torch.no_grad():
                 for name in names:
                     module = ctx.anatomy.linear(name)
@@ -111,18 +124,19 @@ class WeightModification(Modification):
 
 
 @contextlib.contextmanager
-def preserved_weights(anatomy: Anatomy, linears: list[str]) -> Iterator[None]:
+def preserved_weights(anatomy: Anatomy, linears: list[str], untie_head: bool = True) -> Iterator[None]:
     """Copy weights and biases of the named linears, and write them back bit-exact on exit.
 
-    A head tied to the token embedding gets a private copy of the shared weight for the
-    duration instead: the export quantizes the head's MatMul while the embedding lookup keeps
-    reading fp32 weights, so writing through the shared tensor would also change the
-    embedding. On exit the shared parameter itself is put back."""
+    With `untie_head`, a head tied to the token embedding gets a private copy of the shared
+    weight for the duration: an export that quantizes the head's MatMul into its own copy
+    leaves the embedding lookup reading fp32 weights, so writing through the shared tensor
+    would also change the embedding. On exit the shared parameter itself is put back.
+    Without it, changes go through the shared tensor (the export's shared table)."""
     saved = []
     untied = []
     for name in dict.fromkeys(linears):
         module = anatomy.linear(name)
-        if name == HEAD and anatomy.head_tied:
+        if name == HEAD and anatomy.head_tied and untie_head:
             shared = module.weight
             module.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
             untied.append((module, shared))

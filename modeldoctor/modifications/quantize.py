@@ -65,10 +65,46 @@ class RoundToNearest(WeightModification):
 
 @register(r"int(?P<bits>[2-8])(?:-g(?P<group>32|64|128))?(?P<asym>-asym)?",
           "weight-only round-to-nearest quantization, per channel or per group",
-          ("int8", "int6", "int4", "int3", "int2", "int4-g32", "int4-g128-asym"))
+          ("int8", "int6", "int4", "int3", "int2", "int4-g32", "int8-g32-asym", "int4-g32-asym"))
 def _rtn(match):
     group = int(match["group"]) if match["group"] else None
     return RoundToNearest(match[0], int(match["bits"]), group, symmetric=not match["asym"])
+
+
+def quantize_activation_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """MatMulNBits' accuracy_level 4 on CPU: each row's input quantized to int8 per block of
+    `block` values along the input, symmetric (scale = max|x| / 127, round to nearest), before
+    the integer dot products. Matches onnxruntime's output to float accumulation (~1e-6)."""
+    features = x.shape[-1]
+    pad = (-features) % block
+    xf = torch.nn.functional.pad(x.float(), (0, pad)) if pad else x.float()
+    blocks = xf.reshape(*xf.shape[:-1], -1, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    deq = torch.clamp(torch.round(blocks / safe), -127, 127) * scale
+    return deq.reshape(*xf.shape)[..., :features].to(x.dtype)
+
+
+class BlockQuantizedMatMul(RoundToNearest):
+    """What the exporter's MatMulNBits computes: weights in asymmetric blocks of 32 (as the
+    group-32 asymmetric rounding above), activations in int8 per block of 32 (accuracy level
+    4, the fast CPU path). At 8 bits a head tied to the embedding is one shared table."""
+
+    def __init__(self, name: str, bits: int) -> None:
+        super().__init__(name, bits, 32, symmetric=False)
+        self.sweep_group = "int-b32"
+        self.shares_tied_table = bits == 8
+
+    def extra_hooks(self, ctx: ModContext, linear: str, module: torch.nn.Module) -> list:
+        def quantize_input(mod, args):
+            return (quantize_activation_blocks(args[0]),) + tuple(args[1:])
+        return [module.register_forward_pre_hook(quantize_input)]
+
+
+@register(r"int(?P<bits>[48])-b32", "int8 / int4 as the export's MatMulNBits runs them: weights in asymmetric "
+          "blocks of 32, activations int8 per block of 32", ("int8-b32", "int4-b32"))
+def _block_matmul(match):
+    return BlockQuantizedMatMul(match[0], int(match["bits"]))
 
 
 def _dequantized_uint8(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -13,40 +13,70 @@ from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.checkup.run import checkup
 from modeldoctor.data import DataSpec
 from modeldoctor.events import LogMessage
-from modeldoctor.export.pipeline import PREDICTORS, choose_exclusions, export_model
-from modeldoctor.export.quantize import INT4_BLOCK
+from modeldoctor.export.pipeline import PREDICTORS, choose_formats, export_model, preset_formats
+from modeldoctor.export.quantize import BLOCK as INT4_BLOCK
 from modeldoctor.modifications.base import create
 from modeldoctor.modifications.quantize import quantize_rtn
 
 SPEC = DataSpec(tokens=128, seq_len=64, calibration_tokens=64, knowledge=False)
 
 
-def matmulnbits_weight(weight: torch.Tensor) -> np.ndarray:
-    """The (out, in) weight that onnxruntime's int4 export computes with for this linear: the
-    graph of one MatMul quantized by the exporter's quantizer, run on the identity."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+def one_linear(weight: torch.Tensor):
     out_features, in_features = weight.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "one_linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])],
         [numpy_helper.from_array(weight.t().contiguous().numpy(), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def ort_quantized(weight: torch.Tensor, bits: int):
+    """One MatMul quantized by onnxruntime's own MatMulNBits quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     logging.disable(logging.INFO)
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=False,
+        quantizer = MatMulNBitsQuantizer(one_linear(weight), bits=bits, block_size=INT4_BLOCK, is_symmetric=False,
                                          op_types_to_quantize=("MatMul",))
         quantizer.process()
     finally:
         logging.disable(logging.NOTSET)
-    assert [n.op_type for n in quantizer.model.model.graph.node] == ["MatMulNBits"]
-    session = ort.InferenceSession(quantizer.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": np.eye(in_features, dtype=np.float32)})[0].T
+    model = quantizer.model.model
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    return model
 
 
-def test_int4_export_format_is_what_the_int4_prediction_simulates():
-    assert PREDICTORS["int4"] == "int4-g32-asym" and PREDICTORS["int8"] == "int8-dynamic"
+def matmulnbits_weight(weight: torch.Tensor, bits: int = 4) -> np.ndarray:
+    """The (out, in) weight that onnxruntime computes with for this linear quantized by its own
+    MatMulNBits quantizer: the graph run on the identity (float activations)."""
+    session = ort.InferenceSession(ort_quantized(weight, bits).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.eye(weight.shape[1], dtype=np.float32)})[0].T
+
+
+def packed_blocks(model) -> list[np.ndarray]:
+    """The quantized weight, scales and zero points a MatMulNBits node reads, in input order."""
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    return [initializers[name].reshape(-1) for name in node.input[1:]]
+
+
+def our_quantized(weight: torch.Tensor, bits: int):
+    """The same linear as our exporter writes it (block_quantize → MatMulNBits)."""
+    from modeldoctor.export.quantize import _matmul_nbits
+
+    model = one_linear(weight)
+    node = model.graph.node.pop()
+    weight_in_out = numpy_helper.to_array(model.graph.initializer[0])
+    model.graph.node.append(_matmul_nbits(node, weight_in_out, bits, "w", model.graph))
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_block_formats_are_what_their_predictions_simulate(bits):
+    assert PREDICTORS["int4"] == "int4-b32" and PREDICTORS["int8"] == "int8-b32"
+    assert PREDICTORS["int8-dynamic"] == "int8-dynamic"
     torch.manual_seed(0)
     ties = torch.zeros(6, 40)  # 40 inputs: a padded second block
     ties[0, :32] = torch.linspace(-0.75, 3.0, 32)  # scale 0.25, zero point 3: w / scale + 3 hits halves
@@ -56,10 +86,13 @@ def test_int4_export_format_is_what_the_int4_prediction_simulates():
     ties[3, 5] = 1.0  # a single nonzero value; ties[4] stays all zero
     ties[5] = torch.randn(40) * 1e-3
     for weight in (ties, torch.randn(24, 96) * 0.2, torch.randn(8, 64).pow(3)):
-        expected = matmulnbits_weight(weight)
-        simulated = quantize_rtn(weight, 4, INT4_BLOCK, symmetric=False).numpy()
+        expected = matmulnbits_weight(weight, bits)
+        for ours, theirs in zip(packed_blocks(our_quantized(weight, bits)), packed_blocks(ort_quantized(weight, bits))):
+            np.testing.assert_array_equal(ours, theirs)  # our file packs exactly as onnxruntime's quantizer
+        simulated = quantize_rtn(weight, bits, INT4_BLOCK, symmetric=False).numpy()
         np.testing.assert_array_equal(simulated, expected)
-        assert torch.equal(create("int4-g32-asym").new_weight(None, "x", weight), torch.from_numpy(expected))
+        for name in (f"int{bits}-g32-asym", f"int{bits}-b32"):  # b32 adds the activations (see test_head_target)
+            assert torch.equal(create(name).new_weight(None, "x", weight), torch.from_numpy(expected))
 
 
 @pytest.fixture(scope="module")
@@ -77,36 +110,38 @@ def int4_channel_checkup(model_dirs):
 
 def test_other_formats_probes_do_not_predict_the_export(int4_channel_checkup, tmp_path):
     session, report = int4_channel_checkup
-    assert choose_exclusions(session, report, "int4", 0.02)[0] == []
+    assert choose_formats(session, report, "int4", 0.02)[0] == preset_formats(session.anatomy, "int4")
     events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int4", report, budget_kl=100.0,
                                prompts=["Hi"]))
     result = events[-1].report
     assert events[-1].reason == "completed"
     assert result.excluded_linears == [] and result.predicted_kl is None
-    assert result.missing_checkup == "int4-g32-asym" and result.predicted_by is None
+    assert result.missing_checkup == "int4-b32" and result.predicted_by is None
     notes = [e.message for e in events if isinstance(e, LogMessage)]
-    assert any("int4-g32-asym" in n and "checkup" in n for n in notes)
+    assert any("int4-b32" in n and "checkup" in n for n in notes)
     card = json.loads((tmp_path / "out" / "modeldoctor.json").read_text())
-    assert card["missing_checkup"] == "int4-g32-asym"
+    assert card["missing_checkup"] == "int4-b32"
 
 
 def test_the_exact_format_predicts_the_export(llama_session, tmp_path):
     data = llama_session.data(SPEC)
-    report = checkup(llama_session, CheckupPlan(modifications=["int4-g32-asym"], scope="linears", knowledge=False,
+    report = checkup(llama_session, CheckupPlan(modifications=["int4-b32"], scope="linears", knowledge=False,
                                                 threshold=1e-4), data)
-    events = list(export_model(llama_session, data, tmp_path / "out", "int4", report, budget_kl=100.0,
+    events = list(export_model(llama_session, data, tmp_path / "out", "int4", report, budget_kl=0.01,
                                prompts=["Hi"]))
     result = events[-1].report
-    bleeding = {p.spec.targets[0] for p in report.probes if p.bleeding}
-    assert bleeding and bleeding <= set(result.excluded_linears)
-    assert result.predicted_by == "int4-g32-asym" and result.missing_checkup is None
+    worst = max(report.probes, key=lambda p: p.score).spec.targets[0]
+    assert result.formats[worst] != "int4"  # the tight budget raises the worst linear to 8 bits or fp32
+    assert result.predicted_by == "int4-b32" and result.missing_checkup is None
     # The prediction is about the written file: with the three worst linears kept, onnxruntime's
     # measured KL of the quantized rest lands near the predicted one (isolated KLs add up
     # roughly, not exactly), and well below the export that keeps nothing.
     worst = [p.spec.targets[0] for p in sorted(report.probes, key=lambda p: p.score, reverse=True)[:3]]
-    repaired = list(export_model(llama_session, data, tmp_path / "repaired", "int4", report, exclude=worst,
-                                 budget_kl=100.0, prompts=["Hi"]))[-1].report
-    naive = list(export_model(llama_session, data, tmp_path / "naive", "int4", report, exclude=[], budget_kl=100.0,
+    every = {name: "int4" for name in llama_session.anatomy.linear_targets()}
+    repaired = list(export_model(llama_session, data, tmp_path / "repaired", "int4", report,
+                                 formats={**every, **{n: "fp32" for n in worst}}, budget_kl=100.0,
+                                 prompts=["Hi"]))[-1].report
+    naive = list(export_model(llama_session, data, tmp_path / "naive", "int4", report, formats=every, budget_kl=100.0,
                               prompts=["Hi"]))[-1].report
     for export in (repaired, naive):
         assert 0.5 * export.validation["kl_mean"] <= export.predicted_kl <= 2.0 * export.validation["kl_mean"]
@@ -123,11 +158,12 @@ def test_keep_list_and_temperature_apply_only_to_their_own_format(llama_session,
     config = json.loads((tmp_path / "a" / "generation_config.json").read_text())
     assert "modeldoctor_calibrated_temperature" not in config
     notes = " ".join(e.message for e in events if isinstance(e, LogMessage))
-    assert "chosen for int4, not for int4-g32-asym" in notes and "fitted for int4" in notes
+    assert "chosen for int4, not for int4-b32" in notes and "fitted for int4" in notes
 
-    state.keep_for = state.temperature_for = "int4-g32-asym"
+    state.keep_for = state.temperature_for = "int4-b32"
     events = list(export_model(llama_session, llama_session.data(SPEC), tmp_path / "b", "int4", budget_kl=100.0,
                                prompts=["Hi"]))
     assert events[-1].reason == "completed" and events[-1].report.excluded_linears == ["0.mlp.down_proj", "head"]
+    assert events[-1].report.formats["1.mlp.down_proj"] == "int4"
     config = json.loads((tmp_path / "b" / "generation_config.json").read_text())
     assert config["modeldoctor_calibrated_temperature"] == pytest.approx(1.25)

@@ -14,11 +14,11 @@ def test_export_page_runs_the_missing_format_checkup(qtbot, window, llama_dir):
     page = window.export_page
     window.go(6)
     page.precisions["int4"].setChecked(True)
-    assert page.run_checkup.isVisible() and "int4-g32-asym" in page.run_checkup.text()
-    assert "int4-g32-asym" in page.keep_note.text() and not page.kept()
+    assert page.run_checkup.isVisible() and "int4-b32" in page.run_checkup.text()
+    assert "int4-b32" in page.keep_note.text() and not page.kept()
     assert "head" in page.linears  # the LM head can be kept in fp32 like any linear
     page.precisions["int8"].setChecked(True)
-    assert "int8-dynamic" in page.run_checkup.text()
+    assert "int8-b32" in page.run_checkup.text()
     page.precisions["int4"].setChecked(True)
 
     previous = window.state.report
@@ -26,14 +26,14 @@ def test_export_page_runs_the_missing_format_checkup(qtbot, window, llama_dir):
     qtbot.waitUntil(lambda: window.state.report is not None and window.state.report is not previous
                     and not window.runner.busy, timeout=120000)
     plan = window.state.report.plan
-    assert plan["modifications"] == ["int4-g32-asym"] and plan["scope"] == "linears"
+    assert plan["modifications"] == ["int4-b32"] and plan["scope"] == "linears"
     window.go(6)
     assert not page.run_checkup.isVisible()
     assert "head" in page.predicted and len(page.predicted) == len(window.state.session.anatomy.linear_targets())
 
 
 def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, llama_dir, tmp_path, screenshots):
-    """Issue 12 bug 7: a block-scope checkup keeps whole blocks in fp32 (no longer silently), the size and
+    """Issue 12 bug 7: a block-scope checkup raises whole blocks (no longer silently), the size and
     KL are predicted before writing, the export shows its progress, the result table explains itself."""
     from modeldoctor.events import Progress
 
@@ -47,13 +47,15 @@ def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, l
     run_checkup(qtbot, window)
     page = window.export_page
     window.go(6)
-    page.precisions["int8"].setChecked(True)
+    page.precisions["int8-dynamic"].setChecked(True)
     assert "probed whole blocks" in page.keep_note.text()
     assert page.run_checkup.isVisible() and "linear-scope checkup of int8-dynamic" in page.run_checkup.text()
     before = page.prediction.text()
     assert "Before exporting" in before and "% of fp32" in before and "predicted mean KL" in before
-    page.keep.item(0).setCheckState(page.keep.item(0).checkState().__class__.Unchecked)
-    assert page.prediction.text() != before, "the prediction follows the keep list"
+    item = page.keep.item(0)
+    checked = item.checkState() == item.checkState().__class__.Checked
+    item.setCheckState(item.checkState().__class__.Unchecked if checked else item.checkState().__class__.Checked)
+    assert page.prediction.text() != before, "the prediction follows the formats"
     progress = []
     window.runner.event.connect(lambda e: progress.append(e) if isinstance(e, Progress) else None)
     page.folder.setText(str(tmp_path / "onnx"))

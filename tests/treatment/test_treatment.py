@@ -418,7 +418,7 @@ def test_export_of_a_treated_model(llama_dir, small_data_spec, tmp_path):
     treat(session, TreatmentPlan(["prune-grad", "calibrate-temperature"], target="none"), data)
     session.treatment.keep, session.treatment.keep_for = ["0.mlp.down_proj", "1.mlp.down_proj"], "int8-dynamic"
     events = list(export_model(session, session.data(replace(small_data_spec, knowledge=False)), tmp_path / "onnx",
-                               "int8", budget_kl=10.0, prompts=["Hello"]))
+                               "int8-dynamic", budget_kl=10.0, prompts=["Hello"]))
     result = events[-1].report
     assert events[-1].reason == "completed", events
     # In the file itself: the kept linears' treated (pruned) weights feed float MatMuls; the other

@@ -38,7 +38,10 @@ class ExportController(Controller):
                 return
             overwrite = True
         session, spec = self.state.session, self.state.data_spec
-        precision, keep, budget, report = page.precision(), page.kept(), page.budget.value(), self.state.report
+        precision, budget, report = page.precision(), page.budget.value(), self.state.report
+        # Formats set by hand are written as they are; the suggested ones are chosen again by the
+        # engine (the same choice), which may then raise more linears if the first export misses.
+        formats, size_budget = (page.formats() if page.edited else None), page.size_budget_bytes()
         page.set_running(True)
         page.status.setText("Exporting …")
         self.status(f"Exporting {precision} to {target} …")
@@ -49,8 +52,8 @@ class ExportController(Controller):
             from modeldoctor.export.pipeline import export_model
 
             data = session.data(replace(spec, knowledge=False))
-            yield from export_model(session, data, target, precision, report, keep, budget, overwrite,
-                                    control=control)
+            yield from export_model(session, data, target, precision, report, None, budget, overwrite,
+                                    control=control, formats=formats, size_budget=size_budget)
         self.start("export", work)
         self.reveal(page.progress)
 

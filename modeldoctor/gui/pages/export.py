@@ -1,4 +1,4 @@
-"""Step 7: export a validated ONNX model, with the bleeding layers kept in fp32."""
+"""Step 7: export a validated ONNX model, each linear in the format the checkup says it can take."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
-    QButtonGroup, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+    QButtonGroup, QCheckBox, QDoubleSpinBox, QSlider, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
     QListWidget, QListWidgetItem, QProgressBar, QPushButton, QRadioButton, QSplitter, QTabWidget, QTableWidget,
     QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from modeldoctor.export.pipeline import (
-    DEFAULT_BUDGET_KL, PREDICTORS, missing_checkup, missing_checkup_text, predicted_kl,
+    DEFAULT_BUDGET_KL, PREDICTORS, PROMOTION, format_counts, missing_checkup, missing_checkup_text, predicted_kl,
 )
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
@@ -22,6 +22,19 @@ from modeldoctor.gui.plots import LabelAxis, LogAxis, backing
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
 
 KEPT_COLOR = (150, 150, 150)
+
+
+def ladder(precision: str) -> list[str]:
+    """The formats a linear can take in an export of this precision, lowest first."""
+    steps = [precision]
+    while steps[-1] != "fp32":
+        steps.append(PROMOTION[steps[-1]])
+    return steps
+
+
+# A list item's check state for each step of the ladder: unticked is the precision's own format,
+# half-ticked the 8-bit step of an int4 export, ticked fp32.
+CHECK_STATES = (Qt.CheckState.Unchecked, Qt.CheckState.PartiallyChecked, Qt.CheckState.Checked)
 
 
 def format_bytes(count: float) -> str:
@@ -45,9 +58,9 @@ class ExportPage(QWidget):
         self.last_result = None  # the latest export's ExportResult
         self.figures: dict[str, float] = {}  # what the chart draws: the linears' figures, else the blocks'
         layout = QVBoxLayout(self)
-        intro = QLabel("<h2>Export</h2>Exports through optimum-onnx, quantizes with onnxruntime, keeps the "
-                       "layers you tick in fp32, then validates the result against the original before "
-                       "handing it over. An export over the KL budget is not written.")
+        intro = QLabel("<h2>Export</h2>Exports through optimum-onnx, writes each linear in its own format "
+                       "(fp32, 8 or 4 bits) with onnxruntime's kernels, then validates the result against the "
+                       "original before handing it over. An export over the KL budget is not written.")
         intro.setWordWrap(True)
         layout.addWidget(intro)
         splitter = QSplitter(Qt.Orientation.Horizontal)
@@ -58,7 +71,8 @@ class ExportPage(QWidget):
         row = QHBoxLayout()
         self.precision_group = QButtonGroup(self)
         self.precisions = {}
-        for name, text in (("fp32", "fp32"), ("int8", "int8 dynamic"), ("int4", "int4 weight-only (block 32)")):
+        for name, text in (("fp32", "fp32"), ("int8", "int8"), ("int4", "int4 + int8"),
+                           ("int8-dynamic", "int8 dynamic")):
             button = QRadioButton(text)
             self.precisions[name] = button
             self.precision_group.addButton(button)
@@ -67,9 +81,25 @@ class ExportPage(QWidget):
         from modeldoctor.gui.glossary import tip
 
         self.precisions["fp32"].setToolTip("Every weight in 32-bit floats: the same function as the model.")
-        self.precisions["int8"].setToolTip(tip("int8 dynamic"))
-        self.precisions["int4"].setToolTip(tip("int4 g32 asym"))
+        self.precisions["int8"].setToolTip(tip("int8 b32"))
+        self.precisions["int4"].setToolTip(tip("int4 mixed"))
+        self.precisions["int8-dynamic"].setToolTip(tip("int8 dynamic") + " Weights and activations in 8 bits "
+                                                   "(MatMulInteger), for runtimes that want integer matmuls.")
         form.addRow("Precision:", row)
+        size_row = QHBoxLayout()
+        self.size_fit = QCheckBox("Fit in")
+        self.size_fit.setToolTip("Choose the formats that give the smallest predicted KL within this size, instead "
+                                 "of the smallest file under the KL budget.")
+        self.size_slider = QSlider(Qt.Orientation.Horizontal)
+        self.size_slider.setRange(10, 100)
+        self.size_slider.setValue(30)
+        self.size_slider.setEnabled(False)
+        self.size_label = QLabel()
+        self.size_label.setMinimumWidth(150)
+        size_row.addWidget(self.size_fit)
+        size_row.addWidget(self.size_slider, 1)
+        size_row.addWidget(self.size_label)
+        form.addRow("Size budget:", size_row)
         self.budget = QDoubleSpinBox()
         self.budget.setDecimals(3)
         self.budget.setRange(0.001, 5.0)
@@ -86,7 +116,7 @@ class ExportPage(QWidget):
         folder_row.addWidget(choose)
         form.addRow("Save to:", folder_row)
         form_box.addWidget(options)
-        keep_box = QGroupBox("Format of each linear (fp32 ticked from the checkup; click to switch)")
+        keep_box = QGroupBox("Format of each linear (chosen from the checkup; click to switch)")
         keep_layout = QVBoxLayout(keep_box)
         self.keep_tabs = QTabWidget()
         self.anatomy = AnatomyView()  # the model's linears in the format the export writes for each
@@ -109,7 +139,7 @@ class ExportPage(QWidget):
         self.start.setMinimumHeight(32)
         self.cancel = QPushButton("Cancel")
         self.cancel.setEnabled(False)
-        self.more = QPushButton("Keep 5 more layers in fp32")
+        self.more = QPushButton("Raise 5 more layers")
         self.more.setEnabled(False)
         for button in (self.start, self.cancel, self.more):
             buttons.addWidget(button)
@@ -146,7 +176,7 @@ class ExportPage(QWidget):
                                               "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
         self.chart.setTitle("predicted KL per linear, worst 60")
         self.chart.setLabel("left", "mean KL (nats)")
-        self.chart.setLabel("bottom", "linear (grey: kept in fp32)")
+        self.chart.setLabel("bottom", "linear (grey: written in fp32)")
         self.chart.setMouseEnabled(x=False, y=False)
         self.chart.setMenuEnabled(False)
         self.chart.hideButtons()
@@ -164,7 +194,7 @@ class ExportPage(QWidget):
                                    (pg.mkPen((31, 119, 180), width=2), "measured KL of the written file")):
             legend.addItem(pg.PlotDataItem(pen=pen_or_brush), text)
         legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=SEVERITY_COLORS["moderate"]), "quantized")
-        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=KEPT_COLOR), "kept in fp32")
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=KEPT_COLOR), "written in fp32")
         self.measured.hide()
         self.predicted_line.hide()
         right_layout.addWidget(self.chart, 1)
@@ -179,7 +209,10 @@ class ExportPage(QWidget):
         self.run_checkup.clicked.connect(lambda: self.checkupRequested.emit(self.run_checkup.property("modification")))
         self.precision_group.buttonToggled.connect(lambda *a: self.refresh_suggestions())
         self.budget.valueChanged.connect(lambda *a: self.refresh_suggestions())
-        self.keep.itemChanged.connect(lambda *a: self._draw_prediction())
+        self.size_fit.toggled.connect(self._size_budget_toggled)
+        self.size_slider.valueChanged.connect(lambda *a: self.refresh_suggestions())
+        self.keep.itemChanged.connect(self._format_edited)
+        self.edited = False  # the user changed a format by hand (then the export writes exactly those)
         self.anatomy.cellClicked.connect(self.toggle_keep)
 
     def _choose_folder(self) -> None:
@@ -189,6 +222,46 @@ class ExportPage(QWidget):
 
     def precision(self) -> str:
         return next(name for name, button in self.precisions.items() if button.isChecked())
+
+    def size_budget_bytes(self) -> int | None:
+        """The size budget in bytes, or None when the KL budget alone chooses."""
+        if self._session is None or not self.size_fit.isChecked():
+            return None
+        return int(self._session.summary.parameters * 4 * self.size_slider.value() / 100)
+
+    def _size_budget_toggled(self, on: bool) -> None:
+        self.size_slider.setEnabled(on and self.precision() != "fp32")
+        self.refresh_suggestions()
+
+    def _format_edited(self, item) -> None:
+        self.edited = True
+        self._label_item(item)
+        self._draw_prediction()
+
+    def _label_item(self, item) -> None:
+        name = item.data(Qt.ItemDataRole.UserRole)
+        value = self.predicted.get(name)
+        self.keep.blockSignals(True)
+        item.setText(f"{name}: {self._item_format(item)}"
+                     + (f"   (predicted KL {value:.4f} at {self.precision()})" if value is not None else ""))
+        self.keep.blockSignals(False)
+
+    def _item_format(self, item) -> str:
+        steps = ladder(self.precision())
+        index = CHECK_STATES.index(item.checkState())
+        return steps[-1] if index == 2 else steps[min(index, len(steps) - 1)]
+
+    def _set_item_format(self, item, fmt: str) -> None:
+        steps = ladder(self.precision())
+        index = steps.index(fmt) if fmt in steps else len(steps) - 1
+        item.setCheckState(Qt.CheckState.Checked if index == len(steps) - 1 and index else CHECK_STATES[index])
+
+    def formats(self) -> dict[str, str]:
+        """Each linear's format as the list shows it."""
+        if self.precision() == "fp32":
+            return {name: "fp32" for name in self.linears}
+        return {self.keep.item(i).data(Qt.ItemDataRole.UserRole): self._item_format(self.keep.item(i))
+                for i in range(self.keep.count())}
 
     def set_context(self, session, report) -> None:
         """A (new) model or checkup: list its linears and tick the suggested ones."""
@@ -200,34 +273,43 @@ class ExportPage(QWidget):
         self.refresh_suggestions()
 
     def refresh_suggestions(self) -> None:
-        from modeldoctor.export.pipeline import choose_exclusions, free_exclusions
+        from modeldoctor.export.pipeline import choose_formats, formats_with, preset_notes
 
         precision = self.precision()
         self.predicted = {}
         self.figures = {}
-        chosen, notes = [], []
-        if self._session is not None and precision != "fp32":
+        chosen: dict[str, str] = {}
+        notes: list[str] = []
+        fp32_bytes = self._session.summary.parameters * 4 if self._session is not None else 0
+        self.size_label.setText(f"≤ {format_bytes(fp32_bytes * self.size_slider.value() / 100)} "
+                                f"({self.size_slider.value()}% of fp32)" if self._session is not None else "")
+        self.size_slider.setEnabled(self.size_fit.isChecked() and precision != "fp32")
+        if self._session is not None:
             _, kl, _ = predicted_kl(self.report, precision)
             self.predicted = {t: v for t, v in kl.items() if not t.isdigit()}  # linears, the head too
             self.figures = self.predicted or dict(kl)
-            chosen, notes = choose_exclusions(self._session, self.report, precision, self.budget.value())
+            chosen, notes = choose_formats(self._session, self.report, precision, self.budget.value(),
+                                           self.size_budget_bytes())
+            notes = preset_notes(self._session, precision) + notes
         treated = self._session.treatment if self._session is not None else None
         if treated is not None and precision != "fp32" and treated.keep and treated.keep_for == PREDICTORS[precision]:
-            free, free_notes = free_exclusions(self._session, precision)
-            chosen = list(dict.fromkeys(list(treated.keep) + free))
-            notes = [f"Ticked by the mixed-precision treatment for {treated.keep_for} "
-                     f"({len(treated.keep)} linears)."] + free_notes
+            chosen = formats_with(self._session, precision, list(treated.keep))
+            notes = [f"Set to fp32 by the mixed-precision treatment for {treated.keep_for} "
+                     f"({len(treated.keep)} linears)."] + preset_notes(self._session, precision)
+        tristate = len(ladder(precision)) > 2
         self.keep.blockSignals(True)
         self.keep.clear()
         for name in sorted(self.linears, key=lambda n: self.predicted.get(n, 0), reverse=True):
-            value = self.predicted.get(name)
-            item = QListWidgetItem(f"{name}" + (f"   (predicted KL {value:.4f})" if value is not None else ""))
+            item = QListWidgetItem()
             item.setData(Qt.ItemDataRole.UserRole, name)
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            item.setCheckState(Qt.CheckState.Checked if name in chosen else Qt.CheckState.Unchecked)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable
+                          | (Qt.ItemFlag.ItemIsUserTristate if tristate else Qt.ItemFlag.NoItemFlags))
+            self._set_item_format(item, chosen.get(name, precision))
             self.keep.addItem(item)
+            self._label_item(item)
         self.keep.blockSignals(False)
         self.keep.setEnabled(precision != "fp32")
+        self.edited = False
         # Only a checkup of exactly what the export writes predicts it; offer to run that one.
         missing = missing_checkup(self.report, precision) if self._session is not None else None
         if self._session is None:
@@ -239,29 +321,30 @@ class ExportPage(QWidget):
             self.run_checkup.setText(f"Run the {missing} checkup (linear scope)")
             self.run_checkup.setProperty("modification", missing)
         elif not self.predicted:
-            # Block-scope figures: a bleeding block can only be kept whole.
+            # Block-scope figures: a bleeding block can only be raised whole.
             linears = len(self._session.anatomy.blocks[0].linears)
             self.keep_note.setText(" ".join(notes + [
-                f"The {PREDICTORS[precision]} checkup probed whole blocks, so each bleeding block keeps all {linears} "
-                f"of its linears in fp32 ({len(self.kept())} ticked here), which makes the file large. A checkup "
-                "at linear scope keeps only the linears that bleed."]))
+                f"The {PREDICTORS[precision]} checkup probed whole blocks, so each bleeding block raises all "
+                f"{linears} of its linears, which makes the file large. A checkup at linear scope raises only the "
+                "linears that bleed."]))
             self.run_checkup.setText(f"Run a linear-scope checkup of {PREDICTORS[precision]}")
             self.run_checkup.setProperty("modification", PREDICTORS[precision])
         else:
-            self.keep_note.setText(" ".join(notes))
+            self.keep_note.setText(" ".join(notes + (
+                ["Unticked: " + precision + ", half-ticked: int8, ticked: fp32."] if tristate else [])))
         self.run_checkup.setVisible(bool(missing) or (precision != "fp32" and not self.predicted
                                                       and self._session is not None))
         self._draw_prediction()
 
     def toggle_keep(self, name: str) -> None:
-        """A click on a linear in the anatomy view switches it between fp32 and the export's format."""
+        """A click on a linear in the anatomy view moves it one format up (the top one wraps round)."""
         if self.precision() == "fp32" or not self.keep.isEnabled():
             return
+        steps = ladder(self.precision())
         for i in range(self.keep.count()):
             item = self.keep.item(i)
             if item.data(Qt.ItemDataRole.UserRole) == name:
-                checked = item.checkState() == Qt.CheckState.Checked
-                item.setCheckState(Qt.CheckState.Unchecked if checked else Qt.CheckState.Checked)
+                self._set_item_format(item, steps[(steps.index(self._item_format(item)) + 1) % len(steps)])
                 return
 
     def _draw_anatomy(self) -> None:
@@ -273,48 +356,57 @@ class ExportPage(QWidget):
         layout = AnatomyLayout.from_names(self._session.anatomy.linear_names())
         self.anatomy.set_layout(layout)
         precision = self.precision()
-        kept = set(self.kept())
+        formats = self.formats()
+        counts = {f: sum(1 for v in formats.values() if v == f) for f in ladder(precision)}
+        colours = {"fp32": "grey", "int8": "blue", "int4": "purple", "int8-dynamic": "teal"}
         self.anatomy.set_cells(
-            export_cells(layout, kept, precision, self.predicted, self._session.anatomy.head_tied),
-            legend=(f"grey: fp32 ({len(kept) if precision != 'fp32' else 'all'}) · "
-                    + ("blue: int8" if precision == "int8" else "purple: int4" if precision == "int4" else "")
-                    + " · click a linear to switch it"),
+            export_cells(layout, formats, self.predicted, self._session.anatomy.head_tied),
+            legend=" · ".join(f"{colours[f]}: {f} ({n})" for f, n in counts.items())
+            + (" · click a linear to switch it" if precision != "fp32" else ""),
             title=f"{precision} export")
 
     def kept(self) -> list[str]:
-        return [self.keep.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.keep.count())
-                if self.keep.item(i).checkState() == Qt.CheckState.Checked]
+        """The linears written in fp32."""
+        return [name for name, fmt in self.formats().items() if fmt == "fp32"]
 
     def keep_more(self, count: int) -> None:
-        """The next step after an over-budget export: the worst unticked layers go to fp32."""
+        """The next step after an over-budget export: the worst linears still in the precision's own
+        format move one step up."""
         added = 0
+        precision = self.precision()
         for i in range(self.keep.count()):
             item = self.keep.item(i)
-            if item.checkState() == Qt.CheckState.Unchecked and added < count:
-                item.setCheckState(Qt.CheckState.Checked)
+            if self._item_format(item) == precision and added < count:
+                self._set_item_format(item, PROMOTION[precision])
                 added += 1
-        self.status.setText(f"{added} more layers will stay in fp32. Export again.")
+        self.status.setText(f"{added} more layers will be written in {PROMOTION.get(precision, 'fp32')}. "
+                            "Export again.")
 
     def _draw_prediction(self) -> None:
-        from modeldoctor.export.pipeline import remaining_kl
         from modeldoctor.modifications.base import target_linears
 
         figures = self.figures
         names = [n for n in sorted(figures, key=figures.get, reverse=True)][:60]
-        kept = set(self.kept())
+        formats = self.formats()
+        precision = self.precision()
         anatomy = self._session.anatomy if self._session is not None else None
-        whole = {n for n in names if anatomy is not None and set(target_linears(anatomy, n)) <= kept}
+        raised = {n for n in names if anatomy is not None
+                  and all(formats.get(x, "fp32") != precision for x in target_linears(anatomy, n))}
+        from modeldoctor.gui.viewmodel import FORMAT_COLORS
+
         heights = [log_kl(figures[n]) - np.log10(KL_FLOOR) for n in names]
-        brushes = [pg.mkBrush(*(KEPT_COLOR if n in whole else SEVERITY_COLORS["moderate"])) for n in names]
+        brushes = [pg.mkBrush(*(FORMAT_COLORS[formats.get(target_linears(anatomy, n)[0], "fp32")]
+                                if n in raised else SEVERITY_COLORS["moderate"])) for n in names]
         self.bars.setOpts(x=np.arange(len(names), dtype=float), height=heights, brushes=brushes,
                           pen=pg.mkPen(None), pens=None)
         self.bottom_axis.set_labels(names)
-        self.chart.setLabel("bottom", "linear (grey: kept in fp32)" if self.predicted or not figures
-                            else "block, as the checkup probed them (grey: kept whole in fp32)")
-        self.chart.setTitle(f"predicted KL per {'linear' if self.predicted or not figures else 'block'}"
+        self.chart.setLabel("bottom", f"linear at {precision} (grey: written in fp32, blue: in int8)"
+                            if self.predicted or not figures
+                            else "block, as the checkup probed them (grey: raised whole)")
+        self.chart.setTitle(f"predicted KL per {'linear' if self.predicted or not figures else 'block'} at {precision}"
                             + (", worst 60" if len(figures) > 60 else ""))
-        remaining = remaining_kl(self._session, figures, list(kept)) if figures else 0.0
-        if figures:
+        remaining = self._predicted_export_kl()
+        if remaining is not None:
             self.predicted_line.setPos(log_kl(remaining) - np.log10(KL_FLOOR))
             self.predicted_line.setToolTip(f"predicted KL of the export: {remaining:.4f}")
             self.predicted_line.show()
@@ -323,33 +415,47 @@ class ExportPage(QWidget):
         self.show_prediction()
         self._draw_anatomy()
 
+    def _predicted_export_kl(self) -> float | None:
+        from modeldoctor.export.pipeline import format_figures, remaining_kl
+
+        if self._session is None or self.precision() == "fp32":
+            return None
+        formats = self.formats()
+        used = {self.precision(), PROMOTION.get(self.precision(), "fp32"), *formats.values()}
+        figures = format_figures(self.report, used)
+        if self.precision() not in figures:
+            return None
+        return remaining_kl(self._session, figures, formats)
+
     def show_prediction(self) -> None:
-        """What the export will be, before it is written: size from the keep list, KL from the checkup."""
-        from modeldoctor.export.pipeline import predicted_kl, predicted_size, remaining_kl
+        """What the export will be, before it is written: size from the formats, KL from the checkup."""
+        from modeldoctor.export.pipeline import predicted_size
 
         if self._session is None:
             self.prediction.setText("")
             return
         precision = self.precision()
-        size = predicted_size(self._session, precision, self.kept())
+        size = predicted_size(self._session, self.formats())
+        counts = ", ".join(f"{size.counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32")
+                           if size.counts.get(f))
         text = (f"<b>Before exporting:</b> about {format_bytes(size.bytes)}, {size.fraction:.0%} of fp32 "
-                f"(estimated from the weights; {size.kept} of {size.linears} linears kept in fp32)")
-        name, kl, _ = predicted_kl(self.report, precision)
+                f"(estimated from the weights; {counts})")
+        predicted = self._predicted_export_kl()
         if precision == "fp32":
             text += "; the same function as the model, KL 0."
-        elif name is None:
+        elif predicted is None:
             text += "; no predicted KL without a checkup of this format."
         else:
-            predicted = remaining_kl(self._session, kl, self.kept())
             verdict = "within" if predicted <= self.budget.value() else "over"
             text += (f"; predicted mean KL {predicted:.4f} ({verdict} the {self.budget.value():g} budget), the sum of "
-                     f"the {name} checkup's figures for what is quantized.")
+                     "the checkup's figures for each linear in its format.")
         self.prediction.setText(text)
 
     def set_running(self, running: bool) -> None:
         self.start.setEnabled(not running)
         self.cancel.setEnabled(running)
-        for widget in (self.keep, self.budget, self.folder, self.run_checkup, *self.precisions.values()):
+        for widget in (self.keep, self.budget, self.folder, self.run_checkup, self.size_fit, self.size_slider,
+                       *self.precisions.values()):
             widget.setEnabled(not running)
         if running:
             self.clock.start()
@@ -361,6 +467,7 @@ class ExportPage(QWidget):
         else:
             self.clock.stop()
             self.keep.setEnabled(self.precision() != "fp32")
+            self.size_slider.setEnabled(self.size_fit.isChecked() and self.precision() != "fp32")
             self.progress.setRange(0, 1)
 
     def progress_update(self, done: int, total: int, eta_s: float | None, stage: str) -> None:
@@ -382,10 +489,14 @@ class ExportPage(QWidget):
                 ("size on disk", f"{format_bytes(v['size_bytes'])} ({v['size_bytes'] / fp32['size_bytes']:.0%})"
                  + (f", predicted {format_bytes(result.predicted_bytes)}" if result.predicted_bytes else "")),
                 ("latency vs fp32 ONNX", f"×{v.get('latency_ratio', 1):.2f}"),
-                ("kept in fp32", f"{len(result.excluded_linears)} layers"),
+                ("formats", ", ".join(f"{n} {f}" for f, n in format_counts(result.formats).items())),
                 ("predicted mean KL", f"{result.predicted_kl:.4f} ({result.predicted_by} checkup)"
                  if result.predicted_kl is not None else f"none: no {result.missing_checkup} checkup"
                  if result.missing_checkup else "—")]
+        if len(result.rounds) > 1:
+            rows += [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, measured {r['kl_mean']:.4f}, "
+                                    f"{format_bytes(r['size_bytes'])}")
+                     for i, r in enumerate(result.rounds, 1) if r["predicted_kl"] is not None]
         self.table.setRowCount(len(rows))
         for r, (key, value) in enumerate(rows):
             self.table.setItem(r, 0, QTableWidgetItem(key))
@@ -400,4 +511,4 @@ class ExportPage(QWidget):
         self.measured.show()
         self.more.setEnabled(not result.passed and result.precision != "fp32")
         self.status.setText(f"Exported to {result.path}." if result.passed else
-                            "Over budget: keep more layers in fp32 (button above) or treat them, then export again.")
+                            "Over budget: raise more layers (button above) or treat them, then export again.")

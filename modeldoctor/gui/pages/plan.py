@@ -36,6 +36,8 @@ class PlanPage(QWidget):
         self.int8_dynamic = QCheckBox("int8 dynamic (what onnxruntime's quantize_dynamic does)")
         self.int8_dynamic.setChecked(True)
         q.addWidget(self.int8_dynamic)
+        self.export_formats = QCheckBox("int8 and int4 as the export writes them (int8-b32, int4-b32)")
+        q.addWidget(self.export_formats)
         bits_row = QHBoxLayout()
         bits_row.addWidget(QLabel("Weight-only bits:"))
         self.bits = {b: QCheckBox(f"{b}") for b in BITS}
@@ -138,7 +140,8 @@ class PlanPage(QWidget):
 
         from modeldoctor.gui.glossary import tip
 
-        for widget, term in ((self.int8_dynamic, "int8 dynamic"), (self.asym, "int4 g32 asym"),
+        for widget, term in ((self.int8_dynamic, "int8 dynamic"), (self.export_formats, "int8 b32"),
+                             (self.asym, "int4 g32 asym"),
                              (self.group, "int4 g32 asym"), (self.prune_kind, "Wanda"),
                              (self.isolated, "isolated"), (self.cumulative, "cumulative"), (self.sweep, "strength sweep"),
                              (self.threshold, "threshold")):
@@ -175,6 +178,8 @@ class PlanPage(QWidget):
         names = []
         if self.int8_dynamic.isChecked():
             names.append("int8-dynamic")
+        if self.export_formats.isChecked():
+            names += ["int8-b32", "int4-b32"]
         group = ["", "-g32", "-g64", "-g128"][self.group.currentIndex()]
         asym = "-asym" if self.asym.isChecked() else ""
         sweep = self.sweep.isChecked()

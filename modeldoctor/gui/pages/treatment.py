@@ -19,8 +19,9 @@ from modeldoctor.gui.plots import LabelAxis, LogAxis, spaced_labels
 from modeldoctor.gui.viewmodel import KL_FLOOR, BeforeAfter, log_kl
 from modeldoctor.treatment.base import FIGURES, TreatmentPlan, treatments
 
-TARGETS = {"int8-dynamic": "int8 dynamic (onnxruntime quantize_dynamic)",
-           "int4-g32-asym": "int4 weight-only, group 32 (the int4 export)",
+TARGETS = {"int8-dynamic": "int8 dynamic (the int8-dynamic export, quantize_dynamic)",
+           "int8-b32": "int8 blocks of 32 (the int8 export)", "int4-b32": "int4 blocks of 32 (the int4 export)",
+           "int4-g32-asym": "int4 weight-only, group 32 (float activations)",
            "int4-g32": "int4 weight-only, group 32, symmetric", "int4": "int4 per channel",
            "int3-g32-asym": "int3 weight-only, group 32", "none": "none: the model as it is (pruning, decoding)"}
 DECODINGS = {"decode-sample": "sampling, temperature 1", "decode-temp-0.7": "sampling, temperature 0.7",
