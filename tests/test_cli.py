@@ -117,3 +117,40 @@ def test_a_missing_device_is_one_clear_line(llama_dir, capsys):
     assert main(["checkup", str(llama_dir), "--device", "cuda", "--tokens", "128", "--seq-len", "64"]) == 2
     err = capsys.readouterr().err
     assert "no cuda device" in err and "Traceback" not in err
+
+
+def test_size_budgets_read_as_a_share_or_a_size():
+    from modeldoctor.cli import parse_size_budget
+    from modeldoctor.errors import ModelDoctorError
+
+    assert parse_size_budget("30%", 1000) == 300
+    assert parse_size_budget("150MB", 1) == 150_000_000 and parse_size_budget("1.5 GiB", 1) == int(1.5 * 2**30)
+    assert parse_size_budget(None, 1000) is None
+    for bad in ("thirty", "-5%", "12", "0MB"):
+        with pytest.raises(ModelDoctorError, match="size budget"):
+            parse_size_budget(bad, 1000)
+
+
+def test_export_without_a_checkup_estimates_and_fits_the_size_budget(llama_dir, tmp_path, capsys):
+    """No --from-checkup: the CLI runs the two-stage checkup of what int4 writes (int4-b32 and
+    int8-b32) on the selection text, then picks the formats within the size budget."""
+    from modeldoctor.session import Session
+
+    out = tmp_path / "onnx"
+    code = main(["export", str(llama_dir), "--precision", "int4", "--size-budget", "40%", "--budget", "5",
+                 "--tokens", "64", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "estimating int4-b32, int8-b32" in captured.err and "selection text" in captured.err
+    assert "within" in captured.err  # the choice says which constraint it met
+    card = json.loads((out / "modeldoctor.json").read_text())
+    fp32_bytes = Session.open(llama_dir).summary.parameters * 4
+    assert card["rounds"][-1]["predicted_bytes"] <= 0.4 * fp32_bytes
+    assert set(card["formats"].values()) <= {"int4", "int8", "fp32"} and card["predicted_kl"] is not None
+    assert "formats" in captured.out and "predicted" in captured.out
+    # --no-checkup: every block linear in the precision's format, the head at 8 bits.
+    code = main(["export", str(llama_dir), "--precision", "int4", "--no-checkup", "--budget", "5", "--tokens", "64",
+                 "--out", str(out), "--force"])
+    assert code == 0
+    formats = json.loads((out / "modeldoctor.json").read_text())["formats"]
+    assert formats.pop("head") == "int8" and set(formats.values()) == {"int4"}

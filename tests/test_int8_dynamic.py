@@ -17,7 +17,7 @@ from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.checkup.run import checkup
 from modeldoctor.cli import main
 from modeldoctor.data import DataSpec, EvalData
-from modeldoctor.export.quantize import quantize_model
+from modeldoctor.export.quantize import quantize_dynamic_int8
 from modeldoctor.modifications.base import create, token_mask
 from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, ort_int8_weight
 
@@ -42,7 +42,7 @@ def linear_int8(tmp_path):
         [numpy_helper.from_array(weight.t().contiguous().numpy(), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, tmp_path / "fp32.onnx")
-    quantize_model(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", "int8", [])
+    quantize_dynamic_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [], external_data=False)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
     assert ops & {"DynamicQuantizeMatMul", "DynamicQuantizeLinear"}, ops  # really quantized
     session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])

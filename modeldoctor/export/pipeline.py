@@ -181,14 +181,15 @@ def remaining_kl(session: Session, figures: dict[str, dict[str, float]], formats
 
 
 def choose_formats(session: Session, report: CheckupReport | None, precision: str, budget_kl: float,
-                   size_budget: int | None = None) -> tuple[dict[str, str], list[str]]:
+                   size_budget: int | None = None, trace: list | None = None) -> tuple[dict[str, str], list[str]]:
     """One format per linear. Every linear starts in the precision's own format (an int4 export
     writes the head at 8 bits); then targets move up one step at a time (int4 → int8 → fp32)
     where the checkup's figures say it pays most: the largest drop in predicted KL per byte
     added, a greedy knapsack. Without `size_budget` moves go on until the predicted KL fits
     KL_AIM of the KL budget (the smallest file that does); with it, moves go on while the file
     stays within that many bytes (the smallest predicted KL that fits). A block-scope checkup
-    moves whole blocks."""
+    moves whole blocks. `trace`, when given, receives the (bytes, predicted KL) after each move:
+    with no budget to stop it, the curve of the smallest predicted KL at each size."""
     formats = preset_formats(session.anatomy, precision)
     if precision == "fp32":
         return formats, []
@@ -203,9 +204,9 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         for linear in target_linears(session.anatomy, target):
             covering.setdefault(linear, set()).add(target)
 
-    def contribution(target: str, chosen: dict[str, str]) -> float:
+    def contribution(target: str, format_of) -> float:
         return sum(target_kl(figures, target, f) or 0.0
-                   for f in {chosen[n] for n in target_linears(session.anatomy, target)})
+                   for f in {format_of(n) for n in target_linears(session.anatomy, target)})
 
     def step(target: str) -> tuple[float, float, dict[str, str]] | None:
         """(KL saved, bytes added, the linears that move and where) of moving a target's lowest
@@ -216,24 +217,29 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         if up is None:
             return None
         moved = {n: up for n in linears if formats[n] == lowest}
-        after = {**formats, **moved}
         touched = set().union(*(covering.get(n, set()) for n in moved))
-        saved = sum(contribution(t, formats) - contribution(t, after) for t in touched)
+        saved = sum(contribution(t, formats.__getitem__) - contribution(t, lambda n: moved.get(n, formats[n]))
+                    for t in touched)
         added = sum(_linear_bytes_saved(session, n, lowest) - _linear_bytes_saved(session, n, up) for n in moved)
         return saved, max(added, 1.0), moved
 
-    while True:
-        if size_budget is None and remaining_kl(session, figures, formats) <= KL_AIM * budget_kl:
-            break
-        size = predicted_size(session, formats).bytes
+    size = predicted_size(session, formats).bytes
+    predicted = remaining_kl(session, figures, formats)
+    if trace is not None:
+        trace.append((size, predicted))
+    while size_budget is not None or predicted > KL_AIM * budget_kl:
         options = []
         for target in kl:
             change = step(target)
             if change and change[0] > 0 and (size_budget is None or size + change[1] <= size_budget):
-                options.append((change[0] / change[1], target, change[2]))
+                options.append((change[0] / change[1], target, change))
         if not options:
             break
-        formats.update(max(options, key=lambda o: (o[0], o[1]))[2])
+        saved, added, moved = max(options, key=lambda o: (o[0], o[1]))[2]
+        formats.update(moved)
+        size, predicted = size + added, predicted - saved
+        if trace is not None:
+            trace.append((size, predicted))
     counts = predicted_size(session, formats).counts
     described = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
     constraint = (f"the smallest predicted KL within {size_budget / 2**20:,.1f} MiB" if size_budget is not None
@@ -249,6 +255,14 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         notes.append(f"{guessed} of those figures are first-stage estimates, which run low (up to about 2× on the "
                      "sample), so the predicted KL is optimistic; an exhaustive checkup makes it exact.")
     return formats, notes
+
+
+def size_kl_curve(session: Session, report: CheckupReport | None, precision: str) -> list[tuple[int, float]]:
+    """(predicted bytes, predicted KL) of the greedy choice at every size from the precision's
+    own formats up to everything raised: the trade-off the size budget moves along."""
+    trace: list[tuple[int, float]] = []
+    choose_formats(session, report, precision, 0.0, size_budget=int(session.summary.parameters * 4 * 2), trace=trace)
+    return trace
 
 
 def formats_with(session: Session, precision: str, fp32: list[str]) -> dict[str, str]:

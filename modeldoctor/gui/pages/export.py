@@ -197,7 +197,25 @@ class ExportPage(QWidget):
         legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=KEPT_COLOR), "written in fp32")
         self.measured.hide()
         self.predicted_line.hide()
-        right_layout.addWidget(self.chart, 1)
+        self.chart_tabs = QTabWidget()
+        self.chart_tabs.addTab(self.chart, "Per linear")
+        self.tradeoff = pg.PlotWidget(axisItems={"left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
+        self.tradeoff.setTitle("predicted size and KL of the best mix at each size")
+        self.tradeoff.setLabel("bottom", "predicted size (MiB)")
+        self.tradeoff.setLabel("left", "predicted mean KL (nats)")
+        self.tradeoff.setMouseEnabled(x=False, y=False)
+        self.tradeoff.setMenuEnabled(False)
+        self.tradeoff.hideButtons()
+        tradeoff_legend = self.tradeoff.addLegend(offset=(-10, 10), brush=backing())
+        self.curve = self.tradeoff.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="greedy mix, each size")
+        self.chosen_point = pg.ScatterPlotItem(size=12, brush=pg.mkBrush(224, 123, 57), pen=pg.mkPen(None))
+        self.tradeoff.addItem(self.chosen_point)
+        tradeoff_legend.addItem(self.chosen_point, "the formats shown")
+        self.size_line = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen((120, 120, 120), style=Qt.PenStyle.DashLine))
+        self.tradeoff.addItem(self.size_line)
+        self.size_line.hide()
+        self.chart_tabs.addTab(self.tradeoff, "Size vs KL")
+        right_layout.addWidget(self.chart_tabs, 1)
         splitter.addWidget(right)
         splitter.setSizes([420, 640])
         layout.addWidget(splitter, 1)
@@ -213,6 +231,7 @@ class ExportPage(QWidget):
         self.size_slider.valueChanged.connect(lambda *a: self.refresh_suggestions())
         self.keep.itemChanged.connect(self._format_edited)
         self.edited = False  # the user changed a format by hand (then the export writes exactly those)
+        self._curve_key, self._curve = None, []  # the size-vs-KL curve and what it was computed for
         self.anatomy.cellClicked.connect(self.toggle_keep)
 
     def _choose_folder(self) -> None:
@@ -270,6 +289,12 @@ class ExportPage(QWidget):
         self.linears = session.anatomy.linear_targets() if session is not None else []  # the head too
         if session is not None and not self.folder.text():
             self.folder.setText(str(Path.home() / f"{session.summary.name}-onnx"))
+        treated = session.treatment if session is not None else None
+        if treated is not None and treated.keep:
+            # A mixed-precision keep list was chosen for one format: export in that one.
+            for precision, modification in PREDICTORS.items():
+                if modification == treated.keep_for:
+                    self.precisions[precision].setChecked(True)
         self.refresh_suggestions()
 
     def refresh_suggestions(self) -> None:
@@ -334,7 +359,27 @@ class ExportPage(QWidget):
                 ["Unticked: " + precision + ", half-ticked: int8, ticked: fp32."] if tristate else [])))
         self.run_checkup.setVisible(bool(missing) or (precision != "fp32" and not self.predicted
                                                       and self._session is not None))
+        self._draw_curve()
         self._draw_prediction()
+
+    def _draw_curve(self) -> None:
+        """The size-vs-KL trade-off of the current checkup and precision (none without figures)."""
+        from modeldoctor.export.pipeline import size_kl_curve
+
+        key = (id(self._session), id(self.report), self.precision(),
+               self._session.weights_version if self._session is not None else None)
+        if getattr(self, "_curve_key", None) != key:  # the slider moves along it: computed once per checkup
+            self._curve_key = key
+            self._curve = (size_kl_curve(self._session, self.report, self.precision())
+                           if self._session is not None and self.precision() != "fp32" and self.figures else [])
+        curve = self._curve
+        sizes = np.array([c[0] for c in curve], dtype=float) / 2**20
+        kls = np.array([log_kl(max(c[1], 0.0)) - np.log10(KL_FLOOR) for c in curve], dtype=float)
+        self.curve.setData(sizes, kls)
+        budget = self.size_budget_bytes()
+        self.size_line.setVisible(budget is not None and bool(curve))
+        if budget is not None:
+            self.size_line.setPos(budget / 2**20)
 
     def toggle_keep(self, name: str) -> None:
         """A click on a linear in the anatomy view moves it one format up (the top one wraps round)."""
@@ -410,8 +455,13 @@ class ExportPage(QWidget):
             self.predicted_line.setPos(log_kl(remaining) - np.log10(KL_FLOOR))
             self.predicted_line.setToolTip(f"predicted KL of the export: {remaining:.4f}")
             self.predicted_line.show()
+            from modeldoctor.export.pipeline import predicted_size
+
+            size = predicted_size(self._session, formats).bytes / 2**20
+            self.chosen_point.setData([size], [log_kl(max(remaining, 0.0)) - np.log10(KL_FLOOR)])
         else:
             self.predicted_line.hide()
+            self.chosen_point.setData([], [])
         self.show_prediction()
         self._draw_anatomy()
 
