@@ -24,29 +24,48 @@ from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, 
 IN_FEATURES, OUT_FEATURES = 24, 16
 
 
-@pytest.fixture()
-def linear_int8(tmp_path):
-    """One linear (MatMul with a constant weight) quantized by the export's own onnxruntime call.
-
-    onnxruntime's u8×s8 kernel on x86 CPUs without VNNI (AVX2) adds products in pairs with
-    int16 saturation (vpmaddubsw), which the simulation does not model. The weight keeps every
-    pair below that limit: one outlier alone in its row (int8 127), all others within ±64."""
-    torch.manual_seed(0)
-    weight = torch.randn(OUT_FEATURES, IN_FEATURES).clamp(-2, 2)
-    weight[0] = 0.0
-    weight[0, 0] = 4.5
+def _onnx_int8_linear(weight: torch.Tensor, folder):
+    """One linear (MatMul with a constant weight) quantized by the export's own onnxruntime call."""
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", IN_FEATURES])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", OUT_FEATURES])],
         [numpy_helper.from_array(weight.t().contiguous().numpy(), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, tmp_path / "fp32.onnx")
-    quantize_dynamic_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [], external_data=False)
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    onnx.save(model, folder / "fp32.onnx")
+    quantize_dynamic_int8(folder / "fp32.onnx", folder / "int8.onnx", [], external_data=False)
+    ops = {node.op_type for node in onnx.load(str(folder / "int8.onnx")).graph.node}
     assert ops & {"DynamicQuantizeMatMul", "DynamicQuantizeLinear"}, ops  # really quantized
-    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
-    return weight, lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    session = ort.InferenceSession(str(folder / "int8.onnx"), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+@pytest.fixture()
+def linear_int8(tmp_path):
+    torch.manual_seed(0)
+    weight = torch.randn(OUT_FEATURES, IN_FEATURES).clamp(-2, 2)
+    weight[0] = 0.0
+    weight[0, 0] = 4.5
+    return weight, _onnx_int8_linear(weight, tmp_path)
+
+
+def test_large_weights_and_activations_do_not_saturate(tmp_path):
+    """Every weight near the tensor's maximum and activations of one sign: at full int8 range,
+    pairs of 255·127 products overflow the int16 sums of the u8×s8 kernel on CPUs without VNNI
+    (the 'collapse'). The export's 7-bit weights keep each pair below the limit, so the written
+    file computes what the checkup simulates, on any x86 CPU."""
+    torch.manual_seed(5)
+    weight = (1.0 + 0.05 * torch.rand(OUT_FEATURES, IN_FEATURES)) * torch.where(torch.rand(OUT_FEATURES, 1) > 0.5,
+                                                                                 1.0, -1.0)
+    run_onnx = _onnx_int8_linear(weight, tmp_path)
+    # The written levels themselves, whatever this CPU's kernel (with VNNI nothing saturates).
+    written = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
+               if i.data_type == TensorProto.INT8 and i.dims]
+    assert written and max(int(np.abs(w.astype(np.int32)).max()) for w in written) <= 64
+    x = torch.rand(1, 9, IN_FEATURES) * 3.0 + 1.0  # uint8 values near 255 with a zero point near 0
+    simulated = ort_dynamic_quantize_activation(x) @ ort_int8_weight(weight).t()
+    torch.testing.assert_close(simulated, run_onnx(x), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(simulated, x @ weight.t(), rtol=0.05, atol=0.0)
 
 
 def _activations(tokens: int, seed: int) -> torch.Tensor:

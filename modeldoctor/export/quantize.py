@@ -161,7 +161,8 @@ def quantize_dynamic_int8(source: Path, target: Path, exclude_nodes: list[str], 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet_quantizer_logs()
-    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
+    # reduce_range: 7-bit weights, so the u8×s8 kernel of CPUs without VNNI cannot saturate.
+    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=True,
                      weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude_nodes),
                      use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
 

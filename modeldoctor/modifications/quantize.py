@@ -148,11 +148,17 @@ def ort_dynamic_quantize_activation(x: torch.Tensor, valid: torch.Tensor | None 
     return _dequantized_uint8(calls, low, high).reshape(x.shape).to(x.dtype)
 
 
+# The export quantizes int8-dynamic weights with reduce_range: 7-bit levels in [-64, 64]. On
+# x86 CPUs without VNNI, onnxruntime's u8×s8 kernel adds products in pairs with int16
+# saturation; 255·64·2 stays below 32767, 255·127·2 does not.
+INT8_DYNAMIC_LEVEL = 64
+
+
 def ort_int8_weight(weight: torch.Tensor) -> torch.Tensor:
-    """onnxruntime's default weight quantization for quantize_dynamic: int8 symmetric
-    per tensor in [-127, 127]."""
-    scale = weight.abs().max().clamp(min=1e-12) / 127.0
-    return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+    """The export's weight quantization for quantize_dynamic: int8 symmetric per tensor with
+    reduce_range (scale = max|w| / 64, levels in [-64, 64])."""
+    scale = weight.abs().max().clamp(min=1e-12) / INT8_DYNAMIC_LEVEL
+    return torch.clamp(torch.round(weight / scale), -INT8_DYNAMIC_LEVEL, INT8_DYNAMIC_LEVEL) * scale
 
 
 class Int8Dynamic(WeightModification):
