@@ -7,6 +7,7 @@ nothing behind, and an existing target is replaced only when the caller allows i
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import shutil
@@ -223,23 +224,37 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         added = sum(_linear_bytes_saved(session, n, lowest) - _linear_bytes_saved(session, n, up) for n in moved)
         return saved, max(added, 1.0), moved
 
+    # The best move is kept in a heap; a move changes only the steps of targets that share a
+    # linear with a target whose figure it changed, so only those are recomputed (the app redraws
+    # the choice on every move of the size slider).
+    order = {t: i for i, t in enumerate(sorted(kl, reverse=True))}  # ties: the larger name, as max() would
+    version = dict.fromkeys(kl, 0)
+    heap: list = []
+
+    def push(target: str) -> None:
+        version[target] += 1
+        change = step(target)
+        if change and change[0] > 0:
+            heapq.heappush(heap, (-change[0] / change[1], order[target], version[target], target, change))
+
+    for target in kl:
+        push(target)
     size = predicted_size(session, formats).bytes
     predicted = remaining_kl(session, figures, formats)
     if trace is not None:
         trace.append((size, predicted))
-    while size_budget is not None or predicted > KL_AIM * budget_kl:
-        options = []
-        for target in kl:
-            change = step(target)
-            if change and change[0] > 0 and (size_budget is None or size + change[1] <= size_budget):
-                options.append((change[0] / change[1], target, change))
-        if not options:
-            break
-        saved, added, moved = max(options, key=lambda o: (o[0], o[1]))[2]
+    while heap and (size_budget is not None or predicted > KL_AIM * budget_kl):
+        _, _, seen, target, (saved, added, moved) = heapq.heappop(heap)
+        if seen != version[target] or (size_budget is not None and size + added > size_budget):
+            continue  # stale, or too big now and at every later size (sizes only grow)
         formats.update(moved)
         size, predicted = size + added, predicted - saved
         if trace is not None:
             trace.append((size, predicted))
+        changed = set().union(*(covering.get(n, set()) for n in moved))
+        neighbours = {t for c in changed for n in target_linears(session.anatomy, c) for t in covering.get(n, ())}
+        for other in sorted(neighbours & version.keys()):
+            push(other)
     counts = predicted_size(session, formats).counts
     described = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
     constraint = (f"the smallest predicted KL within {size_budget / 2**20:,.1f} MiB" if size_budget is not None

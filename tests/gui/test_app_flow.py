@@ -1,6 +1,7 @@
 """Drive the whole flow with a tiny random model, as a user would with the mouse."""
 
 import numpy as np
+import pytest
 from PySide6.QtCore import Qt
 
 from modeldoctor.gui.viewmodel import SEVERITY_COLORS
@@ -204,6 +205,12 @@ def test_export_page_exports_and_validates(qtbot, window, llama_dir, tmp_path):
     assert page.table.item(0, 1).text().startswith("passed")
     assert (tmp_path / "onnx" / "model.onnx").exists() and (tmp_path / "onnx" / "modeldoctor.json").exists()
     assert page.measured.isVisible()
+    # Predicted beside measured, and both speeds against the fp32 export, as the table says them.
+    rows = {page.table.item(r, 0).text(): page.table.item(r, 1).text() for r in range(page.table.rowCount())}
+    assert [k for k in rows][1:3] == ["mean KL (budget)", "predicted mean KL"]
+    assert float(rows["predicted mean KL"].split()[0]) == pytest.approx(page.last_result.predicted_kl, abs=1e-4)
+    speeds = [k for k in rows if k.startswith(("prefill time", "decode time"))]
+    assert len(speeds) == 2 and all(rows[k].startswith("×") and "×" in rows[k][1:] for k in speeds), rows
 
 
 def test_export_over_budget_offers_next_step(qtbot, window, llama_dir, tmp_path):

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
 from modeldoctor.export.pipeline import (
     DEFAULT_BUDGET_KL, PREDICTORS, PROMOTION, format_counts, missing_checkup, missing_checkup_text, predicted_kl,
 )
+from modeldoctor.export.validate import DECODE_CACHE, LATENCY_TOKENS
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
 from modeldoctor.gui.plots import LabelAxis, LogAxis, backing
@@ -529,8 +530,11 @@ class ExportPage(QWidget):
     def show_result(self, result) -> None:
         self.last_result = result
         v, fp32 = result.validation, result.fp32
+        predicted = (f"{result.predicted_kl:.4f} ({result.predicted_by} checkup)" if result.predicted_kl is not None
+                     else f"none: no {result.missing_checkup} checkup" if result.missing_checkup else "—")
         rows = [("verdict", "passed — written" if result.passed else "over budget — nothing written"),
                 ("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
+                ("predicted mean KL", predicted),
                 ("KL median / p99 / max", f"{v['kl_median']:.4f} / {v['kl_p99']:.3f} / {v['kl_max']:.3f}"),
                 ("top-1 agreement", f"{v['same_top']:.1%}"),
                 ("perplexity (original)", f"{v['ppl']:.3f} ({v['ppl_ref']:.3f})"),
@@ -538,11 +542,9 @@ class ExportPage(QWidget):
                 ("first divergence", f"{v['greedy_first_divergence']:.1f} tokens"),
                 ("size on disk", f"{format_bytes(v['size_bytes'])} ({v['size_bytes'] / fp32['size_bytes']:.0%})"
                  + (f", predicted {format_bytes(result.predicted_bytes)}" if result.predicted_bytes else "")),
-                ("latency vs fp32 ONNX", f"×{v.get('latency_ratio', 1):.2f}"),
-                ("formats", ", ".join(f"{n} {f}" for f, n in format_counts(result.formats).items())),
-                ("predicted mean KL", f"{result.predicted_kl:.4f} ({result.predicted_by} checkup)"
-                 if result.predicted_kl is not None else f"none: no {result.missing_checkup} checkup"
-                 if result.missing_checkup else "—")]
+                (f"prefill time ({LATENCY_TOKENS} tokens) vs fp32 ONNX", _time_ratio(v.get("latency_ratio"))),
+                (f"decode time (1 token after {DECODE_CACHE}) vs fp32 ONNX", _time_ratio(v.get("decode_ratio"))),
+                ("formats", ", ".join(f"{n} {f}" for f, n in format_counts(result.formats).items()))]
         if len(result.rounds) > 1:
             rows += [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, measured {r['kl_mean']:.4f}, "
                                     f"{format_bytes(r['size_bytes'])}")
@@ -562,3 +564,10 @@ class ExportPage(QWidget):
         self.more.setEnabled(not result.passed and result.precision != "fp32")
         self.status.setText(f"Exported to {result.path}." if result.passed else
                             "Over budget: raise more layers (button above) or treat them, then export again.")
+
+
+def _time_ratio(ratio: float | None) -> str:
+    """A time ratio to fp32 read both ways (below 1 is faster)."""
+    if ratio is None:
+        return "—"
+    return f"×{ratio:.2f} ({1 / ratio:.2f}× {'faster' if ratio < 1 else 'slower' if ratio > 1 else 'the same'})"
