@@ -477,13 +477,18 @@ def print_validation(result) -> None:
                                            f"{v['greedy_first_divergence']:.1f}"),
             ("size on disk", f"{v['size_bytes'] / 2**20:,.0f} MiB ({v['size_bytes'] / fp32['size_bytes']:.0%} of fp32)"),
             ("latency, 128-token prefill", f"{v['latency_s'] * 1000:.0f} ms (×{v.get('latency_ratio', 1):.2f} fp32 ONNX)"),
+            ("decode, 1 token after 256", f"{v['decode_s'] * 1000:.1f} ms (×{v.get('decode_ratio', 1):.2f} fp32 ONNX)"
+             if "decode_s" in v else "—"),
             ("formats", ", ".join(f"{n} {f}" for f, n in format_counts(result.formats).items())),
             ("predicted", (f"mean KL {result.predicted_kl:.4f} ({result.predicted_by}), "
                            if result.predicted_kl is not None else "no KL (no checkup of this format), ")
              + (f"{result.predicted_bytes / 2**20:,.0f} MiB" if result.predicted_bytes else "")),
+            ("simulated", f"mean KL {result.simulated_kl:.4f} (every linear in its format at once, before writing)"
+             if result.simulated_kl is not None else "—"),
             ("verdict", "passed" if result.passed else "FAILED: over budget")]
     if len(result.rounds) > 1:
-        rows[-1:-1] = [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, measured {r['kl_mean']:.4f}, "
+        rows[-1:-1] = [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, simulated {r['simulated_kl']:.4f}, "
+                                      f"measured {r['kl_mean']:.4f}, "
                                       f"{r['size_bytes'] / 2**20:,.0f} MiB")
                        for i, r in enumerate(result.rounds, 1) if r["predicted_kl"] is not None]
     width = max(len(k) for k, _ in rows)

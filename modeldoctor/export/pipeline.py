@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from modeldoctor import __version__
 from modeldoctor.atomic import prepare_target, replace_folder, staging_folder
 from modeldoctor.control import RunControl
@@ -63,6 +65,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     predicted_by: str | None = None  # the checkup modifications whose probes predicted this export
     predicted_kl: float | None = None  # sum of their isolated KLs over what the export quantizes
+    simulated_kl: float | None = None  # every linear in its format at once in torch, before writing
     missing_checkup: str | None = None  # the modification to run a checkup of, when none predicted it
     predicted_bytes: int | None = None  # the size predicted before writing (predicted_size)
     formats: dict[str, str] = field(default_factory=dict)  # each linear's format in the written file
@@ -181,6 +184,39 @@ def remaining_kl(session: Session, figures: dict[str, dict[str, float]], formats
     return float(total)
 
 
+def simulated_kl(session: Session, data: EvalData, formats: dict[str, str], control: RunControl | None = None,
+                 temperature: float = 1.0) -> float:
+    """Mean KL of the model with every linear in its export format at once (each format's probe,
+    which simulates the runtime's kernel, applied together) against the untreated model, on
+    `data`: the whole mix predicted before it is written, interactions included, which the sum of
+    isolated figures leaves out. The logits are divided by the export's calibrated `temperature`."""
+    from contextlib import ExitStack
+
+    from modeldoctor.metrics.divergence import DivergenceAccumulator
+    from modeldoctor.modifications.base import create, token_mask
+
+    control = control or RunControl()
+    ref = session.reference(data, control)
+    divergence = DivergenceAccumulator()
+    with ExitStack() as applied:
+        contexts = []
+        for fmt in sorted(set(formats.values()) - {"fp32"}):
+            mod = create(EXPORT_FORMATS[fmt])
+            ctx = session.mod_context(data, mod.needs_input_norms, control)
+            applied.enter_context(mod.applied(ctx, [n for n, f in formats.items() if f == fmt]))
+            contexts.append(ctx)
+        for number, batch in enumerate(data.eval_batches):
+            control.checkpoint()
+            with ExitStack() as masks, torch.inference_mode():
+                for ctx in contexts:  # padding stays out of int8-dynamic's per-sequence ranges
+                    masks.enter_context(token_mask(ctx, batch.attention_mask))
+                logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            divergence.add(ref.logprobs[number], ref.next_logprob[number], logits.float() / temperature,
+                           batch.input_ids,
+                           batch.attention_mask)
+    return float(divergence.summary()["kl_mean"])
+
+
 def choose_formats(session: Session, report: CheckupReport | None, precision: str, budget_kl: float,
                    size_budget: int | None = None, trace: list | None = None) -> tuple[dict[str, str], list[str]]:
     """One format per linear. Every linear starts in the precision's own format (an int4 export
@@ -296,10 +332,10 @@ class ExportSteps:
     time by the steps' rough relative lengths on the sample (quantizing about half as long as the
     fp32 export, validating about as long)."""
 
-    WEIGHTS = {"export": 1.0, "quantize": 0.5, "validate": 1.0}
+    WEIGHTS = {"export": 1.0, "simulate": 0.1, "quantize": 0.5, "validate": 1.0}
 
     def __init__(self, quantizes: bool) -> None:
-        self.names = ["export"] + (["quantize"] if quantizes else []) + ["validate"]
+        self.names = ["export"] + (["simulate", "quantize"] if quantizes else []) + ["validate"]
         self.began = time.monotonic()
         self.first_took: float | None = None
 
@@ -425,9 +461,13 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
             counts = predicted_size(session, chosen).counts
             detail = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
             written: dict[str, str] = {}
+            simulated = 0.0 if precision == "fp32" else None
             if precision == "fp32":
                 final = fp32_path.parent
             else:
+                yield from steps.enter_all("simulate", f"{detail}, all at once in torch on {data.eval_tokens} tokens")
+                simulated = simulated_kl(session, data, chosen, control, temperature)
+                yield LogMessage(f"Simulated mean KL of these formats: {simulated:.4f}.")
                 yield from steps.enter_all("quantize", detail + (f" (round {len(rounds) + 1})" if rounds else ""))
                 final = staging / "model"
                 shutil.rmtree(final, ignore_errors=True)
@@ -448,7 +488,8 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
                                baseline_decode_s=fp32_decode)
             predicted = remaining_kl(session, figures_by_format, chosen) if figures_by_format else None
             size = predicted_size(session, chosen)
-            rounds.append({"formats": dict(counts), "predicted_kl": predicted, "predicted_bytes": size.bytes,
+            rounds.append({"formats": dict(counts), "predicted_kl": predicted, "simulated_kl": simulated,
+                           "predicted_bytes": size.bytes,
                            "kl_mean": figures["kl_mean"], "size_bytes": figures["size_bytes"]})
             passed = figures["kl_mean"] <= budget_kl
             if passed or not revisable or len(rounds) >= MAX_ROUNDS or not predicted or size_budget is not None:
@@ -469,7 +510,8 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         result = ExportResult(str(target) if passed else None, precision, passed, budget_kl, kept,
                               [written[n] for n in kept if n in written], figures, fp32, message, notes,
                               predicted_by=", ".join(PREDICTORS[f] for f in figures_by_format) or None,
-                              predicted_kl=rounds[-1]["predicted_kl"], missing_checkup=missing,
+                              predicted_kl=rounds[-1]["predicted_kl"], simulated_kl=rounds[-1]["simulated_kl"],
+                              missing_checkup=missing,
                               predicted_bytes=rounds[-1]["predicted_bytes"], formats=dict(chosen), rounds=rounds)
         if not passed:
             yield Failed(f"Export over budget, nothing written: {message}. Keep more layers in higher precision "

@@ -145,7 +145,22 @@ def test_the_exact_format_predicts_the_export(llama_session, tmp_path):
                               prompts=["Hi"]))[-1].report
     for export in (repaired, naive):
         assert 0.5 * export.validation["kl_mean"] <= export.predicted_kl <= 2.0 * export.validation["kl_mean"]
+        # All the formats at once in torch compute what the runtime computes: the simulated KL
+        # is the measured one up to float noise, interactions included.
+        assert export.simulated_kl == pytest.approx(export.validation["kl_mean"], rel=0.03)
     assert repaired.validation["kl_mean"] < 0.8 * naive.validation["kl_mean"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
+def test_the_simulated_mix_is_what_the_runtime_measures(llama_session, tmp_path, precision):
+    """int8 (the tied table at 8 bits) and int8-dynamic (padded batches kept out of each
+    sequence's activation range) simulated whole before writing, against onnxruntime."""
+    data = llama_session.data(SPEC)
+    every = {name: precision for name in llama_session.anatomy.linear_names()}
+    result = list(export_model(llama_session, data, tmp_path / "out", precision, formats=every, budget_kl=100.0,
+                               prompts=["Hi"]))[-1].report
+    assert result.validation["kl_mean"] > 1e-5  # really quantized
+    assert result.simulated_kl == pytest.approx(result.validation["kl_mean"], rel=0.03)
 
 
 def test_keep_list_and_temperature_apply_only_to_their_own_format(llama_session, tmp_path):

@@ -1,5 +1,7 @@
 """The Export page offers the checkup that predicts its format when the current one does not."""
 
+import pytest
+
 from tests.gui.conftest import load, run_checkup
 
 
@@ -65,10 +67,11 @@ def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, l
     assert not page.keep.isEnabled() and not page.budget.isEnabled() and page.cancel.isEnabled()
     assert "Exporting int8" in window.statusBar().currentMessage()
     qtbot.waitUntil(lambda: not window.runner.busy and page.table.rowCount() > 0, timeout=180000)
-    assert [e.stage for e in progress] == ["export", "quantize", "validate"]
+    assert [e.stage for e in progress] == ["export", "simulate", "quantize", "validate"]
     assert progress[-1].eta_s is not None
     rows = {page.table.item(r, 0).text(): page.table.item(r, 1).text() for r in range(page.table.rowCount())}
     assert "predicted" in rows["size on disk"]
+    assert float(rows["simulated mean KL"].split()[0]) == pytest.approx(page.last_result.validation["kl_mean"], rel=0.05)
     assert page.table_note.isVisible() and "identical" in page.table_note.text()
     assert page.progress.text() == "passed" or page.progress.format() == "passed"
     assert page.chart.getPlotItem().getAxis("bottom").labelText.startswith("block, as the checkup probed them")

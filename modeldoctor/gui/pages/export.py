@@ -535,6 +535,8 @@ class ExportPage(QWidget):
         rows = [("verdict", "passed — written" if result.passed else "over budget — nothing written"),
                 ("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
                 ("predicted mean KL", predicted),
+                ("simulated mean KL", f"{result.simulated_kl:.4f} (every linear in its format at once, before writing)"
+                 if result.simulated_kl is not None else "—"),
                 ("KL median / p99 / max", f"{v['kl_median']:.4f} / {v['kl_p99']:.3f} / {v['kl_max']:.3f}"),
                 ("top-1 agreement", f"{v['same_top']:.1%}"),
                 ("perplexity (original)", f"{v['ppl']:.3f} ({v['ppl_ref']:.3f})"),
@@ -546,7 +548,8 @@ class ExportPage(QWidget):
                 (f"decode time (1 token after {DECODE_CACHE}) vs fp32 ONNX", _time_ratio(v.get("decode_ratio"))),
                 ("formats", ", ".join(f"{n} {f}" for f, n in format_counts(result.formats).items()))]
         if len(result.rounds) > 1:
-            rows += [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, measured {r['kl_mean']:.4f}, "
+            rows += [(f"round {i}", f"predicted {r['predicted_kl']:.4f}, simulated {r['simulated_kl']:.4f}, "
+                                    f"measured {r['kl_mean']:.4f}, "
                                     f"{format_bytes(r['size_bytes'])}")
                      for i, r in enumerate(result.rounds, 1) if r["predicted_kl"] is not None]
         self.table.setRowCount(len(rows))
