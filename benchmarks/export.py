@@ -93,7 +93,7 @@ def main() -> None:
         predicted = result.predicted_kl
         miss = f"{predicted / v['kl_mean'] - 1:+.1%}" if predicted is not None and v["kl_mean"] > 0 else "-"
         simulated = result.simulated_kl
-        simulated_miss = f"{simulated / v['kl_mean'] - 1:+.1%}" if simulated is not None and v["kl_mean"] > 0 else "-"
+        simulated_miss = f"{simulated / v['kl_mean'] - 1:+.1%}" if simulated and v["kl_mean"] > 1e-6 else "-"
         counts = " ".join(f"{n}×{f}" for f, n in format_counts(result.formats).items())
         outcome = f"; {'passed' if result.passed else 'over'} {budget:g}" if verdict else ""
         print(f"{label:<18} {v['size_bytes'] / 2**20:>5.0f} {v['size_bytes'] / fp32_size:>6.1%} {v['kl_mean']:>8.4f} "

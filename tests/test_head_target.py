@@ -211,5 +211,8 @@ def test_an_int8_export_stores_a_tied_table_once_at_8_bits(model_dirs, tmp_path,
         head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
         assert len(lookups) == 1 and lookups[0].input[0] == head.input[1]  # one table, read by both
         assert not floats  # no fp32 copy of the table is left
+        # Nor a second copy of its scales or zero points: the file stores no large array twice.
+        large = [i.raw_data for i in graph.initializer if len(i.raw_data) >= 1024]
+        assert len(set(large)) == len(large)
     else:
         assert not lookups and len(floats) == 1  # an untied embedding stays fp32

@@ -92,16 +92,20 @@ def _shared_table(head: onnx.NodeProto, gather: onnx.NodeProto, table: np.ndarra
     names = {"table": "shared_embedding_Q8", "scales": "shared_embedding_scales",
              "zero_points": "shared_embedding_zero_points", "row_scales": "shared_embedding_row_scales",
              "row_zero_points": "shared_embedding_row_zero_points", "shape": "shared_embedding_row_shape"}
+    names["row_shape"] = "shared_embedding_scales_row_shape"
     for key, array in (("table", packed), ("scales", scales), ("zero_points", zero_points),
-                       ("row_scales", scales.reshape(vocab, blocks, 1)),
-                       ("row_zero_points", zero_points.reshape(vocab, blocks, 1)),
+                       ("row_shape", np.array([vocab, blocks, 1], dtype=np.int64)),
                        ("shape", np.array([0, 0, hidden], dtype=np.int64))):
         graph.initializer.append(numpy_helper.from_array(array, names[key]))
+    # The lookup wants the scales and zero points as [V, H/32, 1]: reshaped in the graph, so the
+    # file stores them once (onnxruntime folds the reshape when it loads the model).
+    reshapes = [helper.make_node("Reshape", [names[key], names["row_shape"]], [names[f"row_{key}"]],
+                                 name=f"{gather.name}_{key}_rows") for key in ("scales", "zero_points")]
     matmul = helper.make_node("MatMulNBits", [head.input[0], names["table"], names["scales"], names["zero_points"]],
                               list(head.output), name=f"{head.name}_Q8", domain="com.microsoft", K=hidden, N=vocab,
                               bits=SHARED_TABLE_BITS, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
     rows = f"{gather.output[0]}_blocks"
-    lookup = [helper.make_node("GatherBlockQuantized", [names["table"], gather.input[1], names["row_scales"],
+    lookup = reshapes + [helper.make_node("GatherBlockQuantized", [names["table"], gather.input[1], names["row_scales"],
                                                         names["row_zero_points"]], [rows],
                                name=f"{gather.name}_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=2,
                                block_size=BLOCK, bits=SHARED_TABLE_BITS),
