@@ -33,6 +33,29 @@ def test_export_page_runs_the_missing_format_checkup(qtbot, window, llama_dir):
     assert not page.run_checkup.isVisible()
     assert "head" in page.predicted and len(page.predicted) == len(window.state.session.anatomy.linear_targets())
 
+    # The size-vs-KL tab: the greedy mix at every size, from all int4 to all fp32, KL falling as
+    # the file grows; the chosen formats sit on it, and the size budget moves along it.
+    import numpy as np
+
+    from modeldoctor.export.pipeline import predicted_size
+
+    sizes, kls = (np.asarray(a, dtype=float) for a in page.curve.getData())
+    assert len(sizes) > 10 and np.all(np.diff(sizes) > 0) and np.all(np.diff(kls) <= 1e-9)
+    session = window.state.session
+    page.size_fit.setChecked(True)
+    fp32_mib = session.summary.parameters * 4 / 2**20
+    low, high = int(np.ceil(100 * sizes[0] / fp32_mib)) + 1, int(100 * sizes[-1] / fp32_mib) - 1
+    assert low < high
+    for percent in (low, (low + high) // 2):
+        page.size_slider.setValue(percent)
+        written = predicted_size(session, page.formats()).bytes
+        assert written <= session.summary.parameters * 4 * percent / 100
+        (x,), (y,) = page.chosen_point.getData()
+        assert x == pytest.approx(written / 2**20) and page.size_line.value() == pytest.approx(
+            session.summary.parameters * 4 * percent / 100 / 2**20, rel=1e-4)
+        on_curve = np.argmin(np.abs(sizes - x))
+        assert sizes[on_curve] == pytest.approx(x) and kls[on_curve] == pytest.approx(y)
+
 
 def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, llama_dir, tmp_path, screenshots):
     """Issue 12 bug 7: a block-scope checkup raises whole blocks (no longer silently), the size and
