@@ -150,6 +150,24 @@ class BleedingBarChart(pg.PlotWidget):
             self.barClicked.emit(index)
 
 
+def kl_chart(left: str = "mean KL (nats)", bottom: str = "", title: str = "",
+             bottom_axis: pg.AxisItem | None = None) -> pg.PlotWidget:
+    """A still chart with a log-scale KL axis on the left: no mouse zoom, menu or auto-range button."""
+    axes = {"left": LogAxis(math.log10(KL_FLOOR), orientation="left")}
+    if bottom_axis is not None:
+        axes["bottom"] = bottom_axis
+    chart = pg.PlotWidget(axisItems=axes)
+    chart.setLabel("left", left)
+    if bottom:
+        chart.setLabel("bottom", bottom)
+    if title:
+        chart.setTitle(title)
+    chart.setMouseEnabled(x=False, y=False)
+    chart.setMenuEnabled(False)
+    chart.hideButtons()
+    return chart
+
+
 def severity_legend(threshold: float) -> str:
     """One line of HTML naming the verdict colours and their KL ranges (shared by bars and heatmap)."""
     from modeldoctor.checkup.verdict import SEVERITY_STEPS

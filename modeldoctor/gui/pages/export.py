@@ -19,7 +19,7 @@ from modeldoctor.export.pipeline import (
 from modeldoctor.export.validate import DECODE_CACHE, LATENCY_TOKENS
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
-from modeldoctor.gui.plots import LabelAxis, LogAxis, backing
+from modeldoctor.gui.plots import LabelAxis, backing, kl_chart
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
 
 KEPT_COLOR = (150, 150, 150)
@@ -173,14 +173,8 @@ class ExportPage(QWidget):
         self.table_note.hide()
         right_layout.addWidget(self.table_note)
         self.bottom_axis = LabelAxis(orientation="bottom")
-        self.chart = pg.PlotWidget(axisItems={"bottom": self.bottom_axis,
-                                              "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
-        self.chart.setTitle("predicted KL per linear, worst 60")
-        self.chart.setLabel("left", "mean KL (nats)")
-        self.chart.setLabel("bottom", "linear (grey: written in fp32)")
-        self.chart.setMouseEnabled(x=False, y=False)
-        self.chart.setMenuEnabled(False)
-        self.chart.hideButtons()
+        self.chart = kl_chart(bottom="linear (grey: written in fp32)", title="predicted KL per linear, worst 60",
+                              bottom_axis=self.bottom_axis)
         legend = self.chart.addLegend(offset=(-10, 10), brush=backing())
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brushes=[])
         self.chart.addItem(self.bars)
@@ -200,13 +194,8 @@ class ExportPage(QWidget):
         self.predicted_line.hide()
         self.chart_tabs = QTabWidget()
         self.chart_tabs.addTab(self.chart, "Per linear")
-        self.tradeoff = pg.PlotWidget(axisItems={"left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
-        self.tradeoff.setTitle("predicted size and KL of the best mix at each size")
-        self.tradeoff.setLabel("bottom", "predicted size (MiB)")
-        self.tradeoff.setLabel("left", "predicted mean KL (nats)")
-        self.tradeoff.setMouseEnabled(x=False, y=False)
-        self.tradeoff.setMenuEnabled(False)
-        self.tradeoff.hideButtons()
+        self.tradeoff = kl_chart("predicted mean KL (nats)", "predicted size (MiB)",
+                                 "predicted size and KL of the best mix at each size")
         tradeoff_legend = self.tradeoff.addLegend(offset=(-10, 10), brush=backing())
         self.curve = self.tradeoff.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="greedy mix, each size")
         self.chosen_point = pg.ScatterPlotItem(size=12, brush=pg.mkBrush(224, 123, 57), pen=pg.mkPen(None))

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 from modeldoctor.errors import PlanError
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
-from modeldoctor.gui.plots import LabelAxis, LogAxis, spaced_labels
+from modeldoctor.gui.plots import LabelAxis, kl_chart, spaced_labels
 from modeldoctor.gui.viewmodel import KL_FLOOR, BeforeAfter, log_kl
 from modeldoctor.treatment.base import FIGURES, TreatmentPlan, treatments
 
@@ -151,12 +151,7 @@ class TreatmentPage(QWidget):
         chooser.addWidget(self.shown, 1)
         right_layout.addLayout(chooser)
         self.bottom_axis = LabelAxis(orientation="bottom")
-        self.chart = pg.PlotWidget(axisItems={"bottom": self.bottom_axis,
-                                              "left": LogAxis(np.log10(KL_FLOOR), orientation="left")})
-        self.chart.setLabel("left", "mean KL (nats)")
-        self.chart.setMouseEnabled(x=False, y=False)
-        self.chart.hideButtons()
-        self.chart.setMenuEnabled(False)
+        self.chart = kl_chart(bottom_axis=self.bottom_axis)
         legend = self.chart.addLegend(offset=(10, 10))
         self.before_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush=pg.mkBrush(*BEFORE_COLOR))
         self.after_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brushes=[],
