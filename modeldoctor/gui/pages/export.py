@@ -117,24 +117,26 @@ class ExportPage(QWidget):
         folder_row.addWidget(choose)
         form.addRow("Save to:", folder_row)
         form_box.addWidget(options)
+        self.prediction = QLabel()  # size and KL of the export before it is written
+        self.prediction.setWordWrap(True)
+        form_box.addWidget(self.prediction)
         keep_box = QGroupBox("Format of each linear (chosen from the checkup; click to switch)")
         keep_layout = QVBoxLayout(keep_box)
-        self.keep_tabs = QTabWidget()
-        self.anatomy = AnatomyView()  # the model's linears in the format the export writes for each
-        self.keep = QListWidget()  # the same choice as a list (keyboard, screen readers)
-        self.keep_tabs.addTab(self.anatomy, "Anatomy")
-        self.keep_tabs.addTab(self.keep, "List")
-        keep_layout.addWidget(self.keep_tabs)
+        # Where the formats come from (or which checkup is missing) above the picture, in view on a
+        # small screen.
         self.keep_note = QLabel()
         self.keep_note.setWordWrap(True)
         keep_layout.addWidget(self.keep_note)
         self.run_checkup = QPushButton()
         self.run_checkup.hide()
         keep_layout.addWidget(self.run_checkup)
+        self.keep_tabs = QTabWidget()
+        self.anatomy = AnatomyView()  # the model's linears in the format the export writes for each
+        self.keep = QListWidget()  # the same choice as a list (keyboard, screen readers)
+        self.keep_tabs.addTab(self.anatomy, "Anatomy")
+        self.keep_tabs.addTab(self.keep, "List")
+        keep_layout.addWidget(self.keep_tabs, 1)
         form_box.addWidget(keep_box, 1)
-        self.prediction = QLabel()  # size and KL of the export before it is written
-        self.prediction.setWordWrap(True)
-        form_box.addWidget(self.prediction)
         buttons = QHBoxLayout()
         self.start = QPushButton("Export and validate")
         self.start.setMinimumHeight(32)
@@ -193,7 +195,7 @@ class ExportPage(QWidget):
         self.measured.hide()
         self.predicted_line.hide()
         self.chart_tabs = QTabWidget()
-        self.chart_tabs.addTab(self.chart, "Per linear")
+        self.chart_tabs.addTab(self.chart, "Per layer")
         self.tradeoff = kl_chart("predicted mean KL (nats)", "predicted size (MiB)",
                                  "predicted size and KL of the best mix at each size")
         tradeoff_legend = self.tradeoff.addLegend(offset=(-10, 10), brush=backing())
@@ -524,7 +526,7 @@ class ExportPage(QWidget):
         rows = [("verdict", "passed — written" if result.passed else "over budget — nothing written"),
                 ("mean KL (budget)", f"{v['kl_mean']:.4f} ({result.budget_kl:g})"),
                 ("predicted mean KL", predicted),
-                ("simulated mean KL", f"{result.simulated_kl:.4f} (every linear in its format at once, before writing)"
+                ("simulated mean KL", f"{result.simulated_kl:.4f} (all formats at once, before writing)"
                  if result.simulated_kl is not None else "—"),
                 ("KL median / p99 / max", f"{v['kl_median']:.4f} / {v['kl_p99']:.3f} / {v['kl_max']:.3f}"),
                 ("top-1 agreement", f"{v['same_top']:.1%}"),
@@ -562,4 +564,6 @@ def _time_ratio(ratio: float | None) -> str:
     """A time ratio to fp32 read both ways (below 1 is faster)."""
     if ratio is None:
         return "—"
-    return f"×{ratio:.2f} ({1 / ratio:.2f}× {'faster' if ratio < 1 else 'slower' if ratio > 1 else 'the same'})"
+    if ratio < 1:
+        return f"×{ratio:.2f} ({1 / ratio:.2f}× faster)"
+    return f"×{ratio:.2f} ({'slower' if ratio > 1 else 'the same'})"
