@@ -46,7 +46,18 @@ class LabelAxis(pg.AxisItem):
 
     def set_labels(self, labels: list[str]) -> None:
         self.labels = list(labels)
-        step = max(1, len(self.labels) // 30)
+        self._relabel()
+
+    def resizeEvent(self, event=None) -> None:
+        super().resizeEvent(event)
+        if hasattr(self, "labels"):  # the base class resizes it once before __init__ has set them
+            self._relabel()
+
+    def _relabel(self) -> None:
+        """Every label that fits side by side at the axis's width (every step-th, from the first)."""
+        longest = max((len(label) for label in self.labels), default=1)
+        room = max(self.width() if self.orientation in ("bottom", "top") else self.height(), 200.0)
+        step = max(1, math.ceil(len(self.labels) * (7.0 * longest + 10) / room))
         self.setTicks([[(i, label) for i, label in enumerate(self.labels) if i % step == 0]])
 
 

@@ -99,5 +99,5 @@ def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, l
     assert page.progress.text() == "passed" or page.progress.format() == "passed"
     assert page.chart.getPlotItem().getAxis("bottom").labelText.startswith("block, as the checkup probed them")
     assert len(page.bars.opts["x"]) == window.state.session.anatomy.num_blocks
-    assert len(page.chart.getPlotItem().legend.items) == 4
+    assert len(page.chart.getPlotItem().legend.items) == 5
     page.grab().save(str(screenshots / "tiny-export-done.png"))

@@ -138,6 +138,38 @@ def test_bar_labels_follow_the_width(qtbot):
     qtbot.waitUntil(lambda: labelled() == ["11", "28", "29"], timeout=3000)
 
 
+def test_category_axis_labels_fit_side_by_side(qtbot):
+    """60 linear names under the Export page's chart: the axis shows every k-th name, far enough
+    apart that none overlaps its neighbour, more of them on a wider chart, all when they fit."""
+    import pyqtgraph as pg
+    from PySide6.QtGui import QFontMetrics
+
+    from modeldoctor.gui.plots import LabelAxis
+
+    axis = LabelAxis(orientation="bottom")
+    plot = pg.PlotWidget(axisItems={"bottom": axis})
+    qtbot.addWidget(plot)
+    names = [f"{i}.mlp.down_proj" for i in range(60)]
+    axis.set_labels(names)
+    plot.setXRange(-0.5, 59.5, padding=0)
+    widest = max(QFontMetrics(axis.style.get("tickFont") or plot.font()).horizontalAdvance(n) for n in names)
+
+    def shown(width: int) -> list[float]:
+        plot.resize(width, 300)
+        plot.show()
+        qtbot.waitExposed(plot)
+        qtbot.wait(50)
+        positions = [x for x, _ in axis._tickLevels[0]]
+        spacing_px = min(b - a for a, b in zip(positions, positions[1:])) * axis.width() / 60
+        assert spacing_px > widest, (width, spacing_px, widest)
+        return positions
+
+    narrow, wide = shown(500), shown(1800)
+    assert 1 < len(narrow) < len(wide)
+    axis.set_labels([str(i) for i in range(30)])
+    assert len(axis._tickLevels[0]) == 30  # short labels: every one
+
+
 def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, llama_dir):
     load(qtbot, window, llama_dir)
     window.data_page.slider.setValue(2)

@@ -20,9 +20,8 @@ from modeldoctor.export.validate import DECODE_CACHE, LATENCY_TOKENS
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
 from modeldoctor.gui.plots import LabelAxis, backing, kl_chart
-from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, log_kl
+from modeldoctor.gui.viewmodel import FORMAT_COLORS, KL_FLOOR, SEVERITY_COLORS, log_kl
 
-KEPT_COLOR = (150, 150, 150)
 
 
 def ladder(precision: str) -> list[str]:
@@ -190,8 +189,10 @@ class ExportPage(QWidget):
                                     "predicted KL of the export"),
                                    (pg.mkPen((31, 119, 180), width=2), "measured KL of the written file")):
             legend.addItem(pg.PlotDataItem(pen=pen_or_brush), text)
-        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=SEVERITY_COLORS["moderate"]), "quantized")
-        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=KEPT_COLOR), "written in fp32")
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=SEVERITY_COLORS["moderate"]),
+                       "in the export's format")
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=FORMAT_COLORS["int8"]), "raised to int8")
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=FORMAT_COLORS["fp32"]), "written in fp32")
         self.measured.hide()
         self.predicted_line.hide()
         self.chart_tabs = QTabWidget()
@@ -429,8 +430,6 @@ class ExportPage(QWidget):
         anatomy = self._session.anatomy if self._session is not None else None
         raised = {n for n in names if anatomy is not None
                   and all(formats.get(x, "fp32") != precision for x in target_linears(anatomy, n))}
-        from modeldoctor.gui.viewmodel import FORMAT_COLORS
-
         heights = [log_kl(figures[n]) - np.log10(KL_FLOOR) for n in names]
         brushes = [pg.mkBrush(*(FORMAT_COLORS[formats.get(target_linears(anatomy, n)[0], "fp32")]
                                 if n in raised else SEVERITY_COLORS["moderate"])) for n in names]
