@@ -2,7 +2,7 @@
 
 Exports SmolLM2-135M once through optimum-onnx, then for a spread of linears (every
 down_proj plus a seeded sample of the others) quantizes that single MatMul with
-onnxruntime's quantize_dynamic (per-tensor int8), measures KL against the fp32 ONNX model
+onnxruntime's quantize_dynamic as the export runs it (per-tensor int8, 7-bit levels), measures KL against the fp32 ONNX model
 on the evaluation split, and prints the Spearman correlation with the checkup's predicted
 per-linear KL. Usage: python benchmarks/fidelity_int8.py [--others 20] [--tokens 1024]
 """
@@ -38,7 +38,7 @@ def main() -> None:
     import onnx
     import logging
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from modeldoctor.export.quantize import quantize_dynamic_int8
 
     from modeldoctor.checkup.plan import CheckupPlan
     from modeldoctor.checkup.run import checkup
@@ -84,8 +84,7 @@ def main() -> None:
         with timed("onnxruntime single-MatMul quantizations", times):
             for number, name in enumerate(targets, 1):
                 out = temp / "q.onnx"
-                quantize_dynamic(onnx_path, out, nodes_to_quantize=[mapping[name]], op_types_to_quantize=["MatMul"],
-                                 per_channel=False, weight_type=QuantType.QInt8)
+                quantize_dynamic_int8(onnx_path, out, [], external_data=False, only_nodes=[mapping[name]])
                 model = OnnxCausalLM(out)
                 kls = [kl_per_token(ref, model.logits(seq)) for ref, seq in zip(reference, sequences)]
                 measured[name] = float(np.concatenate(kls).mean())

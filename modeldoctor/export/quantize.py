@@ -161,13 +161,16 @@ def write_block_formats(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[
     drop_unused_initializers(graph)
 
 
-def quantize_dynamic_int8(source: Path, target: Path, exclude_nodes: list[str], external_data: bool) -> None:
+def quantize_dynamic_int8(source: Path, target: Path, exclude_nodes: list[str], external_data: bool,
+                          only_nodes: list[str] | None = None) -> None:
+    """onnxruntime's quantize_dynamic as the export runs it (every MatMul but `exclude_nodes`, or
+    only `only_nodes`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet_quantizer_logs()
     # reduce_range: 7-bit weights, so the u8×s8 kernel of CPUs without VNNI cannot saturate.
     quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude_nodes),
+                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude_nodes), nodes_to_quantize=only_nodes,
                      use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
 
 
