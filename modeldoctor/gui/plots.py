@@ -144,10 +144,11 @@ class BleedingBarChart(pg.PlotWidget):
             if slot < len(worst):
                 i = worst[slot]
                 label.setText(f"{bars.labels[i]}\n{bars.values[i]:.3g}")
-                # At either end of the axis the label leans inwards, so it is never cut off.
+                # At either end of the axis the label leans inwards from its own bar's outer edge
+                # (left-aligned on the bar's left edge at the left end), so it is never cut off.
                 edge = 0.0 if i < 2 else 1.0 if i > slots - 3 else 0.5
                 label.setAnchor((edge, 1.0))
-                label.setPos(float(i) + (0.4 - 0.8 * edge if edge != 0.5 else 0.0), float(bars.heights()[i]))
+                label.setPos(float(i) + 0.8 * (edge - 0.5), float(bars.heights()[i]))
                 label.setVisible(True)
             else:
                 label.setVisible(False)
