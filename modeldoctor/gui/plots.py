@@ -53,11 +53,26 @@ class LabelAxis(pg.AxisItem):
         if hasattr(self, "labels"):  # the base class resizes it once before __init__ has set them
             self._relabel()
 
+    def linkedViewChanged(self, view, newRange=None) -> None:
+        super().linkedViewChanged(view, newRange)
+        if hasattr(self, "labels"):
+            self._relabel()
+
     def _relabel(self) -> None:
-        """Every label that fits side by side at the axis's width (every step-th, from the first)."""
-        longest = max((len(label) for label in self.labels), default=1)
-        room = max(self.width() if self.orientation in ("bottom", "top") else self.height(), 200.0)
-        step = max(1, math.ceil(len(self.labels) * (7.0 * longest + 10) / room))
+        """Every step-th label, the smallest step at which no two shown labels overlap at the axis's
+        current size and range (measured with its font)."""
+        from PySide6.QtGui import QFontMetrics
+
+        metrics = QFontMetrics(self.style.get("tickFont") or self.font())
+        across = self.orientation in ("bottom", "top")
+        sizes = [metrics.horizontalAdvance(label) if across else metrics.height() for label in self.labels]
+        view = self.linkedView()
+        low, high = (view.viewRange()[0 if across else 1] if view is not None else (-0.5, len(self.labels) - 0.5))
+        pixels = max(self.width() if across else self.height(), 50.0) / max(high - low, 1e-9)  # per position
+        step = 1
+        while step < len(sizes) and any((sizes[i] + sizes[i + step]) / 2 + 6 > step * pixels
+                                        for i in range(0, len(sizes) - step, step)):
+            step += 1
         self.setTicks([[(i, label) for i, label in enumerate(self.labels) if i % step == 0]])
 
 
