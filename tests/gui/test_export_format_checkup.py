@@ -39,6 +39,7 @@ def test_export_page_runs_the_missing_format_checkup(qtbot, window, llama_dir):
 
     from modeldoctor.export.pipeline import predicted_size
 
+    assert not page.table.isVisibleTo(page) and page.chart_tabs.isVisibleTo(page)  # no result yet: the charts have the room
     sizes, kls = (np.asarray(a, dtype=float) for a in page.curve.getData())
     assert len(sizes) > 10 and np.all(np.diff(sizes) > 0) and np.all(np.diff(kls) <= 1e-9)
     session = window.state.session
@@ -90,6 +91,7 @@ def test_export_page_says_what_it_will_write_and_shows_progress(qtbot, window, l
     assert not page.keep.isEnabled() and not page.budget.isEnabled() and page.cancel.isEnabled()
     assert "Exporting int8" in window.statusBar().currentMessage()
     qtbot.waitUntil(lambda: not window.runner.busy and page.table.rowCount() > 0, timeout=180000)
+    assert page.table.isVisibleTo(page)
     assert [e.stage for e in progress] == ["export", "simulate", "quantize", "validate"]
     assert progress[-1].eta_s is not None
     rows = {page.table.item(r, 0).text(): page.table.item(r, 1).text() for r in range(page.table.rowCount())}

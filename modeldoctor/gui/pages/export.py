@@ -167,6 +167,7 @@ class ExportPage(QWidget):
         self.table.verticalHeader().hide()
         self.table.horizontalHeader().setStretchLastSection(True)
         right_layout.addWidget(self.table, 1)
+        self.table.hide()  # until an export is validated: the charts have the column to themselves
         self.table_note = QLabel("The verdict is the mean KL against the budget. Greedy continuations part ways "
                                  "for good once a single token differs, so 'identical' can be 0% for an export "
                                  "that passes; 'first divergence' says how many tokens they agree first.")
@@ -543,6 +544,7 @@ class ExportPage(QWidget):
                                     f"{format_bytes(r['size_bytes'])}")
                      for i, r in enumerate(result.rounds, 1) if r["predicted_kl"] is not None]
         self.table.setRowCount(len(rows))
+        self.table.show()
         for r, (key, value) in enumerate(rows):
             self.table.setItem(r, 0, QTableWidgetItem(key))
             self.table.setItem(r, 1, QTableWidgetItem(value))
