@@ -212,8 +212,7 @@ def simulated_kl(session: Session, data: EvalData, formats: dict[str, str], cont
                     masks.enter_context(token_mask(ctx, batch.attention_mask))
                 logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             divergence.add(ref.logprobs[number], ref.next_logprob[number], logits.float() / temperature,
-                           batch.input_ids,
-                           batch.attention_mask)
+                           batch.input_ids, batch.attention_mask)
     return float(divergence.summary()["kl_mean"])
 
 

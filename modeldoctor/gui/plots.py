@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QBrush, QColor
+from PySide6.QtGui import QBrush, QColor, QFontMetrics
 
 from modeldoctor.gui.viewmodel import KL_FLOOR, SEVERITY_COLORS, Bars, log_kl
 
@@ -61,8 +61,6 @@ class LabelAxis(pg.AxisItem):
     def _relabel(self) -> None:
         """Every step-th label, the smallest step at which no two shown labels overlap at the axis's
         current size and range (measured with its font)."""
-        from PySide6.QtGui import QFontMetrics
-
         metrics = QFontMetrics(self.style.get("tickFont") or self.font())
         across = self.orientation in ("bottom", "top")
         sizes = [metrics.horizontalAdvance(label) if across else metrics.height() for label in self.labels]

@@ -362,7 +362,7 @@ class ExportPage(QWidget):
 
         key = (id(self._session), id(self.report), self.precision(),
                self._session.weights_version if self._session is not None else None)
-        if getattr(self, "_curve_key", None) != key:  # the slider moves along it: computed once per checkup
+        if self._curve_key != key:  # the slider moves along it: computed once per checkup
             self._curve_key = key
             self._curve = (size_kl_curve(self._session, self.report, self.precision())
                            if self._session is not None and self.precision() != "fp32" and self.figures else [])
