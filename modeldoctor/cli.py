@@ -284,16 +284,18 @@ def parse_size_budget(text: str | None, fp32_bytes: int) -> int | None:
                            "such as 150MB.")
 
 
-def fast_export_checkup(session, precision: str, data_spec, quiet: bool = False):
-    """The two-stage linear checkup of the formats a precision writes, on the selection text:
-    first-stage estimates of every linear, exact probes of the worst. Returns its report."""
+def fast_export_checkup(session, precision: str, data_spec, quiet: bool = False, all_blocks: bool = False):
+    """The two-stage linear checkup of the formats a precision writes (with `all_blocks`, its
+    larger block sizes too), on the selection text: first-stage estimates of every linear, exact
+    probes of the worst. Returns its report."""
     from modeldoctor.checkup.plan import CheckupPlan
     from modeldoctor.checkup.run import run_checkup
     from modeldoctor.data import DataSpec
     from modeldoctor.events import Failed, Finished
-    from modeldoctor.export.pipeline import PREDICTORS, PROMOTION
+    from modeldoctor.export import PRECISION_FORMATS
+    from modeldoctor.export.pipeline import BASE_FORMATS, PREDICTORS
 
-    formats = [precision] + ([PROMOTION[precision]] if PROMOTION[precision] != "fp32" else [])
+    formats = PRECISION_FORMATS[precision] if all_blocks else BASE_FORMATS[precision]
     plan = CheckupPlan(modifications=[PREDICTORS[f] for f in formats], scope="linears", knowledge=False,
                        attention=False)
     data = session.data(DataSpec(**{**data_spec.__dict__, "split": "eval"})).selection_view()
@@ -325,7 +327,7 @@ def cmd_export(args) -> int:
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep is not None else None
     spec = DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False)
     if report is None and keep is None and args.precision != "fp32" and not args.no_checkup:
-        report = fast_export_checkup(session, args.precision, spec)
+        report = fast_export_checkup(session, args.precision, spec, all_blocks=args.all_blocks)
     data = session.data(spec)
     return _run_export(session, data, out, args.precision, report, keep, args.budget, args.force, size_budget)
 
@@ -534,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="int8",
                    help="int8 / int4: MatMulNBits blocks of 32 (int4 mixes in 8 bits where it pays; the head and a "
-                        "tied embedding at 8 bits); int8-dynamic: W8A8 MatMulInteger; fp32")
+                        "tied embedding at 8 bits unless the checkup clears 4); int8-dynamic: W8A8 MatMulInteger; fp32")
+    p.add_argument("--all-blocks", action="store_true",
+                   help="also check up and consider blocks of 64 and 128 (int8-b64, int8-b128, int4-b128): smaller "
+                        "files where they are safe, for a checkup of more formats")
     p.add_argument("--from-checkup", metavar="DIR",
                    help="checkup folder (or checkup.json) whose figures choose the formats; without it a fast "
                         "two-stage checkup on the selection text runs first")

@@ -17,14 +17,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from modeldoctor.errors import ModelDoctorError
+from modeldoctor.export import BLOCK_FORMATS
 from modeldoctor.export.mapping import linear_fingerprint, matmul_weights
 from modeldoctor.model import Anatomy
 from modeldoctor.model.anatomy import HEAD
 
 # The ops a quantized MatMul becomes in each format, and the suffix added to that MatMul's name.
 QUANTIZED_NODES = {"int8-dynamic": (("MatMulInteger", "DynamicQuantizeMatMul"), "_quant"),
-                   "int8": (("MatMulNBits",), "_Q8"), "int4": (("MatMulNBits",), "_Q4")}
-NBITS = {"int8": 8, "int4": 4}
+                   **{fmt: (("MatMulNBits",), f"_Q{bits}") for fmt, (bits, _) in BLOCK_FORMATS.items()}}
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -133,8 +133,9 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> None:
 def check_quantized(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[str, str],
                     formats: dict[str, str]) -> dict[str, str]:
     """Every linear must be written in exactly its format: an fp32 one a float MatMul holding its
-    exact weight, an int8/int4 one a MatMulNBits of that width, an int8-dynamic one an integer
-    matmul; a tied head at 8 bits must share its table with a block-quantized embedding lookup.
+    exact weight, a block format a MatMulNBits of that width and block size, an int8-dynamic one
+    an integer matmul; a tied head in a block format must share its table with a block-quantized
+    embedding lookup.
     Anything else is an error, so no export goes out with a precision it does not say it has.
     Returns linear -> the node that computes it in the written graph."""
     float_nodes = matmul_weights(model)
@@ -149,16 +150,20 @@ def check_quantized(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[str,
             ops, suffix = QUANTIZED_NODES[wanted]
             found = nodes.get(node + suffix)
             ok = found is not None and found.op_type in ops and node not in nodes
-            if ok and wanted in NBITS:
-                ok = _attributes(found).get("bits") == NBITS[wanted]
+            if ok and wanted in BLOCK_FORMATS:
+                attributes = _attributes(found)
+                ok = (attributes.get("bits"), attributes.get("block_size")) == BLOCK_FORMATS[wanted]
             written[name] = node + suffix
         if not ok:
             wrong.append(f"{name} (meant {wanted})")
-    if formats.get(HEAD) == "int8" and anatomy.head_tied and HEAD in mapping:
-        head = nodes.get(mapping[HEAD] + "_Q8")
+    head_format = formats.get(HEAD)
+    if head_format in BLOCK_FORMATS and anatomy.head_tied and HEAD in mapping:
+        head = nodes.get(mapping[HEAD] + QUANTIZED_NODES[head_format][1])
+        # The lookup reads the head's packed table through a Reshape (rows instead of blocks).
+        rows_of = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape"}
         lookups = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
-        if head is None or not any(n.input[0] == head.input[1] for n in lookups):
-            wrong.append("the tied head and the embedding (meant one shared 8-bit table)")
+        if head is None or not any(rows_of.get(n.input[0], n.input[0]) == head.input[1] for n in lookups):
+            wrong.append(f"the tied head and the embedding (meant one shared {head_format} table)")
     if wrong:
         raise ModelDoctorError(f"The quantized model does not write {len(wrong)} linears in the format chosen for "
                                f"them ({', '.join(wrong[:4])}). Nothing was written.")

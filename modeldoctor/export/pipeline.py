@@ -25,7 +25,8 @@ from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Progress, Stage
 from modeldoctor.export.onnx_export import export_fp32
-from modeldoctor.export.quantize import BLOCK, PRECISIONS, preset_formats, quantize_export
+from modeldoctor.export import BLOCK_FORMATS, FORMATS, PRECISION_FORMATS, block_probe, bytes_per_weight
+from modeldoctor.export.quantize import PRECISIONS, preset_formats, quantize_export
 from modeldoctor.export.validate import DECODE_CACHE, latency, validate
 from modeldoctor.export.runtime import OnnxCausalLM
 from modeldoctor.model.anatomy import HEAD
@@ -34,15 +35,15 @@ from modeldoctor.report.results import CheckupReport
 from modeldoctor.session import Session
 
 DEFAULT_BUDGET_KL = 0.02
-# The modification that simulates exactly what each format writes: MatMulNBits blocks of 32
-# inputs with zero points at 8 or 4 bits and int8 activations per block, and onnxruntime's
-# quantize_dynamic (int8 weights per tensor, uint8 activations per call). Only a probe, keep list or temperature made for exactly
-# that format predicts or tunes it.
-EXPORT_FORMATS = {"fp32": "none", "int8": f"int8-b{BLOCK}", "int4": f"int4-b{BLOCK}",
-                  "int8-dynamic": "int8-dynamic"}
+# The modification that simulates exactly what each format writes: MatMulNBits blocks of 32, 64
+# or 128 inputs with zero points at 8 or 4 bits and int8 activations per block, and
+# onnxruntime's quantize_dynamic (int8 weights per tensor, uint8 activations per call). Only a
+# probe, keep list or temperature made for exactly that format predicts or tunes it.
+EXPORT_FORMATS = {"fp32": "none", **{fmt: block_probe(fmt) for fmt in BLOCK_FORMATS}, "int8-dynamic": "int8-dynamic"}
 PREDICTORS = {fmt: mod for fmt, mod in EXPORT_FORMATS.items() if fmt != "fp32"}
-# What a linear moves to when the chooser gives it more precision, per export precision.
-PROMOTION = {"int4": "int8", "int8": "fp32", "int8-dynamic": "fp32"}
+# The formats every export of a precision may use, checkup or not (an int4 export raises
+# linears to 8 bits); its other formats join when a checkup probed them.
+BASE_FORMATS = {"fp32": (), "int8": ("int8",), "int4": ("int4", "int8"), "int8-dynamic": ("int8-dynamic",)}
 # Estimated KL of an 8-bit linear from its 4-bit figure when no int8 checkup measured it: the
 # rounding error shrinks 17× (255 levels instead of 15) and KL grows with its square.
 INT8_FROM_INT4 = 1 / 17 ** 2
@@ -67,7 +68,7 @@ class ExportResult:
     predicted_kl: float | None = None  # sum of their isolated KLs over what the export quantizes
     simulated_kl: float | None = None  # every linear in its format at once in torch, before writing
     missing_checkup: str | None = None  # the modification to run a checkup of, when none predicted it
-    predicted_bytes: int | None = None  # the size predicted before writing (predicted_size)
+    predicted_bytes: int | None = None  # the file size predicted before writing: weights + the fp32 graph
     formats: dict[str, str] = field(default_factory=dict)  # each linear's format in the written file
     rounds: list[dict] = field(default_factory=list)  # each export tried: formats count, predicted, measured
 
@@ -100,13 +101,6 @@ def missing_checkup_text(precision: str) -> str:
             "to get both.")
 
 
-# Bytes per weight of each format as the exporter writes it: MatMulNBits stores the packed
-# weights plus an fp32 scale and a zero point (8 or 4 bits) per block of 32; int8 dynamic stores
-# int8 weights with one scale and zero point per tensor.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0 + (4 + 1) / BLOCK, "int4": 0.5 + (4 + 0.5) / BLOCK,
-                    "int8-dynamic": 1.0}
-
-
 @dataclass(frozen=True)
 class SizePrediction:
     bytes: int
@@ -122,14 +116,14 @@ class SizePrediction:
 
 def _linear_bytes_saved(session: Session, name: str, fmt: str) -> float:
     """Bytes the file saves against fp32 when this linear is written in `fmt` (negative: it grows).
-    A tied head shares the embedding's table: at 8 bits that table shrinks; at another
-    quantized format the head gets a copy beside the fp32 table the lookup keeps."""
+    A tied head shares the embedding's table: in a block format that table shrinks; in int8
+    dynamic the head gets a copy beside the fp32 table the lookup keeps."""
     weights = session.anatomy.linear(name).weight.numel()
     if fmt == "fp32":
         return 0.0
-    if name == HEAD and session.anatomy.head_tied:
-        return weights * (4 - BYTES_PER_WEIGHT[fmt]) if fmt == "int8" else -weights * BYTES_PER_WEIGHT[fmt]
-    return weights * (4 - BYTES_PER_WEIGHT[fmt])
+    if name == HEAD and session.anatomy.head_tied and fmt not in BLOCK_FORMATS:
+        return -weights * bytes_per_weight(fmt)
+    return weights * (4 - bytes_per_weight(fmt))
 
 
 def format_counts(formats: dict[str, str]) -> dict[str, int]:
@@ -138,6 +132,19 @@ def format_counts(formats: dict[str, str]) -> dict[str, int]:
     for fmt in formats.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """'75 int4, 136 int8', the formats from fewest bytes to fp32."""
+    return ", ".join(f"{counts[f]} {f}" for f in sorted(counts, key=bytes_per_weight) if counts[f])
+
+
+def format_ladder(report: CheckupReport | None, precision: str) -> list[str]:
+    """The formats a linear can take in an export of this precision, fewest bytes first and fp32
+    last: the precision's own (and the 8-bit step of int4), and the precision's other block
+    sizes when a checkup probed them."""
+    probed = [f for f in PRECISION_FORMATS[precision] if predicted_kl(report, f)[0] is not None]
+    return sorted({*BASE_FORMATS[precision], *probed}, key=bytes_per_weight) + ["fp32"]
 
 
 def predicted_size(session: Session, formats: dict[str, str]) -> SizePrediction:
@@ -218,18 +225,22 @@ def simulated_kl(session: Session, data: EvalData, formats: dict[str, str], cont
 
 def choose_formats(session: Session, report: CheckupReport | None, precision: str, budget_kl: float,
                    size_budget: int | None = None, trace: list | None = None) -> tuple[dict[str, str], list[str]]:
-    """One format per linear. Every linear starts in the precision's own format (an int4 export
-    writes the head at 8 bits); then targets move up one step at a time (int4 → int8 → fp32)
-    where the checkup's figures say it pays most: the largest drop in predicted KL per byte
-    added, a greedy knapsack. Without `size_budget` moves go on until the predicted KL fits
-    KL_AIM of the KL budget (the smallest file that does); with it, moves go on while the file
-    stays within that many bytes (the smallest predicted KL that fits). A block-scope checkup
-    moves whole blocks. `trace`, when given, receives the (bytes, predicted KL) after each move:
-    with no budget to stop it, the curve of the smallest predicted KL at each size."""
+    """One format per linear, a greedy knapsack over the precision's ladder of formats
+    (format_ladder: e.g. int4-b128, int4, int8-b128, int8-b64, int8, fp32). Every probed
+    linear starts in the ladder's smallest format that the checkup measured for it (the head of
+    an int4 export at 8 bits unless the checkup measured it at 4 bits and it does not bleed; a
+    linear no probe covers, in the precision's preset); then targets move up where the
+    checkup's figures say it pays most: the largest drop in predicted KL per byte added, to
+    whichever larger format gives it. Without `size_budget` moves go on until the predicted KL
+    fits KL_AIM of the KL budget (the smallest file that does); with it, moves go on while the
+    file stays within that many bytes (the smallest predicted KL that fits). A block-scope
+    checkup moves whole blocks. `trace`, when given, receives the (bytes, predicted KL) after
+    each move: with no budget to stop it, the curve of the smallest predicted KL at each size."""
     formats = preset_formats(session.anatomy, precision)
     if precision == "fp32":
         return formats, []
-    figures = format_figures(report, {precision, PROMOTION[precision], *formats.values()})
+    ladder = format_ladder(report, precision)
+    figures = format_figures(report, ladder)
     if precision not in figures:
         return formats, []
     _, kl, bleeding = predicted_kl(report, precision)
@@ -240,39 +251,62 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         for linear in target_linears(session.anatomy, target):
             covering.setdefault(linear, set()).add(target)
 
+    def allowed(linear: str) -> list[str]:
+        """The formats this linear may take, the most bytes saved first: those whose figure the
+        checkup has for every probe covering it, and fp32."""
+        options = [f for f in ladder if all(target_kl(figures, t, f) is not None for t in covering[linear])]
+        if linear == HEAD and precision == "int4":  # a 4-bit head makes small models repeat themselves
+            options = [f for f in options if BLOCK_FORMATS.get(f, (8,))[0] == 8
+                       or (HEAD in figures.get(f, {}) and HEAD not in predicted_kl(report, f)[2])]
+        return sorted(options, key=lambda f: -_linear_bytes_saved(session, linear, f))
+
+    options = {linear: allowed(linear) for linear in covering}
+    formats.update({linear: choices[0] for linear, choices in options.items()})
+
     def contribution(target: str, format_of) -> float:
         return sum(target_kl(figures, target, f) or 0.0
                    for f in {format_of(n) for n in target_linears(session.anatomy, target)})
 
-    def step(target: str) -> tuple[float, float, dict[str, str]] | None:
-        """(KL saved, bytes added, the linears that move and where) of moving a target's lowest
-        linears up a step."""
+    def step(target: str, room: float | None) -> tuple[float, float, dict[str, str]] | None:
+        """(KL saved, bytes added, the linears that move and where) of the best move of a target's
+        smallest linears to a larger format that adds at most `room` bytes: the most KL saved per
+        byte added."""
         linears = target_linears(session.anatomy, target)
-        lowest = min((formats[n] for n in linears), key=lambda f: BYTES_PER_WEIGHT[f])
-        up = PROMOTION.get(lowest) if lowest != "fp32" else None
-        if up is None:
+        lowest = max((formats[n] for n in linears), key=lambda f: min(_linear_bytes_saved(session, n, f)
+                                                                        for n in linears))
+        moving = [n for n in linears if formats[n] == lowest]
+        if any(n not in options for n in moving):
             return None
-        moved = {n: up for n in linears if formats[n] == lowest}
-        touched = set().union(*(covering.get(n, set()) for n in moved))
-        saved = sum(contribution(t, formats.__getitem__) - contribution(t, lambda n: moved.get(n, formats[n]))
-                    for t in touched)
-        added = sum(_linear_bytes_saved(session, n, lowest) - _linear_bytes_saved(session, n, up) for n in moved)
-        return saved, max(added, 1.0), moved
+        larger = [f for f in options[moving[0]] if all(f in options[n] for n in moving)
+                  and all(_linear_bytes_saved(session, n, f) < _linear_bytes_saved(session, n, lowest)
+                          for n in moving)]
+        best = None
+        for up in larger:
+            moved = dict.fromkeys(moving, up)
+            touched = set().union(*(covering.get(n, set()) for n in moved))
+            saved = sum(contribution(t, formats.__getitem__) - contribution(t, lambda n: moved.get(n, formats[n]))
+                        for t in touched)
+            added = max(sum(_linear_bytes_saved(session, n, lowest) - _linear_bytes_saved(session, n, up)
+                            for n in moved), 1.0)
+            fits = room is None or added <= room
+            if saved > 0 and fits and (best is None or saved / added > best[0] / best[1]):
+                best = (saved, added, moved)
+        return best
 
     # The best move is kept in a heap; a move changes only the steps of targets that share a
     # linear with a target whose figure it changed, so only those are recomputed (the app redraws
     # the choice on every move of the size slider).
-    order = {t: i for i, t in enumerate(sorted(kl, reverse=True))}  # ties: the larger name, as max() would
-    version = dict.fromkeys(kl, 0)
+    order = {t: i for i, t in enumerate(sorted(probed, reverse=True))}  # ties: the larger name, as max() would
+    version = dict.fromkeys(probed, 0)
     heap: list = []
 
-    def push(target: str) -> None:
+    def push(target: str, room: float | None = None) -> None:
         version[target] += 1
-        change = step(target)
-        if change and change[0] > 0:
+        change = step(target, room)
+        if change:
             heapq.heappush(heap, (-change[0] / change[1], order[target], version[target], target, change))
 
-    for target in kl:
+    for target in probed:
         push(target)
     size = predicted_size(session, formats).bytes
     predicted = remaining_kl(session, figures, formats)
@@ -280,8 +314,12 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         trace.append((size, predicted))
     while heap and (size_budget is not None or predicted > KL_AIM * budget_kl):
         _, _, seen, target, (saved, added, moved) = heapq.heappop(heap)
-        if seen != version[target] or (size_budget is not None and size + added > size_budget):
-            continue  # stale, or too big now and at every later size (sizes only grow)
+        if seen != version[target]:
+            continue  # stale
+        if size_budget is not None and size + added > size_budget:
+            # Too big now and at every later size (sizes only grow); a smaller move of this target may still fit.
+            push(target, size_budget - size)
+            continue
         formats.update(moved)
         size, predicted = size + added, predicted - saved
         if trace is not None:
@@ -290,8 +328,7 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         neighbours = {t for c in changed for n in target_linears(session.anatomy, c) for t in covering.get(n, ())}
         for other in sorted(neighbours & version.keys()):
             push(other)
-    counts = predicted_size(session, formats).counts
-    described = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
+    described = counts_text(predicted_size(session, formats).counts)
     constraint = (f"the smallest predicted KL within {size_budget / 2**20:,.1f} MiB" if size_budget is not None
                   else f"the smallest file whose predicted KL fits {KL_AIM:.0%} of the {budget_kl:g} budget")
     notes = [f"From the checkup's {', '.join(PREDICTORS[f] for f in figures)} probes ({len(bleeding)} bleeding), "
@@ -361,10 +398,12 @@ def preset_notes(session: Session, precision: str) -> list[str]:
         return ["The LM head shares the token embedding's weight, so an int8-dynamic export keeps it fp32 at no cost "
                 "in size (quantizing it would add an int8 copy beside the fp32 table the lookup reads)."]
     if precision in ("int8", "int4") and anatomy.head_tied:
-        return ["The LM head and the token embedding share one table, written once at 8 bits (GatherBlockQuantized "
-                "for the lookup, MatMulNBits for the head); the head probe of int8-b32 simulates exactly that."]
+        return ["The LM head and the token embedding share one table, written once in the head's format "
+                "(GatherBlockQuantized for the lookup, MatMulNBits for the head), at 8 bits unless a checkup measured "
+                "the head at 4 bits and it does not bleed; the head's probes simulate exactly that."]
     if precision in ("int8", "int4"):
-        return ["The LM head is written at 8 bits; the token embedding (untied) stays fp32."]
+        return ["The LM head is written at 8 bits (4 only where a checkup clears it); the token embedding (untied) "
+                "stays fp32."]
     return []
 
 
@@ -422,7 +461,7 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         written_format = EXPORT_FORMATS[precision]
         chosen, notes, revisable = _chosen_formats(session, report, precision, budget_kl, exclude, formats,
                                                    size_budget, data)
-        figures_by_format = format_figures(report, {precision, PROMOTION.get(precision, "fp32"), *chosen.values()})
+        figures_by_format = format_figures(report, {*format_ladder(report, precision), *chosen.values()})
         used = sorted(set(chosen.values()) - {"fp32"})
         unpredicted = [f for f in used if f not in figures_by_format and not (f == "int8" and "int4" in figures_by_format)]
         missing = missing_checkup(report, precision)
@@ -453,12 +492,27 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         if fp32_decode is not None:
             fp32["decode_s"] = fp32_decode
         del fp32_runtime
+        # The files hold a graph beside the weights (shapes, constants, node names): what the fp32
+        # file carries over its parameters' bytes. A size budget is for the file, so the weights
+        # are chosen to fit in what the graph leaves.
+        graph_bytes = max(int(fp32["size_bytes"] - session.summary.parameters * 4), 0)
+        if size_budget is not None and revisable and graph_bytes:
+            chosen, _ = choose_formats(session, report, precision, budget_kl, size_budget - graph_bytes)
+            yield LogMessage(f"The exported graph takes {graph_bytes / 2**20:.1f} MiB beside the weights; the formats "
+                             f"are chosen for the weights to fit in the {(size_budget - graph_bytes) / 2**20:,.1f} MiB "
+                             "left of the size budget.")
+            smallest = predicted_size(session, chosen).bytes + graph_bytes
+            if smallest > size_budget:
+                notes.append(f"The size budget of {size_budget / 2**20:,.2f} MiB cannot be met: the smallest mix the "
+                             f"checkup allows is about {smallest / 2**20:,.2f} MiB with its graph; that is what is "
+                             "written.")
+                yield LogMessage(notes[-1])
         from modeldoctor.checkup.run import _decoding_prompts
 
         rounds: list[dict] = []
         while True:
             counts = predicted_size(session, chosen).counts
-            detail = ", ".join(f"{counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32") if counts.get(f))
+            detail = counts_text(counts)
             written: dict[str, str] = {}
             simulated = 0.0 if precision == "fp32" else None
             if precision == "fp32":
@@ -488,7 +542,7 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
             predicted = remaining_kl(session, figures_by_format, chosen) if figures_by_format else None
             size = predicted_size(session, chosen)
             rounds.append({"formats": dict(counts), "predicted_kl": predicted, "simulated_kl": simulated,
-                           "predicted_bytes": size.bytes,
+                           "predicted_bytes": size.bytes + graph_bytes,
                            "kl_mean": figures["kl_mean"], "size_bytes": figures["size_bytes"]})
             passed = figures["kl_mean"] <= budget_kl
             if passed or not revisable or len(rounds) >= MAX_ROUNDS or not predicted or size_budget is not None:

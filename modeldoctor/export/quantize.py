@@ -3,21 +3,21 @@
 Formats a linear can be written in:
 
 - ``fp32``: the exported MatMul as it is.
-- ``int8`` / ``int4``: ``MatMulNBits`` with 8 or 4 bits, blocks of 32 inputs, an fp32 scale
-  and a zero point per block (asymmetric), at accuracy level 4: the CPU kernel quantizes each
-  row's activations to int8 per block and multiplies integers, which is what makes it fast
-  (on this AVX2 machine, without it 8-bit decode runs about 20× slower than fp32). The
-  blocks are packed by onnxruntime's own kernels (the ones its MatMulNBitsQuantizer calls),
-  so the file computes what the ``int8-b32`` / ``int4-b32`` probes simulate. Formats can be
-  mixed freely.
+- ``int8`` / ``int4`` (blocks of 32 inputs), ``int8-b64``, ``int8-b128``, ``int4-b128``:
+  ``MatMulNBits`` with 8 or 4 bits, an fp32 scale and a zero point per block (asymmetric), at
+  accuracy level 4: the CPU kernel quantizes each row's activations to int8 per block of the
+  same size and multiplies integers, which is what makes it fast (on this AVX2 machine,
+  without it 8-bit decode runs about 20× slower than fp32). The blocks are packed by
+  onnxruntime's own kernels (the ones its MatMulNBitsQuantizer calls), so the file computes
+  what the ``int8-b32`` … ``int4-b128`` probes simulate. Formats can be mixed freely.
 - ``int8-dynamic``: W8A8 through ``quantize_dynamic`` (``MatMulInteger``, int8 weights with one
   scale per tensor, uint8 activations per call), for runtimes that want integer matmuls. It
   cannot be mixed with the block formats in one export. (Per-channel scales there are a
   collapse mode of the AVX2 kernel without VNNI, so they are never written.)
 
-A head tied to the token embedding written at 8 bits becomes one shared table: the
+A head tied to the token embedding written in a block format becomes one shared table: the
 embedding lookup reads it through ``GatherBlockQuantized`` and the head through
-``MatMulNBits``, so the 28 M-parameter table of a small model is stored once, in 8 bits.
+``MatMulNBits``, so the 28 M-parameter table of a small model is stored once, in 8 or 4 bits.
 """
 
 from __future__ import annotations
@@ -30,15 +30,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from modeldoctor.errors import ModelDoctorError
-from modeldoctor.export import PRECISIONS
+from modeldoctor.export import BLOCK_FORMATS, FORMATS, PRECISIONS
 from modeldoctor.model import Anatomy
 from modeldoctor.model.anatomy import HEAD
 
-FORMATS = ("fp32", "int8", "int4", "int8-dynamic")
-BLOCK = 32
-BLOCK_BITS = {"int8": 8, "int4": 4}
 ACCURACY_LEVEL = 4  # int8 activations per block: the fast CPU path (simulated by quantize_activation_blocks)
-SHARED_TABLE_BITS = 8  # the one width a tied table is shared at (a 4-bit head makes small models repeat)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # a protobuf file holds at most 2 GB
 
 
@@ -49,67 +45,72 @@ def _quiet_quantizer_logs() -> None:
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
 
-def block_quantize(weight_in_out: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed [N, blocks, 32·bits/8], scales [N, blocks], zero points) of a (K=in, N=out) fp32
-    weight, by onnxruntime's block quantization kernels (asymmetric)."""
+def block_quantize(weight_in_out: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed [N, blocks, block·bits/8], scales [N, blocks], zero points [N, blocks·bits/8]) of a
+    (K=in, N=out) fp32 weight, by onnxruntime's block quantization kernels (asymmetric)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     rows, cols = weight_in_out.shape
-    blocks = -(-rows // BLOCK)
+    blocks = -(-rows // block)
     per_byte = 8 // bits
-    weight = np.ascontiguousarray(np.pad(weight_in_out, ((0, blocks * BLOCK - rows), (0, 0))), dtype=np.float32)
-    packed = np.zeros((cols, blocks, BLOCK // per_byte), dtype=np.uint8)
+    weight = np.ascontiguousarray(np.pad(weight_in_out, ((0, blocks * block - rows), (0, 0))), dtype=np.float32)
+    packed = np.zeros((cols, blocks, block // per_byte), dtype=np.uint8)
     zero_points = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
     scales = np.zeros((cols, blocks), dtype=np.float32)
     kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
-    kernel(packed, weight, scales, zero_points, BLOCK, cols, rows, False)
+    kernel(packed, weight, scales, zero_points, block, cols, rows, False)
     return packed, scales, zero_points
 
 
-def _matmul_nbits(node: onnx.NodeProto, weight_in_out: np.ndarray, bits: int, weight_name: str,
+def _nbits_node(inputs: list[str], outputs: list[str], name: str, rows: int, cols: int, fmt: str) -> onnx.NodeProto:
+    bits, block = BLOCK_FORMATS[fmt]
+    return helper.make_node("MatMulNBits", inputs, outputs, name=f"{name}_Q{bits}", domain="com.microsoft", K=rows,
+                            N=cols, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+
+
+def _matmul_nbits(node: onnx.NodeProto, weight_in_out: np.ndarray, fmt: str, weight_name: str,
                   graph: onnx.GraphProto) -> onnx.NodeProto:
-    packed, scales, zero_points = block_quantize(weight_in_out, bits)
+    bits, block = BLOCK_FORMATS[fmt]
+    packed, scales, zero_points = block_quantize(weight_in_out, bits, block)
     names = [f"{weight_name}_Q{bits}", f"{weight_name}_scales", f"{weight_name}_zero_points"]
     for array, name in zip((packed, scales, zero_points), names):
         graph.initializer.append(numpy_helper.from_array(array, name))
-    rows, cols = weight_in_out.shape
-    return helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{bits}",
-                            domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=BLOCK,
-                            accuracy_level=ACCURACY_LEVEL)
+    return _nbits_node([node.input[0], *names], list(node.output), node.name, *weight_in_out.shape, fmt)
 
 
-def _shared_table(head: onnx.NodeProto, gather: onnx.NodeProto, table: np.ndarray, graph: onnx.GraphProto,
+def _shared_table(head: onnx.NodeProto, gather: onnx.NodeProto, table: np.ndarray, fmt: str, graph: onnx.GraphProto,
                   ) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]:
-    """One 8-bit table (V, H) read by the head's MatMulNBits and the embedding's gather. The
-    packed weights are stored once as [V, H/32, 32]; the gather reads whole rows of blocks
-    and a Reshape joins each row's blocks back into H values."""
+    """One block-quantized table (V, H) read by the head's MatMulNBits and the embedding's
+    gather. The file stores MatMulNBits' layout once: packed weights [V, blocks, block·bits/8],
+    scales [V, blocks], zero points [V, blocks·bits/8]. The lookup reads the packed weights as
+    rows [V, blocks·block·bits/8] (a Reshape in the graph, not a second copy in the file), which
+    GatherBlockQuantized takes with MatMulNBits' own scales and packed zero points; a last
+    block padded past H is sliced off."""
+    bits, block = BLOCK_FORMATS[fmt]
     vocab, hidden = table.shape
-    if hidden % BLOCK:
-        raise ModelDoctorError(f"The embedding width {hidden} is not a multiple of {BLOCK}; its table cannot be "
-                               "shared at 8 bits. Keep the head in fp32.")
-    packed, scales, zero_points = block_quantize(np.ascontiguousarray(table.T), SHARED_TABLE_BITS)
-    blocks = hidden // BLOCK
-    names = {"table": "shared_embedding_Q8", "scales": "shared_embedding_scales",
-             "zero_points": "shared_embedding_zero_points", "row_scales": "shared_embedding_row_scales",
-             "row_zero_points": "shared_embedding_row_zero_points", "shape": "shared_embedding_row_shape"}
-    names["row_shape"] = "shared_embedding_scales_row_shape"
+    packed, scales, zero_points = block_quantize(np.ascontiguousarray(table.T), bits, block)
+    prefix = f"shared_embedding_Q{bits}"
+    names = {"table": prefix, "scales": f"{prefix}_scales", "zero_points": f"{prefix}_zero_points",
+             "row_shape": f"{prefix}_row_shape", "rows": f"{prefix}_rows"}
     for key, array in (("table", packed), ("scales", scales), ("zero_points", zero_points),
-                       ("row_shape", np.array([vocab, blocks, 1], dtype=np.int64)),
-                       ("shape", np.array([0, 0, hidden], dtype=np.int64))):
+                       ("row_shape", np.array([vocab, packed.shape[1] * packed.shape[2]], dtype=np.int64))):
         graph.initializer.append(numpy_helper.from_array(array, names[key]))
-    # The lookup wants the scales and zero points as [V, H/32, 1]: reshaped in the graph, so the
-    # file stores them once (onnxruntime folds the reshape when it loads the model).
-    reshapes = [helper.make_node("Reshape", [names[key], names["row_shape"]], [names[f"row_{key}"]],
-                                 name=f"{gather.name}_{key}_rows") for key in ("scales", "zero_points")]
-    matmul = helper.make_node("MatMulNBits", [head.input[0], names["table"], names["scales"], names["zero_points"]],
-                              list(head.output), name=f"{head.name}_Q8", domain="com.microsoft", K=hidden, N=vocab,
-                              bits=SHARED_TABLE_BITS, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
-    rows = f"{gather.output[0]}_blocks"
-    lookup = reshapes + [helper.make_node("GatherBlockQuantized", [names["table"], gather.input[1], names["row_scales"],
-                                                        names["row_zero_points"]], [rows],
-                               name=f"{gather.name}_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                               block_size=BLOCK, bits=SHARED_TABLE_BITS),
-              helper.make_node("Reshape", [rows, names["shape"]], list(gather.output), name=f"{gather.name}_rows")]
+    matmul = _nbits_node([head.input[0], names["table"], names["scales"], names["zero_points"]], list(head.output),
+                         head.name, hidden, vocab, fmt)
+    padded = packed.shape[1] * block != hidden
+    looked_up = f"{gather.output[0]}_padded" if padded else gather.output[0]
+    lookup = [helper.make_node("Reshape", [names["table"], names["row_shape"]], [names["rows"]],
+                               name=f"{gather.name}_table_rows"),
+              helper.make_node("GatherBlockQuantized", [names["rows"], gather.input[1], names["scales"],
+                                                        names["zero_points"]], [looked_up],
+                               name=f"{gather.name}_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                               block_size=block, bits=bits)]
+    if padded:
+        slice_args = {"starts": [0], "ends": [hidden], "axes": [-1]}
+        for key, values in slice_args.items():
+            graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), f"{prefix}_{key}"))
+        lookup.append(helper.make_node("Slice", [looked_up, *(f"{prefix}_{k}" for k in slice_args)],
+                                       list(gather.output), name=f"{gather.name}_unpadded"))
     return matmul, lookup
 
 
@@ -120,37 +121,37 @@ def embedding_gather(model: onnx.ModelProto, table: str) -> onnx.NodeProto | Non
 
 def write_block_formats(model: onnx.ModelProto, anatomy: Anatomy, mapping: dict[str, str],
                         formats: dict[str, str]) -> None:
-    """Replace each linear's MatMul by MatMulNBits at its format ('int8' or 'int4'; 'fp32' stays).
-    A tied head at 8 bits shares one table with the embedding lookup; at 4 bits it gets its own
-    copy and the lookup keeps the fp32 table."""
+    """Replace each linear's MatMul by MatMulNBits at its block format ('fp32' stays). A tied
+    head in a block format shares one table, in that format, with the embedding lookup."""
     from modeldoctor.export.graph import fold_transposed_weights, matmul_weight_source
 
     graph = model.graph
-    shared = anatomy.head_tied and formats.get(HEAD) == "int8"
-    copied = {mapping[n] for n, f in formats.items() if f in BLOCK_BITS and not (n == HEAD and shared)}
+    shared = anatomy.head_tied and formats.get(HEAD) in BLOCK_FORMATS
+    copied = {mapping[n] for n, f in formats.items() if f in BLOCK_FORMATS and not (n == HEAD and shared)}
     fold_transposed_weights(model, copied)
     initializers = {i.name: i for i in graph.initializer}
     by_node = {node: name for name, node in mapping.items()}
     replaced: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         name = by_node.get(node.name)
-        if node.op_type != "MatMul" or name is None or formats.get(name) not in BLOCK_BITS:
+        if node.op_type != "MatMul" or name is None or formats.get(name) not in BLOCK_FORMATS:
             continue
         if name == HEAD and shared:
             table_name = matmul_weight_source(model, node)
             gather = embedding_gather(model, table_name) if table_name else None
             if gather is None:
                 raise ModelDoctorError("The tied head's table has no embedding lookup in the exported graph; it "
-                                       "cannot be shared at 8 bits. Keep the head in fp32.")
-            matmul, lookup = _shared_table(node, gather, numpy_helper.to_array(initializers[table_name]), graph)
+                                       "cannot be shared. Keep the head in fp32.")
+            matmul, lookup = _shared_table(node, gather, numpy_helper.to_array(initializers[table_name]),
+                                           formats[name], graph)
             replaced[node.name] = [matmul]
             replaced[gather.name] = lookup
             continue
         weight = node.input[1]
         if weight not in initializers:
             raise ModelDoctorError(f"The MatMul computing {name} has no constant weight; it cannot be quantized.")
-        replaced[node.name] = [_matmul_nbits(node, numpy_helper.to_array(initializers[weight]),
-                                             BLOCK_BITS[formats[name]], weight, graph)]
+        replaced[node.name] = [_matmul_nbits(node, numpy_helper.to_array(initializers[weight]), formats[name],
+                                             weight, graph)]
     nodes = [new for node in graph.node for new in replaced.get(node.name, [node])]
     graph.ClearField("node")
     graph.node.extend(nodes)
@@ -209,7 +210,7 @@ def quantize_export(fp32_path: Path, target: Path, formats: dict[str, str], anat
         raise ModelDoctorError(f"Unknown format {', '.join(bad)}; a linear is one of {', '.join(FORMATS)}.")
     formats = {name: formats.get(name, "fp32") for name in anatomy.linear_targets()}
     used = set(formats.values())
-    if "int8-dynamic" in used and used & set(BLOCK_BITS):
+    if "int8-dynamic" in used and used & set(BLOCK_FORMATS):
         raise ModelDoctorError("int8-dynamic (MatMulInteger) cannot be mixed with the int8/int4 block formats in "
                                "one export.")
     model = onnx.load(str(fp32_path))

@@ -33,6 +33,9 @@ TERMS = {
                 "activations quantized to 8 bits per block of 32 as the multiply runs: what the int8 export "
                 "(MatMulNBits, accuracy level 4) writes; a head tied to the embedding becomes one 8-bit table "
                 "that both read.",
+    "larger blocks": "The same formats with one scale and zero point per 64 or 128 weights instead of 32 "
+                     "(int8-b64, int8-b128, int4-b128): fewer bytes per weight, coarser rounding. The export "
+                     "mixes them in where the checkup measured them safe.",
     "int4 mixed": "Most linears at 4 bits in blocks of 32; the fragile ones, and the head, at 8 bits (both "
                   "MatMulNBits with 8-bit activations per block), chosen from the checkup's figures.",
     "Wanda": "Pruning that removes the weights with the smallest |weight| × input norm, per output row (Sun et "

@@ -331,8 +331,8 @@ class MainWindow(QMainWindow):
     def resume_checkup(self) -> None:
         self.checkup.resume_checkup()
 
-    def start_checkup_of(self, modification: str) -> None:
-        self.checkup.start_checkup_of(modification)
+    def start_checkup_of(self, modifications: str) -> None:
+        self.checkup.start_checkup_of(modifications)
 
     def start_treatment(self) -> None:
         self.treatment.start_treatment()

@@ -210,7 +210,13 @@ class BeforeAfter:
 # ---- the anatomy view: the model as its stack of blocks, one cell per linear ---------------------
 
 KEPT_FP32 = (150, 150, 150)  # a linear the export leaves in fp32
-FORMAT_COLORS = {"int8": (92, 140, 200), "int4": (150, 105, 190), "int8-dynamic": (70, 160, 150), "fp32": KEPT_FP32}
+# Each export format's colour, and its name in legends: 8 bits blue, 4 bits purple, larger
+# blocks (coarser) in lighter shades of the same hue.
+FORMAT_COLORS = {"int8": (92, 140, 200), "int8-b64": (130, 170, 220), "int8-b128": (170, 200, 235),
+                 "int4": (150, 105, 190), "int4-b128": (195, 160, 225), "int8-dynamic": (70, 160, 150),
+                 "fp32": KEPT_FP32}
+FORMAT_COLOR_NAMES = {"int8": "blue", "int8-b64": "light blue", "int8-b128": "pale blue", "int4": "purple",
+                      "int4-b128": "light purple", "int8-dynamic": "teal", "fp32": "grey"}
 EMBEDDING = "embedding"
 
 
@@ -294,7 +300,9 @@ def export_cells(layout: AnatomyLayout, formats: dict[str, str], predicted: dict
         figure = predicted.get(name)
         text = f"{name}: {fmt}" + (f", predicted KL {figure:.4g} at the export's format" if figure is not None else "")
         cells[name] = AnatomyCell(name, (*FORMAT_COLORS[fmt], 255), text + " (click to switch)")
-    table = formats.get("head", "fp32") if head_tied and formats.get("head") == "int8" else "fp32"
+    from modeldoctor.export import BLOCK_FORMATS
+
+    table = formats.get("head", "fp32") if head_tied and formats.get("head") in BLOCK_FORMATS else "fp32"
     cells[EMBEDDING] = AnatomyCell(EMBEDDING, (*FORMAT_COLORS[table], 255), f"token embedding: {table}"
                                    + (" (one table shared with the tied head)" if head_tied else ""))
     return cells

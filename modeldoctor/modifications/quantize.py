@@ -86,25 +86,27 @@ def quantize_activation_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor
 
 
 class BlockQuantizedMatMul(RoundToNearest):
-    """What the exporter's MatMulNBits computes: weights in asymmetric blocks of 32 (as the
-    group-32 asymmetric rounding above), activations in int8 per block of 32 (accuracy level
-    4, the fast CPU path). At 8 bits a head tied to the embedding is one shared table."""
+    """What the exporter's MatMulNBits computes: weights in asymmetric blocks of `block` inputs
+    (as the group asymmetric rounding above), activations in int8 per block of the same size
+    (accuracy level 4, the fast CPU path). A head tied to the embedding is one shared table,
+    which the lookup reads too."""
 
-    def __init__(self, name: str, bits: int) -> None:
-        super().__init__(name, bits, 32, symmetric=False)
-        self.sweep_group = "int-b32"
-        self.shares_tied_table = bits == 8
+    def __init__(self, name: str, bits: int, block: int) -> None:
+        super().__init__(name, bits, block, symmetric=False)
+        self.sweep_group = f"int-b{block}"
+        self.shares_tied_table = True
 
     def extra_hooks(self, ctx: ModContext, linear: str, module: torch.nn.Module) -> list:
         def quantize_input(mod, args):
-            return (quantize_activation_blocks(args[0]),) + tuple(args[1:])
+            return (quantize_activation_blocks(args[0], self.group),) + tuple(args[1:])
         return [module.register_forward_pre_hook(quantize_input)]
 
 
-@register(r"int(?P<bits>[48])-b32", "int8 / int4 as the export's MatMulNBits runs them: weights in asymmetric "
-          "blocks of 32, activations int8 per block of 32", ("int8-b32", "int4-b32"))
+@register(r"int(?P<bits>[48])-b(?P<block>32|64|128)", "int8 / int4 as the export's MatMulNBits runs them: weights in "
+          "asymmetric blocks of 32, 64 or 128 inputs, activations int8 per block of the same size",
+          ("int8-b32", "int4-b32", "int8-b64", "int8-b128", "int4-b128"))
 def _block_matmul(match):
-    return BlockQuantizedMatMul(match[0], int(match["bits"]))
+    return BlockQuantizedMatMul(match[0], int(match["bits"]), int(match["block"]))
 
 
 def _dequantized_uint8(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

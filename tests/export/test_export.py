@@ -221,3 +221,50 @@ def test_export_folder_loads_in_optimum(llama_session, tmp_path):
     ids = torch.randint(3, 300, (1, 12))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 16)
+
+
+@pytest.fixture(scope="module")
+def all_blocks_checkup(model_dirs):
+    """Every block format probed at linear scope on a tied model."""
+    session = Session.open(model_dirs["gpt2"])
+    data = session.data(SPEC)
+    report = checkup(session, CheckupPlan(modifications=["int8-b32", "int8-b128", "int4-b32", "int4-b128"],
+                                          scope="linears", knowledge=False, exhaustive=True, threshold=1e-3), data)
+    return session, report
+
+
+def test_the_knapsack_mixes_block_sizes_the_checkup_measured(all_blocks_checkup, block_checkup):
+    from modeldoctor.export.pipeline import (
+        choose_formats, format_figures, format_ladder, predicted_kl, predicted_size, remaining_kl, size_kl_curve,
+    )
+    from modeldoctor.model.anatomy import HEAD
+
+    session, report = all_blocks_checkup
+    assert format_ladder(report, "int4") == ["int4-b128", "int4", "int8-b128", "int8", "fp32"]
+    assert format_ladder(report, "int8") == ["int8-b128", "int8", "fp32"]
+    assert format_ladder(block_checkup[2], "int4") == ["int4", "int8", "fp32"]  # b32 probes only
+    assert format_ladder(None, "int8") == ["int8", "fp32"]
+    figures = format_figures(report, format_ladder(report, "int4"))
+    fp32_bytes = session.summary.parameters * 4
+    used = set()
+    for share in (0.4, 0.5, 0.6, 0.8):  # the smallest mix is 39 % (position embeddings stay fp32)
+        formats, _ = choose_formats(session, report, "int4", 0.02, size_budget=int(share * fp32_bytes))
+        assert predicted_size(session, formats).bytes <= share * fp32_bytes
+        # Every linear in a format the checkup measured for it (or fp32).
+        assert all(f == "fp32" or name in figures[f] for name, f in formats.items())
+        used |= set(formats.values())
+    assert {"int4-b128", "int8-b128"} <= used  # the larger blocks are taken where they pay
+    # The curve starts smaller than the block-32 checkup's: every linear starts at its smallest measured format.
+    curve, b32_curve = size_kl_curve(session, report, "int4"), size_kl_curve(*block_checkup[:1], block_checkup[2], "int4")
+    assert curve[0][0] < b32_curve[0][0]
+    # Under a KL budget: the smallest predicted file that fits it.
+    formats, _ = choose_formats(session, report, "int8", 0.01)
+    assert remaining_kl(session, format_figures(report, format_ladder(report, "int8")), formats) <= 0.007
+    # A 4-bit head (one 4-bit table with the embedding) only where the checkup measured it and it
+    # does not bleed; a 1-byte budget leaves every linear where it starts.
+    from dataclasses import replace
+
+    for bleeds, start in ((False, "int4-b128"), (True, "int8-b128")):
+        verdict = replace(report, probes=[replace(p, bleeding=bleeds) if p.spec.targets == (HEAD,)
+                                          and p.spec.modification.startswith("int4") else p for p in report.probes])
+        assert choose_formats(session, verdict, "int4", 0.02, size_budget=1)[0][HEAD] == start

@@ -14,7 +14,7 @@ from modeldoctor.checkup.run import checkup
 from modeldoctor.data import DataSpec
 from modeldoctor.events import LogMessage
 from modeldoctor.export.pipeline import PREDICTORS, choose_formats, export_model, preset_formats
-from modeldoctor.export.quantize import BLOCK as INT4_BLOCK
+from modeldoctor.export import BLOCK_FORMATS
 from modeldoctor.modifications.base import create
 from modeldoctor.modifications.quantize import quantize_rtn
 
@@ -31,13 +31,13 @@ def one_linear(weight: torch.Tensor):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def ort_quantized(weight: torch.Tensor, bits: int):
+def ort_quantized(weight: torch.Tensor, bits: int, block: int):
     """One MatMul quantized by onnxruntime's own MatMulNBits quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.disable(logging.INFO)
     try:
-        quantizer = MatMulNBitsQuantizer(one_linear(weight), bits=bits, block_size=INT4_BLOCK, is_symmetric=False,
+        quantizer = MatMulNBitsQuantizer(one_linear(weight), bits=bits, block_size=block, is_symmetric=False,
                                          op_types_to_quantize=("MatMul",))
         quantizer.process()
     finally:
@@ -47,10 +47,10 @@ def ort_quantized(weight: torch.Tensor, bits: int):
     return model
 
 
-def matmulnbits_weight(weight: torch.Tensor, bits: int = 4) -> np.ndarray:
+def matmulnbits_weight(weight: torch.Tensor, bits: int, block: int) -> np.ndarray:
     """The (out, in) weight that onnxruntime computes with for this linear quantized by its own
     MatMulNBits quantizer: the graph run on the identity (float activations)."""
-    session = ort.InferenceSession(ort_quantized(weight, bits).SerializeToString(),
+    session = ort.InferenceSession(ort_quantized(weight, bits, block).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     return session.run(None, {"x": np.eye(weight.shape[1], dtype=np.float32)})[0].T
 
@@ -62,21 +62,22 @@ def packed_blocks(model) -> list[np.ndarray]:
     return [initializers[name].reshape(-1) for name in node.input[1:]]
 
 
-def our_quantized(weight: torch.Tensor, bits: int):
+def our_quantized(weight: torch.Tensor, fmt: str):
     """The same linear as our exporter writes it (block_quantize → MatMulNBits)."""
     from modeldoctor.export.quantize import _matmul_nbits
 
     model = one_linear(weight)
     node = model.graph.node.pop()
-    weight_in_out = numpy_helper.to_array(model.graph.initializer[0])
-    model.graph.node.append(_matmul_nbits(node, weight_in_out, bits, "w", model.graph))
+    weight_in_out = numpy_helper.to_array(model.graph.initializer.pop())
+    model.graph.node.append(_matmul_nbits(node, weight_in_out, fmt, "w", model.graph))
     return model
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_the_block_formats_are_what_their_predictions_simulate(bits):
+@pytest.mark.parametrize("fmt", sorted(BLOCK_FORMATS))
+def test_the_block_formats_are_what_their_predictions_simulate(fmt):
     assert PREDICTORS["int4"] == "int4-b32" and PREDICTORS["int8"] == "int8-b32"
-    assert PREDICTORS["int8-dynamic"] == "int8-dynamic"
+    assert PREDICTORS["int8-b128"] == "int8-b128" and PREDICTORS["int8-dynamic"] == "int8-dynamic"
+    bits, block = BLOCK_FORMATS[fmt]
     torch.manual_seed(0)
     ties = torch.zeros(6, 40)  # 40 inputs: a padded second block
     ties[0, :32] = torch.linspace(-0.75, 3.0, 32)  # scale 0.25, zero point 3: w / scale + 3 hits halves
@@ -85,14 +86,41 @@ def test_the_block_formats_are_what_their_predictions_simulate(bits):
     ties[2] = -torch.rand(40) - 0.5  # all negative
     ties[3, 5] = 1.0  # a single nonzero value; ties[4] stays all zero
     ties[5] = torch.randn(40) * 1e-3
-    for weight in (ties, torch.randn(24, 96) * 0.2, torch.randn(8, 64).pow(3)):
-        expected = matmulnbits_weight(weight, bits)
-        for ours, theirs in zip(packed_blocks(our_quantized(weight, bits)), packed_blocks(ort_quantized(weight, bits))):
+    # Inputs that leave the last block part-filled at every block size (40, 96, 200).
+    for weight in (ties, torch.randn(24, 96) * 0.2, torch.randn(8, 64).pow(3), torch.randn(4, 200)):
+        expected = matmulnbits_weight(weight, bits, block)
+        for ours, theirs in zip(packed_blocks(our_quantized(weight, fmt)),
+                                packed_blocks(ort_quantized(weight, bits, block))):
             np.testing.assert_array_equal(ours, theirs)  # our file packs exactly as onnxruntime's quantizer
-        simulated = quantize_rtn(weight, bits, INT4_BLOCK, symmetric=False).numpy()
+        simulated = quantize_rtn(weight, bits, block, symmetric=False).numpy()
         np.testing.assert_array_equal(simulated, expected)
-        for name in (f"int{bits}-g32-asym", f"int{bits}-b32"):  # b32 adds the activations (see test_head_target)
+        # The probe adds the activations (next test and test_head_target).
+        for name in (f"int{bits}-g{block}-asym", PREDICTORS[fmt]):
             assert torch.equal(create(name).new_weight(None, "x", weight), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("fmt", sorted(BLOCK_FORMATS))
+def test_a_block_probe_computes_what_matmulnbits_computes(fmt):
+    """Weights and activations: accuracy level 4 quantizes each row's inputs to int8 per block of
+    the weights' block size, which the probe's hook simulates (float accumulation apart)."""
+    bits, block = BLOCK_FORMATS[fmt]
+    torch.manual_seed(1)
+    weight, inputs = torch.randn(16, 200) * 0.1, torch.randn(5, 200) * 3
+    model = our_quantized(weight, fmt)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 5
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runtime = session.run(None, {"x": inputs.numpy()})[0]
+    linear = torch.nn.Linear(200, 16, bias=False)
+    linear.weight.data.copy_(create(PREDICTORS[fmt]).new_weight(None, "x", weight))
+    hook = create(PREDICTORS[fmt]).extra_hooks(None, "x", linear)
+    with torch.no_grad():
+        simulated = linear(inputs).numpy()
+    hook[0].remove()
+    np.testing.assert_allclose(simulated, runtime, rtol=0, atol=1e-5 * np.abs(runtime).max())
+    with torch.no_grad():
+        weights_only = linear(inputs).numpy()
+    assert np.abs(weights_only - runtime).max() > 100 * 1e-5 * np.abs(runtime).max()  # the activations matter
 
 
 @pytest.fixture(scope="module")

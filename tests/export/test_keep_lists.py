@@ -14,9 +14,9 @@ QUANTIZED_OPS = {"int8-dynamic": {"MatMulInteger", "DynamicQuantizeMatMul"}, "in
                  "int4": {"MatMulNBits"}}
 
 
-def quantized_bits(path) -> list[int]:
-    """The width of every MatMulNBits in the file."""
-    return sorted(next(a.i for a in n.attribute if a.name == "bits")
+def quantized_bits(path) -> list[tuple[int, int]]:
+    """The (width, block size) of every MatMulNBits in the file."""
+    return sorted(tuple(next(a.i for a in n.attribute if a.name == key) for key in ("bits", "block_size"))
                   for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits")
 
 
@@ -37,16 +37,19 @@ def test_kept_linears_stay_fp32_and_all_others_are_quantized(model_dirs, tmp_pat
     assert float_linears(path, session) == set(keep)
     assert quantized_count(path, precision) == len(session.anatomy.linear_targets()) - len(keep)
     if precision == "int4":  # the head at 8 bits, every other quantized linear at 4
-        assert quantized_bits(path) == [4] * (len(session.anatomy.linear_targets()) - len(keep) - 1) + [8]
+        assert quantized_bits(path) == [(4, 32)] * (len(session.anatomy.linear_targets()) - len(keep) - 1) + [(8, 32)]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
 def test_every_linear_is_written_in_its_own_format(model_dirs, tmp_path, family):
-    """A mix of fp32, int8 and int4 linears in one file, each exactly as asked (the head at 4 bits
-    too, which a tied head gets as its own copy)."""
+    """A mix of fp32 and every block format in one file, each exactly as asked (the head at 4 bits
+    too, which a tied head shares with the embedding lookup as one 4-bit table)."""
+    from modeldoctor.export import BLOCK_FORMATS
+
     session = Session.open(model_dirs[family])
     names = session.anatomy.linear_targets()
-    formats = {name: ("fp32", "int8", "int4")[i % 3] for i, name in enumerate(names)}
+    mix = ("fp32", *BLOCK_FORMATS)
+    formats = {name: mix[i % len(mix)] for i, name in enumerate(names)}
     formats["head"] = "int4"
     events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int4", formats=formats,
                                budget_kl=100.0, prompts=["Hi"]))
@@ -55,9 +58,10 @@ def test_every_linear_is_written_in_its_own_format(model_dirs, tmp_path, family)
     path = tmp_path / "out" / "model.onnx"
     assert result.formats == formats
     assert float_linears(path, session) == {n for n, f in formats.items() if f == "fp32"}
-    wanted = sorted({"int8": 8, "int4": 4}[f] for f in formats.values() if f != "fp32")
+    wanted = sorted(BLOCK_FORMATS[f] for f in formats.values() if f != "fp32")
     assert quantized_bits(path) == wanted
-    assert not any(n.op_type == "GatherBlockQuantized" for n in onnx.load(str(path)).graph.node)
+    lookups = [n for n in onnx.load(str(path)).graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == session.anatomy.head_tied
 
 
 @pytest.mark.parametrize("precision", ["int8-dynamic", "int8"])

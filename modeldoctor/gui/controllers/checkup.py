@@ -93,11 +93,12 @@ class CheckupController(Controller):
         self.start_checkup(CheckupPlan.from_dict(report.plan), resume=report,
                            spec=DataSpec(**spec) if spec else self.state.data_spec)
 
-    def start_checkup_of(self, modification: str) -> None:
-        """A checkup of exactly one modification, per linear, with the Plan page's other settings
-        (the Export page asks for the format its export writes)."""
+    def start_checkup_of(self, modifications: str) -> None:
+        """A checkup of exactly these modifications (comma-separated), per linear, with the Plan
+        page's other settings (the Export page asks for the formats its export writes)."""
         # Exhaustive: the export's predicted KL adds every linear's figure, so each must be measured.
-        self.start_checkup(replace(self.window.plan_page.plan(), modifications=[modification], scope="linears",
+        self.start_checkup(replace(self.window.plan_page.plan(), modifications=modifications.split(","),
+                                   scope="linears",
                                    modes=("isolated",), targets=None, exhaustive=True))
 
     def pause(self, paused: bool) -> None:

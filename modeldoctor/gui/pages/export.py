@@ -9,32 +9,21 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QButtonGroup, QCheckBox, QDoubleSpinBox, QSlider, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-    QListWidget, QListWidgetItem, QProgressBar, QPushButton, QRadioButton, QSplitter, QTabWidget, QTableWidget,
+    QListWidget, QListWidgetItem, QProgressBar, QPushButton, QRadioButton, QSizePolicy, QSplitter, QTabWidget, QTableWidget,
     QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from modeldoctor.export.pipeline import (
-    DEFAULT_BUDGET_KL, PREDICTORS, PROMOTION, format_counts, missing_checkup, missing_checkup_text, predicted_kl,
+    DEFAULT_BUDGET_KL, PREDICTORS, counts_text, format_counts, format_ladder, missing_checkup, missing_checkup_text,
+    predicted_kl,
 )
 from modeldoctor.export.validate import DECODE_CACHE, LATENCY_TOKENS
 from modeldoctor.gui.anatomy import AnatomyView
 from modeldoctor.gui.clock import JobClock
 from modeldoctor.gui.plots import LabelAxis, backing, kl_chart
-from modeldoctor.gui.viewmodel import FORMAT_COLORS, KL_FLOOR, SEVERITY_COLORS, log_kl
+from modeldoctor.gui.viewmodel import FORMAT_COLOR_NAMES, FORMAT_COLORS, KL_FLOOR, SEVERITY_COLORS, log_kl
 
-
-
-def ladder(precision: str) -> list[str]:
-    """The formats a linear can take in an export of this precision, lowest first."""
-    steps = [precision]
-    while steps[-1] != "fp32":
-        steps.append(PROMOTION[steps[-1]])
-    return steps
-
-
-# A list item's check state for each step of the ladder: unticked is the precision's own format,
-# half-ticked the 8-bit step of an int4 export, ticked fp32.
-CHECK_STATES = (Qt.CheckState.Unchecked, Qt.CheckState.PartiallyChecked, Qt.CheckState.Checked)
+FORMAT_ROLE = Qt.ItemDataRole.UserRole + 1  # a list item's format (its linear's name is UserRole)
 
 
 def format_bytes(count: float) -> str:
@@ -47,7 +36,7 @@ def format_bytes(count: float) -> str:
 class ExportPage(QWidget):
     exportRequested = Signal()
     cancelRequested = Signal()
-    checkupRequested = Signal(str)  # a checkup of exactly this modification, the format the export writes
+    checkupRequested = Signal(str)  # a checkup of exactly these modifications (comma-separated), formats the export writes
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -118,6 +107,8 @@ class ExportPage(QWidget):
         form_box.addWidget(options)
         self.prediction = QLabel()  # size and KL of the export before it is written
         self.prediction.setWordWrap(True)
+        # Wrapped text keeps its full height when the page is short; the anatomy below gives way.
+        self.prediction.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         form_box.addWidget(self.prediction)
         keep_box = QGroupBox("Format of each linear (chosen from the checkup; click to switch)")
         keep_layout = QVBoxLayout(keep_box)
@@ -125,15 +116,25 @@ class ExportPage(QWidget):
         # small screen.
         self.keep_note = QLabel()
         self.keep_note.setWordWrap(True)
+        self.keep_note.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         keep_layout.addWidget(self.keep_note)
         self.run_checkup = QPushButton()
         self.run_checkup.hide()
         keep_layout.addWidget(self.run_checkup)
+        # Blocks of 64 and 128 store fewer scales: offered once a checkup measures them.
+        self.block_checkup = QPushButton()
+        self.block_checkup.setToolTip("Larger blocks (64 or 128 inputs per scale) make smaller files; the checkup "
+                                      "measures every linear in each of these formats, so the choice can use them "
+                                      "where they are safe. It takes about as long per format as the first one.")
+        self.block_checkup.hide()
+        keep_layout.addWidget(self.block_checkup)
         self.keep_tabs = QTabWidget()
         self.anatomy = AnatomyView()  # the model's linears in the format the export writes for each
         self.keep = QListWidget()  # the same choice as a list (keyboard, screen readers)
         self.keep_tabs.addTab(self.anatomy, "Anatomy")
         self.keep_tabs.addTab(self.keep, "List")
+        self.keep.setToolTip("Enter or a double-click moves a linear one format up (fp32 wraps round to the "
+                             "smallest).")
         keep_layout.addWidget(self.keep_tabs, 1)
         form_box.addWidget(keep_box, 1)
         buttons = QHBoxLayout()
@@ -192,7 +193,8 @@ class ExportPage(QWidget):
             legend.addItem(pg.PlotDataItem(pen=pen_or_brush), text)
         legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=SEVERITY_COLORS["moderate"]),
                        "in the export's format")
-        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=FORMAT_COLORS["int8"]), "raised to int8")
+        legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=FORMAT_COLORS["int8"]),
+                       "raised (its format's colour)")
         legend.addItem(pg.BarGraphItem(x=[0], height=[0], width=1, brush=FORMAT_COLORS["fp32"]), "written in fp32")
         self.measured.hide()
         self.predicted_line.hide()
@@ -219,11 +221,14 @@ class ExportPage(QWidget):
         self.cancel.clicked.connect(self.cancelRequested)
         self.more.clicked.connect(lambda: self.keep_more(5))
         self.run_checkup.clicked.connect(lambda: self.checkupRequested.emit(self.run_checkup.property("modification")))
+        self.block_checkup.clicked.connect(
+            lambda: self.checkupRequested.emit(self.block_checkup.property("modification")))
         self.precision_group.buttonToggled.connect(lambda *a: self.refresh_suggestions())
         self.budget.valueChanged.connect(lambda *a: self.refresh_suggestions())
         self.size_fit.toggled.connect(self._size_budget_toggled)
         self.size_slider.valueChanged.connect(lambda *a: self.refresh_suggestions())
         self.keep.itemChanged.connect(self._format_edited)
+        self.keep.itemActivated.connect(lambda item: self.toggle_keep(item.data(Qt.ItemDataRole.UserRole)))
         self.edited = False  # the user changed a format by hand (then the export writes exactly those)
         self._curve_key, self._curve = None, []  # the size-vs-KL curve and what it was computed for
         self.anatomy.cellClicked.connect(self.toggle_keep)
@@ -259,15 +264,16 @@ class ExportPage(QWidget):
                      + (f"   (predicted KL {value:.4f} at {self.precision()})" if value is not None else ""))
         self.keep.blockSignals(False)
 
-    def _item_format(self, item) -> str:
-        steps = ladder(self.precision())
-        index = CHECK_STATES.index(item.checkState())
-        return steps[-1] if index == 2 else steps[min(index, len(steps) - 1)]
+    def ladder(self) -> list[str]:
+        """The formats a linear can take in this export, fewest bytes first, fp32 last."""
+        return format_ladder(self.report, self.precision())
+
+    @staticmethod
+    def _item_format(item) -> str:
+        return item.data(FORMAT_ROLE)
 
     def _set_item_format(self, item, fmt: str) -> None:
-        steps = ladder(self.precision())
-        index = steps.index(fmt) if fmt in steps else len(steps) - 1
-        item.setCheckState(Qt.CheckState.Checked if index == len(steps) - 1 and index else CHECK_STATES[index])
+        item.setData(FORMAT_ROLE, fmt if fmt in self.ladder() else "fp32")
 
     def formats(self) -> dict[str, str]:
         """Each linear's format as the list shows it."""
@@ -315,14 +321,11 @@ class ExportPage(QWidget):
             chosen = formats_with(self._session, precision, list(treated.keep))
             notes = [f"Set to fp32 by the mixed-precision treatment for {treated.keep_for} "
                      f"({len(treated.keep)} linears)."] + preset_notes(self._session, precision)
-        tristate = len(ladder(precision)) > 2
         self.keep.blockSignals(True)
         self.keep.clear()
         for name in sorted(self.linears, key=lambda n: self.predicted.get(n, 0), reverse=True):
             item = QListWidgetItem()
             item.setData(Qt.ItemDataRole.UserRole, name)
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable
-                          | (Qt.ItemFlag.ItemIsUserTristate if tristate else Qt.ItemFlag.NoItemFlags))
             self._set_item_format(item, chosen.get(name, precision))
             self.keep.addItem(item)
             self._label_item(item)
@@ -349,8 +352,15 @@ class ExportPage(QWidget):
             self.run_checkup.setText(f"Run a linear-scope checkup of {PREDICTORS[precision]}")
             self.run_checkup.setProperty("modification", PREDICTORS[precision])
         else:
-            self.keep_note.setText(" ".join(notes + (
-                ["Unticked: " + precision + ", half-ticked: int8, ticked: fp32."] if tristate else [])))
+            self.keep_note.setText(" ".join(notes))
+        from modeldoctor.export import PRECISION_FORMATS
+
+        every_block = [PREDICTORS[f] for f in PRECISION_FORMATS[precision]]
+        unmeasured = [f for f in PRECISION_FORMATS[precision] if f not in self.ladder()]
+        self.block_checkup.setVisible(self._session is not None and not missing and bool(self.predicted)
+                                      and bool(unmeasured))
+        self.block_checkup.setText(f"Also try larger blocks: check up {', '.join(every_block)}")
+        self.block_checkup.setProperty("modification", ",".join(every_block))
         self.run_checkup.setVisible(bool(missing) or (precision != "fp32" and not self.predicted
                                                       and self._session is not None))
         self._draw_curve()
@@ -379,11 +389,13 @@ class ExportPage(QWidget):
         """A click on a linear in the anatomy view moves it one format up (the top one wraps round)."""
         if self.precision() == "fp32" or not self.keep.isEnabled():
             return
-        steps = ladder(self.precision())
+        steps = self.ladder()
         for i in range(self.keep.count()):
             item = self.keep.item(i)
             if item.data(Qt.ItemDataRole.UserRole) == name:
-                self._set_item_format(item, steps[(steps.index(self._item_format(item)) + 1) % len(steps)])
+                current = self._item_format(item)
+                self._set_item_format(item, steps[(steps.index(current) + 1) % len(steps)] if current in steps
+                                      else steps[0])
                 return
 
     def _draw_anatomy(self) -> None:
@@ -396,12 +408,11 @@ class ExportPage(QWidget):
         self.anatomy.set_layout(layout)
         precision = self.precision()
         formats = self.formats()
-        counts = {f: sum(1 for v in formats.values() if v == f) for f in ladder(precision)}
-        colours = {"fp32": "grey", "int8": "blue", "int4": "purple", "int8-dynamic": "teal"}
+        counts = {f: sum(1 for v in formats.values() if v == f) for f in self.ladder()}
         self.anatomy.set_cells(
             export_cells(layout, formats, self.predicted, self._session.anatomy.head_tied),
-            legend=" · ".join(f"{colours[f]}: {f} ({n})" for f, n in counts.items())
-            + (" · click a linear to switch it" if precision != "fp32" else ""),
+            legend=" · ".join(f"{FORMAT_COLOR_NAMES[f]}: {f} ({n})" for f, n in counts.items() if n or f == precision)
+            + (" · a click moves a linear one format up (fp32 wraps round)" if precision != "fp32" else ""),
             title=f"{precision} export")
 
     def kept(self) -> list[str]:
@@ -409,17 +420,15 @@ class ExportPage(QWidget):
         return [name for name, fmt in self.formats().items() if fmt == "fp32"]
 
     def keep_more(self, count: int) -> None:
-        """The next step after an over-budget export: the worst linears still in the precision's own
-        format move one step up."""
+        """The next step after an over-budget export: the worst linears not yet in fp32 (the list
+        is sorted worst first) move one format up."""
         added = 0
-        precision = self.precision()
         for i in range(self.keep.count()):
             item = self.keep.item(i)
-            if self._item_format(item) == precision and added < count:
-                self._set_item_format(item, PROMOTION[precision])
+            if self._item_format(item) != "fp32" and added < count:
+                self.toggle_keep(item.data(Qt.ItemDataRole.UserRole))
                 added += 1
-        self.status.setText(f"{added} more layers will be written in {PROMOTION.get(precision, 'fp32')}. "
-                            "Export again.")
+        self.status.setText(f"{added} more layers moved one format up. Export again.")
 
     def _draw_prediction(self) -> None:
         from modeldoctor.modifications.base import target_linears
@@ -429,15 +438,16 @@ class ExportPage(QWidget):
         formats = self.formats()
         precision = self.precision()
         anatomy = self._session.anatomy if self._session is not None else None
+        smallest = self.ladder()[0]
         raised = {n for n in names if anatomy is not None
-                  and all(formats.get(x, "fp32") != precision for x in target_linears(anatomy, n))}
+                  and all(formats.get(x, "fp32") != smallest for x in target_linears(anatomy, n))}
         heights = [log_kl(figures[n]) - np.log10(KL_FLOOR) for n in names]
         brushes = [pg.mkBrush(*(FORMAT_COLORS[formats.get(target_linears(anatomy, n)[0], "fp32")]
                                 if n in raised else SEVERITY_COLORS["moderate"])) for n in names]
         self.bars.setOpts(x=np.arange(len(names), dtype=float), height=heights, brushes=brushes,
                           pen=pg.mkPen(None), pens=None)
         self.bottom_axis.set_labels(names)
-        self.chart.setLabel("bottom", f"linear at {precision} (grey: written in fp32, blue: in int8)"
+        self.chart.setLabel("bottom", f"linear at {precision} (coloured by the format it is raised to, grey: fp32)"
                             if self.predicted or not figures
                             else "block, as the checkup probed them (grey: raised whole)")
         self.chart.setTitle(f"predicted KL per {'linear' if self.predicted or not figures else 'block'} at {precision}"
@@ -463,7 +473,7 @@ class ExportPage(QWidget):
         if self._session is None or self.precision() == "fp32":
             return None
         formats = self.formats()
-        used = {self.precision(), PROMOTION.get(self.precision(), "fp32"), *formats.values()}
+        used = {*self.ladder(), *formats.values()}
         figures = format_figures(self.report, used)
         if self.precision() not in figures:
             return None
@@ -478,8 +488,7 @@ class ExportPage(QWidget):
             return
         precision = self.precision()
         size = predicted_size(self._session, self.formats())
-        counts = ", ".join(f"{size.counts[f]} {f}" for f in ("int4", "int8", "int8-dynamic", "fp32")
-                           if size.counts.get(f))
+        counts = counts_text(size.counts)
         text = (f"<b>Before exporting:</b> about {format_bytes(size.bytes)}, {size.fraction:.0%} of fp32 "
                 f"(estimated from the weights; {counts})")
         predicted = self._predicted_export_kl()
@@ -496,7 +505,8 @@ class ExportPage(QWidget):
     def set_running(self, running: bool) -> None:
         self.start.setEnabled(not running)
         self.cancel.setEnabled(running)
-        for widget in (self.keep, self.budget, self.folder, self.run_checkup, self.size_fit, self.size_slider,
+        for widget in (self.keep, self.budget, self.folder, self.run_checkup, self.block_checkup, self.size_fit,
+                       self.size_slider,
                        *self.precisions.values()):
             widget.setEnabled(not running)
         if running:

@@ -38,6 +38,10 @@ class PlanPage(QWidget):
         q.addWidget(self.int8_dynamic)
         self.export_formats = QCheckBox("int8 and int4 as the export writes them (int8-b32, int4-b32)")
         q.addWidget(self.export_formats)
+        self.larger_blocks = QCheckBox("… and in larger blocks (int8-b64, int8-b128, int4-b128): smaller files")
+        self.larger_blocks.setEnabled(False)
+        self.export_formats.toggled.connect(self.larger_blocks.setEnabled)
+        q.addWidget(self.larger_blocks)
         bits_row = QHBoxLayout()
         bits_row.addWidget(QLabel("Weight-only bits:"))
         self.bits = {b: QCheckBox(f"{b}") for b in BITS}
@@ -141,6 +145,7 @@ class PlanPage(QWidget):
         from modeldoctor.gui.glossary import tip
 
         for widget, term in ((self.int8_dynamic, "int8 dynamic"), (self.export_formats, "int8 b32"),
+                             (self.larger_blocks, "larger blocks"),
                              (self.asym, "int4 g32 asym"),
                              (self.group, "int4 g32 asym"), (self.prune_kind, "Wanda"),
                              (self.isolated, "isolated"), (self.cumulative, "cumulative"), (self.sweep, "strength sweep"),
@@ -179,7 +184,8 @@ class PlanPage(QWidget):
         if self.int8_dynamic.isChecked():
             names.append("int8-dynamic")
         if self.export_formats.isChecked():
-            names += ["int8-b32", "int4-b32"]
+            names += ["int8-b32", "int4-b32"] + (["int8-b64", "int8-b128", "int4-b128"]
+                                                 if self.larger_blocks.isChecked() else [])
         group = ["", "-g32", "-g64", "-g128"][self.group.currentIndex()]
         asym = "-asym" if self.asym.isChecked() else ""
         sweep = self.sweep.isChecked()
