@@ -22,6 +22,7 @@ from modeldoctor.metrics.divergence import (
     ReferenceSpill, RefLogProbs, knowledge_correct, next_token_logprob, reference_fits_in_memory,
 )
 from modeldoctor.model import find_anatomy, load_model
+from modeldoctor.model.anatomy import gradients_only_for
 from modeldoctor.model.loading import LoadedModel
 from modeldoctor.model.summary import summarize
 from modeldoctor.modifications.base import ModContext
@@ -201,12 +202,7 @@ class Session:
         names = self.anatomy.linear_names()
         weights = {name: self.anatomy.linear(name).weight for name in names}
         sums = {name: torch.zeros_like(w) for name, w in weights.items()}
-        saved = {p: p.requires_grad for p in self.model.parameters()}
-        try:
-            for param in self.model.parameters():
-                param.requires_grad_(False)
-            for weight in weights.values():
-                weight.requires_grad_(True)
+        with gradients_only_for(self.model, weights.values()):
             for batch in data.calibration_batches:
                 for row, mask in zip(batch.input_ids, batch.attention_mask):
                     ids = row[mask.bool()]
@@ -220,10 +216,6 @@ class Session:
                         for name, weight in weights.items():
                             sums[name] += weight.grad.detach() ** 2
                             weight.grad = None
-        finally:
-            for param, flag in saved.items():
-                param.requires_grad_(flag)
-                param.grad = None
         # Stored (out, in) like weight_matrix, so no consumer has to guess a Conv1D's orientation.
         norms = {name: weight_matrix(self.anatomy.linear(name), value.sqrt()).contiguous()
                  for name, value in sums.items()}

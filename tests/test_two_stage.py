@@ -36,6 +36,23 @@ def test_estimates_rank_linears_like_the_exact_probes(llama_session, data):
     assert all(m / 3 <= g <= 3 * m for g, m in zip(guessed, measured))
 
 
+def test_the_estimate_keeps_no_weight_gradients(llama_session, data):
+    """Its backward passes need the residual stream's gradients only: a `.grad` per weight would
+    hold a second copy of the model in memory for the rest of the checkup."""
+    params = list(llama_session.model.parameters())
+    flags = [p.requires_grad for p in params]
+    for param in params:  # as a model from from_pretrained has them
+        param.requires_grad_(True)
+    try:
+        estimates = estimate_kl(llama_session, llama_session.current_reference(data), data,
+                                {"int3-g32": ["0.mlp.down_proj", "2.self_attn.v_proj"]})
+        assert all(value > 0 for value in estimates.values())
+        assert all(p.grad is None for p in params) and all(p.requires_grad for p in params)
+    finally:
+        for param, flag in zip(params, flags):
+            param.requires_grad_(flag)
+
+
 def test_block_estimates_also_rank_blocks(llama_session, data):
     plan = dict(modifications=["int2"], knowledge=False, attention=False)
     exact = checkup(llama_session, CheckupPlan(**plan, exhaustive=True), data)

@@ -35,7 +35,7 @@ import torch
 
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
-from modeldoctor.model.anatomy import HEAD
+from modeldoctor.model.anatomy import HEAD, gradients_only_for
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
 LABEL_SAMPLES = 2  # label draws per calibration sequence (rows of one backward pass)
@@ -112,6 +112,8 @@ def _state_gradients(session, batch, samples: int, generator: torch.Generator) -
         handles.append(blocks[len(blocks) - 1].register_forward_hook(leaving))
         handles.append(session.anatomy.embedding.register_forward_hook(track_gradients))
         stack.callback(lambda: [h.remove() for h in handles])
+        stack.enter_context(gradients_only_for(session.model))  # the states' gradients, not the weights'
+
         rows = []  # one sequence per backward pass: the memory autograd keeps is one sequence's
         for row in range(batch.input_ids.shape[0]):
             ids = batch.input_ids[row:row + 1].repeat(samples, 1)

@@ -10,7 +10,9 @@ named HEAD: it runs after the last block, so it belongs to no block.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -212,3 +214,21 @@ def _trace_call_order(model: nn.Module, block_list: nn.ModuleList) -> tuple[list
         for handle in handles:
             handle.remove()
     return order, isinstance(outputs[0], tuple)
+
+
+@contextlib.contextmanager
+def gradients_only_for(model: nn.Module, weights=()) -> Iterator[None]:
+    """Backward passes inside compute gradients for `weights` (and for activations that ask)
+    only: no other parameter requires one, so none gets a `.grad` as large as itself (a whole
+    second model in memory). Flags are restored and `.grad`s dropped on exit."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for param in saved:
+            param.requires_grad_(False)
+        for weight in weights:
+            weight.requires_grad_(True)
+        yield
+    finally:
+        for param, flag in saved.items():
+            param.requires_grad_(flag)
+            param.grad = None
