@@ -77,10 +77,10 @@ def _format_seconds(seconds: float | None) -> str:
 class _ProgressBar:
     """A tqdm bar whose ETA is the engine's (probe costs by position, not a plain average)."""
 
-    def __init__(self, total: int, quiet: bool, unit: str = "probe") -> None:
+    def __init__(self, total: int, quiet: bool, unit: str = "probes") -> None:
         from tqdm import tqdm
 
-        self.eta = "?"
+        self.eta, self.unit = "?", unit
         owner = self
 
         class Bar(tqdm):
@@ -174,6 +174,9 @@ def cmd_checkup(args) -> int:
             elif isinstance(event, ProbeResult) and bar is not None:
                 bar.describe(event.record.spec.label)
             elif isinstance(event, Progress) and bar is not None:
+                if event.stage != bar.unit:  # the knowledge stage after the probes: a bar of its own
+                    bar.close()
+                    bar = _ProgressBar(event.total, args.quiet, unit=event.stage)
                 bar.update(event.done, event.eta_s, event.eta_range)
             elif isinstance(event, Failed):
                 if bar is not None:
@@ -615,8 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "once, then measure the top of each and a random control exactly)")
     p.add_argument("--verify-top", type=int, default=10,
                    help="two stages: at least this many highest estimates per modification are measured exactly")
-    p.add_argument("--knowledge-on", choices=("bleeding", "all"), default="bleeding",
-                   help="score the knowledge probes on bleeding probes only (default) or on every probe")
+    p.add_argument("--knowledge-on", choices=("worst", "bleeding", "all"), default="worst",
+                   help="score the knowledge probes after the probes on each modification's 3 worst bleeding "
+                        "probes (default), on every bleeding probe as it is measured, or on every probe")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a cancelled or interrupted checkup saved in DIR (its plan and text; done probes "
                         "are kept)")

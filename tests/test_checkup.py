@@ -101,9 +101,11 @@ def test_closing_the_generator_mid_probe_restores_model(llama_session, small_dat
 @pytest.mark.parametrize("scope, modes", [("blocks", ("isolated", "cumulative")), ("linears", ("cumulative",))])
 def test_prefix_cache_gives_the_same_numbers(llama_session, small_data_spec, scope, modes):
     data = llama_session.data(small_data_spec)
-    cached = checkup(llama_session, CheckupPlan(modifications=["int3"], scope=scope, modes=modes), data)
+    # Knowledge on every bleeding probe as it runs: a cumulative step carries its knowledge states too.
+    cached = checkup(llama_session, CheckupPlan(modifications=["int3"], scope=scope, modes=modes,
+                                                knowledge_on="bleeding"), data)
     full = checkup(llama_session, CheckupPlan(modifications=["int3"], scope=scope, modes=modes,
-                                              prefix_cache=False), data)
+                                              prefix_cache=False, knowledge_on="bleeding"), data)
     for a, b in zip(cached.probes, full.probes):
         assert a.spec == b.spec
         assert a.metrics["kl_mean"] == pytest.approx(b.metrics["kl_mean"], rel=1e-4, abs=1e-7)

@@ -12,7 +12,7 @@ from modeldoctor.checkup.run import checkup, run_checkup
 from modeldoctor.checkup.verdict import spearman
 from modeldoctor.control import RunControl
 from modeldoctor.errors import ModelDoctorError
-from modeldoctor.events import Finished, ProbeResult
+from modeldoctor.events import Finished, Progress, ProbeResult
 from modeldoctor.report import CheckupReport
 
 LINEAR_PLAN = dict(modifications=["int3-g32"], scope="linears", knowledge=False, attention=False)
@@ -106,12 +106,27 @@ def test_families_without_an_estimate_are_measured_exactly(llama_session, data):
     assert "estimate" not in report.findings or not report.findings["estimate"]
 
 
-def test_knowledge_probes_are_scored_on_bleeding_probes_only_by_default(llama_session, data):
-    plan = CheckupPlan(modifications=["int8-dynamic", "int2"], threshold=0.05, exhaustive=True)
-    report = checkup(llama_session, plan, data)
+def test_knowledge_probes_are_scored_on_the_worst_bleeding_probes_by_default(llama_session, data):
+    """Default: after the probes, on each modification's knowledge_top bleeding probes of highest
+    KL, with the same figures as scoring them during the probe; "bleeding" scores every bleeding
+    probe as it is measured, "all" every probe."""
+    plan = CheckupPlan(modifications=["int8-dynamic", "int2"], threshold=0.05, exhaustive=True, knowledge_top=2)
+    events = list(run_checkup(llama_session, plan, data))
+    report = events[-1].report
     assert any(r.bleeding for r in report.probes) and any(not r.bleeding for r in report.probes)
-    for record in report.probes:
+    for name in ("int8-dynamic", "int2"):
+        records = [r for r in report.probes if r.spec.modification == name]
+        worst = sorted((r for r in records if r.bleeding), key=lambda r: -r.score)[:2]
+        assert {r.spec for r in records if "knowledge_accuracy" in r.metrics} == {r.spec for r in worst}
+    stages = [e for e in events if isinstance(e, Progress) and e.stage == "knowledge"]
+    assert stages and stages[-1].done == stages[-1].total == sum("knowledge_accuracy" in r.metrics
+                                                                 for r in report.probes)
+    plan.knowledge_on = "bleeding"
+    every = checkup(llama_session, plan, data)
+    for record in every.probes:
         assert ("knowledge_accuracy" in record.metrics) == record.bleeding
+    scored_later = {r.spec: r.metrics["knowledge_accuracy"] for r in report.probes if "knowledge_accuracy" in r.metrics}
+    assert all(r.metrics["knowledge_accuracy"] == scored_later[r.spec] for r in every.probes if r.spec in scored_later)
     plan.knowledge_on = "all"
     assert all("knowledge_accuracy" in r.metrics for r in checkup(llama_session, plan, data).probes)
 

@@ -10,7 +10,7 @@ from modeldoctor.modifications.base import SCOPES, create, expand
 from modeldoctor.report.results import ProbeSpec
 
 MODES = ("isolated", "cumulative", "sweep")
-KNOWLEDGE_ON = ("bleeding", "all")
+KNOWLEDGE_ON = ("worst", "bleeding", "all")
 DEFAULT_THRESHOLD = 0.01  # nats of mean KL
 
 
@@ -22,7 +22,12 @@ class CheckupPlan:
     threshold: float = DEFAULT_THRESHOLD  # bleeding above this mean KL
     outlier_k: float = 5.0  # ... or above median + k * MAD of the same modification's probes
     knowledge: bool = True  # score the knowledge probes ...
-    knowledge_on: str = "bleeding"  # ... on the probes that bleed, or on "all" of them
+    # ... once the probes are measured, on the knowledge_top most damaging bleeding probes of each
+    # modification ("worst"); on every probe that bleeds as it is measured ("bleeding"); or on
+    # "all". Each scoring costs about as much as the probe's text again, so "worst" says what the
+    # damage does to knowledge where it is greatest, without paying for it on every bleeding layer.
+    knowledge_on: str = "worst"
+    knowledge_top: int = 3
     attention: bool = True  # attention disruption for structural probes
     prefix_cache: bool = True
     targets: list[str] | None = None  # restrict to these blocks / linears
@@ -54,7 +59,7 @@ class CheckupPlan:
             raise PlanError("Choose at least one modification.")
         if self.knowledge_on not in KNOWLEDGE_ON:
             raise PlanError(f"Knowledge probes run on one of {', '.join(KNOWLEDGE_ON)} (got '{self.knowledge_on}').")
-        if self.verify_top < 0 or self.control_sample < 0 or not self.verify_fraction >= 0:
+        if self.verify_top < 0 or self.control_sample < 0 or not self.verify_fraction >= 0 or self.knowledge_top < 0:
             raise PlanError("How many probes to verify must be zero or more.")
         if not self.threshold > 0:
             raise PlanError("The bleeding threshold must be a positive number of nats.")

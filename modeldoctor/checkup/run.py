@@ -130,29 +130,15 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                 captured["eval"].append(run.states[capture])
             del run
         metrics = divergence.summary()
-        # Knowledge probes cost as much as the text again: by default they are scored where the
-        # verdict is bleeding, to say what the damage does (plan.knowledge_on = "all": everywhere).
+        # Knowledge probes cost as much as the text again: scored here on every probe ("all") or on
+        # each bleeding one ("bleeding"); by default ("worst") after all probes, on the worst few.
         knowledge = plan.knowledge and data.knowledge_batches and (
-            plan.knowledge_on == "all" or judge(metrics, mod.family, plan.threshold)[0])
+            plan.knowledge_on == "all"
+            or (plan.knowledge_on == "bleeding" and judge(metrics, mod.family, plan.threshold)[0]))
         if knowledge:
-            hits = []
-            # A modified head sees every position, as deployed (int8 dynamic takes its range over
-            # them all); an unmodified one need only run at the answer positions.
-            head_modified = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
-            for number, batch in enumerate(data.knowledge_batches):
-                control.checkpoint()
-                mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions,
-                                             batch.input_ids.device)
-                with token_mask(ctx, batch.attention_mask):
-                    run = replayer.run_from(ref.knowledge_traces[number], *start_for("knowledge", number),
-                                            keep_states=capture is not None,
-                                            head_mask=None if head_modified else mask)
-                answer_logits = run.logits[mask] if head_modified else run.logits
-                hits += knowledge_correct_sparse(answer_logits, mask, batch.answer_positions, batch.answer_tokens)
-                if capture is not None:
-                    captured["knowledge"].append(run.states[capture])
-            metrics["knowledge_accuracy"] = sum(hits) / len(hits)
-            metrics["knowledge_ref"] = sum(ref.knowledge_hits) / len(ref.knowledge_hits)
+            metrics.update(_knowledge_metrics(session, ref, data, spec, ctx, control,
+                                              lambda number: start_for("knowledge", number),
+                                              captured["knowledge"] if capture is not None else None, capture))
         attention = {}
         if want_attention:
             control.checkpoint()
@@ -164,6 +150,61 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
                        seconds=control.clock() - began)
+
+
+def _knowledge_metrics(session: Session, ref: Reference, data: EvalData, spec: ProbeSpec, ctx, control: RunControl,
+                       start_for, states: list | None = None, state_block: int | None = None) -> dict[str, float]:
+    """Knowledge-probe accuracy of the model as modified now (against the reference's): the
+    knowledge batches replayed from where `start_for(batch number)` says. With `states`, the
+    states entering `state_block` are appended to it (for a later cumulative step)."""
+    hits = []
+    # A modified head sees every position, as deployed (int8 dynamic takes its range over
+    # them all); an unmodified one need only run at the answer positions.
+    head_modified = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
+    for number, batch in enumerate(data.knowledge_batches):
+        control.checkpoint()
+        mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions, batch.input_ids.device)
+        with token_mask(ctx, batch.attention_mask):
+            run = session.replayer.run_from(ref.knowledge_traces[number], *start_for(number),
+                                            keep_states=states is not None, head_mask=None if head_modified else mask)
+        answer_logits = run.logits[mask] if head_modified else run.logits
+        hits += knowledge_correct_sparse(answer_logits, mask, batch.answer_positions, batch.answer_tokens)
+        if states is not None:
+            states.append(run.states[state_block])
+    return {"knowledge_accuracy": sum(hits) / len(hits),
+            "knowledge_ref": sum(ref.knowledge_hits) / len(ref.knowledge_hits)}
+
+
+def score_knowledge(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan, spec: ProbeSpec,
+                    control: RunControl) -> dict[str, float]:
+    """A measured probe's knowledge-probe accuracy, scored afterwards: its modification applied
+    again, the knowledge batches replayed from its first modified block."""
+    mod = create(spec.modification)
+    ctx = session.mod_context(data, mod.needs_input_norms, control, mod.needs_gradients)
+    fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
+
+    def start_for(number: int) -> tuple[int, torch.Tensor | None]:
+        if fresh_embedding:
+            return 0, session.replayer.embed(ref.knowledge_traces[number])
+        return (spec.block if plan.prefix_cache else 0), None
+
+    with mod.applied(ctx, list(spec.targets)):
+        return _knowledge_metrics(session, ref, data, spec, ctx, control, start_for)
+
+
+def knowledge_choice(plan: CheckupPlan, records: list[ProbeRecord]) -> list[ProbeSpec]:
+    """The probes whose knowledge a "worst" plan scores: per modification, its knowledge_top
+    bleeding isolated probes of highest KL that were measured exactly (not decoding: those
+    generate, they do not replay text)."""
+    chosen: list[ProbeSpec] = []
+    by_mod: dict[str, list[ProbeRecord]] = {}
+    for record in records:
+        if (record.spec.mode == "isolated" and record.bleeding and not record.estimated
+                and record.spec.family != "decoding" and "knowledge_accuracy" not in record.metrics):
+            by_mod.setdefault(record.spec.modification, []).append(record)
+    for name in sorted(by_mod):
+        chosen += [r.spec for r in sorted(by_mod[name], key=lambda r: -r.score)[:plan.knowledge_top]]
+    return chosen
 
 
 def probe_key(spec: ProbeSpec) -> tuple:
@@ -244,6 +285,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         costs = [probe_cost(session.anatomy, p, plan.prefix_cache) if firsts[probe_key(p)] is p else 0.0
                  for p in exact]
         clock = ProbeClock()
+        later = _knowledge_stage_costs(session, data, plan, probes)
         measured: dict[tuple, ProbeRecord] = {}
         if len(exact) < len(probes):  # estimated or resumed probes are done already
             yield Progress(len(probes) - len(exact), len(probes), time.monotonic() - began, None)
@@ -262,9 +304,11 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
             save()
             yield ProbeResult(record)
             clock.observe(spec, cost, record.seconds)
-            eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])))
+            eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])) + later)
             yield Progress(len(probes) - len(exact) + number, len(probes), time.monotonic() - began, eta,
                            eta_range=(spread.low, spread.high) if spread else None)
+        if later:
+            yield from _score_worst_knowledge(session, ref, data, plan, records, control, save)
         save("completed", force=True)
         yield Finished("completed", f"{len(report.probes)} probes, {report.findings['bleeding_count']} bleeding",
                        report)
@@ -279,6 +323,48 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         save("failed", force=True)
         yield Failed(f"Unexpected error during the checkup: {exc}", traceback.format_exc())
         yield Finished("failed", str(exc), report)
+
+
+def _knowledge_stage_costs(session: Session, data: EvalData, plan: CheckupPlan,
+                           probes: list[ProbeSpec]) -> list[tuple[ProbeSpec, float]]:
+    """The final knowledge stage of a "worst" plan as (spec, cost) pairs for the ETA, at most:
+    knowledge_top scorings per modification, each a replay of the knowledge batches from a block
+    halfway down (which probes bleed most is known only at the end)."""
+    if not (plan.knowledge and data.knowledge_batches and plan.knowledge_on == "worst"):
+        return []
+    text = sum(b.input_ids.numel() for b in data.eval_batches) or 1
+    ratio = sum(b.input_ids.numel() for b in data.knowledge_batches) / text
+    pairs = []
+    for name in dict.fromkeys(p.modification for p in probes):
+        isolated = [p for p in probes if p.modification == name and p.mode == "isolated" and p.family != "decoding"]
+        if isolated:
+            middle = isolated[len(isolated) // 2]
+            cost = probe_cost(session.anatomy, middle, plan.prefix_cache) * ratio
+            pairs += [(middle, cost)] * min(plan.knowledge_top, len(isolated))
+    return pairs
+
+
+def _score_worst_knowledge(session, ref, data, plan, records, control, save) -> Iterator[Event]:
+    """The knowledge stage of a "worst" plan: the knowledge probes on each modification's most
+    damaging bleeding probes, their records updated and sent again."""
+    chosen = knowledge_choice(plan, [records[i] for i in sorted(records)])
+    if not chosen:
+        return
+    yield Stage("knowledge", f"knowledge probes on the {len(chosen)} most damaging bleeding probes (at most "
+                             f"{plan.knowledge_top} per modification)")
+    began = control.clock()
+    for number, spec in enumerate(chosen, 1):
+        control.checkpoint()
+        yield ProbeStarted(spec)
+        started = control.clock()
+        extra = score_knowledge(session, ref, data, plan, spec, control)
+        record = records[spec.index]
+        records[spec.index] = dataclasses.replace(record, metrics={**record.metrics, **extra},
+                                                  seconds=record.seconds + control.clock() - started)
+        save()
+        yield ProbeResult(records[spec.index])
+        spent = control.clock() - began
+        yield Progress(number, len(chosen), spent, spent / number * (len(chosen) - number), stage="knowledge")
 
 
 def _estimated_first(spec: ProbeSpec) -> bool:

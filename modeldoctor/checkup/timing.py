@@ -66,12 +66,14 @@ def time_forward(model, tokens: int = 256, repeats: int = 2) -> float:
 def planned_duration(anatomy, plan: CheckupPlan, probes: list[ProbeSpec], seconds_per_token: float,
                      tokens: int, knowledge_tokens: int, exact_at_least: int) -> Duration:
     """Before the run: the reference pass, stage 1 (if any) and the exact probes. The low end scores
-    no knowledge probes and verifies only the fewest estimates; the high end scores knowledge on
-    every exact probe and verifies twice as many."""
+    no knowledge probes and verifies only the fewest estimates; the high end verifies twice as
+    many and scores knowledge where the plan may (every exact probe, or the worst few of each
+    modification after the probes)."""
     full = full_pass_cost(anatomy)
     per_unit = seconds_per_token / full  # one block-equivalent over one token
-    knowledge = knowledge_tokens if plan.knowledge else 0
-    reference = (tokens + knowledge) * full * per_unit
+    reference = (tokens + (knowledge_tokens if plan.knowledge else 0)) * full * per_unit
+    # Knowledge tokens a probe may add as it runs; "worst" scores them in a stage of their own.
+    knowledge = knowledge_tokens if plan.knowledge and plan.knowledge_on != "worst" else 0
     from modeldoctor.checkup.run import _estimated_first
 
     estimated = [p for p in probes if not plan.exhaustive and _estimated_first(p)]
@@ -87,6 +89,13 @@ def planned_duration(anatomy, plan: CheckupPlan, probes: list[ProbeSpec], second
     costs = [probe_cost(anatomy, p, plan.prefix_cache) for p in exact]
     low += sum(costs) * tokens * per_unit
     high += sum(costs) * (tokens + knowledge) * per_unit
+    if plan.knowledge and plan.knowledge_on == "worst":
+        for name in dict.fromkeys(p.modification for p in probes):
+            isolated = [p for p in probes if p.modification == name and p.mode == "isolated"
+                        and p.family != "decoding"]
+            if isolated:
+                mean_cost = sum(probe_cost(anatomy, p, plan.prefix_cache) for p in isolated) / len(isolated)
+                high += min(plan.knowledge_top, len(isolated)) * mean_cost * knowledge_tokens * per_unit
     return Duration(low, high)
 
 

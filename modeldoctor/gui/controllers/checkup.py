@@ -125,7 +125,7 @@ class CheckupController(Controller):
             page.add_record(record)
             page.append_log(f"{record.spec.label}: {record.reason} ({record.seconds:.1f} s)")
         elif isinstance(event, Progress):
-            page.progress_update(event.done, event.total, event.eta_s, event.eta_range)
+            page.progress_update(event.done, event.total, event.eta_s, event.eta_range, event.stage)
         elif isinstance(event, Finished):
             self._finished(event)
 

@@ -153,10 +153,11 @@ class RunPage(QWidget):
         self.progress.setValue(0)
 
     def progress_update(self, done: int, total: int, eta_s: float | None,
-                        eta_range: tuple[float, float] | None = None) -> None:
+                        eta_range: tuple[float, float] | None = None, stage: str = "probes") -> None:
         self.progress.setRange(0, total)
         self.progress.setValue(done)
-        self.progress.setFormat(f"probe {done} / {total}")
+        self.progress.setFormat(f"probe {done} / {total}" if stage == "probes"
+                                else f"knowledge probes on the worst: {done} / {total}")
         if done >= total:
             text = "finishing …"
         elif eta_range is not None:
