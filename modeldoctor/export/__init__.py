@@ -19,9 +19,20 @@ def block_probe(fmt: str) -> str:
 
 
 def bytes_per_weight(fmt: str) -> float:
-    """Bytes a weight takes on disk: MatMulNBits stores the packed weights plus an fp32 scale and
-    a zero point (of the same width) per block; int8 dynamic one scale per tensor."""
+    """Bytes a weight takes on disk when its rows fill whole blocks (for ordering formats):
+    MatMulNBits stores the packed weights plus an fp32 scale and a zero point (of the same width)
+    per block; int8 dynamic one scale per tensor."""
     if fmt in BLOCK_FORMATS:
         bits, block = BLOCK_FORMATS[fmt]
         return bits / 8 + (4 + bits / 8) / block
     return {"fp32": 4.0, "int8-dynamic": 1.0}[fmt]
+
+
+def stored_bytes(fmt: str, outputs: int, inputs: int) -> int:
+    """Bytes an (outputs × inputs) weight takes on disk in `fmt`, as the exporter writes it: a
+    block format pads each row to whole blocks (576 inputs take 5 blocks of 128, 640 values)."""
+    if fmt not in BLOCK_FORMATS:
+        return int(outputs * inputs * bytes_per_weight(fmt))
+    bits, block = BLOCK_FORMATS[fmt]
+    blocks = -(-inputs // block)
+    return outputs * (blocks * block * bits // 8 + blocks * 4 + -(-blocks * bits // 8))

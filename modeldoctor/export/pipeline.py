@@ -25,11 +25,13 @@ from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Progress, Stage
 from modeldoctor.export.onnx_export import export_fp32
-from modeldoctor.export import BLOCK_FORMATS, FORMATS, PRECISION_FORMATS, block_probe, bytes_per_weight
+from modeldoctor.export import (
+    BLOCK_FORMATS, PRECISION_FORMATS, block_probe, bytes_per_weight, stored_bytes,
+)
 from modeldoctor.export.quantize import PRECISIONS, preset_formats, quantize_export
 from modeldoctor.export.validate import DECODE_CACHE, latency, validate
 from modeldoctor.export.runtime import OnnxCausalLM
-from modeldoctor.model.anatomy import HEAD
+from modeldoctor.model.anatomy import HEAD, weight_matrix
 from modeldoctor.modifications.base import target_linears
 from modeldoctor.report.results import CheckupReport
 from modeldoctor.session import Session
@@ -118,12 +120,13 @@ def _linear_bytes_saved(session: Session, name: str, fmt: str) -> float:
     """Bytes the file saves against fp32 when this linear is written in `fmt` (negative: it grows).
     A tied head shares the embedding's table: in a block format that table shrinks; in int8
     dynamic the head gets a copy beside the fp32 table the lookup keeps."""
-    weights = session.anatomy.linear(name).weight.numel()
+    outputs, inputs = weight_matrix(session.anatomy.linear(name)).shape
     if fmt == "fp32":
         return 0.0
+    written = stored_bytes(fmt, outputs, inputs)
     if name == HEAD and session.anatomy.head_tied and fmt not in BLOCK_FORMATS:
-        return -weights * bytes_per_weight(fmt)
-    return weights * (4 - bytes_per_weight(fmt))
+        return -float(written)
+    return float(outputs * inputs * 4 - written)
 
 
 def format_counts(formats: dict[str, str]) -> dict[str, int]:

@@ -103,3 +103,15 @@ def test_unknown_keep_name_is_refused_before_exporting(llama_session, tmp_path):
                                exclude=["9.mlp.nothing"]))
     assert events[-1].reason == "failed" and "No linear named 9.mlp.nothing" in events[-2].message
     assert not any(getattr(e, "name", None) == "export" for e in events)
+
+
+@pytest.mark.parametrize("fmt", ["int8-b128", "int4-b128", "int8"])
+def test_the_predicted_size_counts_the_padding_of_part_filled_blocks(model_dirs, tmp_path, fmt):
+    """A 32-wide model's rows fill a quarter of a block of 128; the file stores the whole block,
+    and the prediction (weights as written, plus the fp32 export's graph) says so."""
+    session = Session.open(model_dirs["gpt2"])  # tied: the shared table is padded too
+    events = list(export_model(session, session.data(SPEC), tmp_path / "out", "int8", budget_kl=100.0,
+                               prompts=["Hi"], formats={n: fmt for n in session.anatomy.linear_targets()}))
+    result = events[-1].report
+    assert events[-1].reason == "completed"
+    assert result.predicted_bytes == pytest.approx(result.validation["size_bytes"], rel=0.03)
