@@ -8,6 +8,7 @@ import time
 import traceback
 from pathlib import Path
 
+from modeldoctor.checkup import KNOWLEDGE_TOP
 from modeldoctor.errors import ModelDoctorError
 from modeldoctor.export import PRECISIONS as PRECISION_CHOICES
 
@@ -331,6 +332,9 @@ def cmd_export(args) -> int:
     spec = DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False)
     if report is None and keep is None and args.precision != "fp32" and not args.no_checkup:
         report = fast_export_checkup(session, args.precision, spec, all_blocks=args.all_blocks)
+    elif args.all_blocks:
+        print("--all-blocks chooses what the export's own checkup measures; with --from-checkup, --keep or "
+              "--no-checkup there is none, so it changes nothing.", file=sys.stderr)
     data = session.data(spec)
     return _run_export(session, data, out, args.precision, report, keep, args.budget, args.force, size_budget)
 
@@ -538,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a validated ONNX model, one format per linear chosen from a checkup")
     model_args(p)
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="int8",
-                   help="int8 / int4: MatMulNBits blocks of 32 (int4 mixes in 8 bits where it pays; the head and a "
-                        "tied embedding at 8 bits unless the checkup clears 4); int8-dynamic: W8A8 MatMulInteger; fp32")
+                   help="int8 / int4: MatMulNBits blocks of 32, and of 64 or 128 where a checkup measured them (int4 "
+                        "mixes in 8 bits where it pays; the head and a tied embedding at 8 bits unless the checkup "
+                        "clears 4); int8-dynamic: W8A8 MatMulInteger; fp32")
     p.add_argument("--all-blocks", action="store_true",
                    help="also check up and consider blocks of 64 and 128 (int8-b64, int8-b128, int4-b128): smaller "
                         "files where they are safe, for a checkup of more formats")
@@ -619,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-top", type=int, default=10,
                    help="two stages: at least this many highest estimates per modification are measured exactly")
     p.add_argument("--knowledge-on", choices=("worst", "bleeding", "all"), default="worst",
-                   help="score the knowledge probes after the probes on each modification's 3 worst bleeding "
-                        "probes (default), on every bleeding probe as it is measured, or on every probe")
+                   help="score the knowledge probes after the probes on each modification's "
+                        f"{KNOWLEDGE_TOP} worst bleeding probes (default), on every bleeding probe as "
+                        "it is measured, or on every probe")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a cancelled or interrupted checkup saved in DIR (its plan and text; done probes "
                         "are kept)")

@@ -69,6 +69,7 @@ class Session:
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self.weights_version = 0  # bumped whenever a treatment changes the weights
+        self.onnx_graph_bytes: int | None = None  # what the last export's fp32 file held beyond its weights
         self.treatment = TreatmentState()
         card = read_treatment_card(loaded.path) if Path(loaded.path).is_dir() else None
         if card:  # a treated model saved earlier: its fp32 list and temperature still apply

@@ -168,3 +168,26 @@ def test_resume_refuses_a_different_plan_or_weights(llama_session, data):
     earlier.reference["weights_digest"] = "0" * 64
     with pytest.raises(ModelDoctorError, match="different weights"):
         checkup(llama_session, plan, data, resume=earlier)
+
+
+def test_a_checkup_saved_before_newer_plan_fields_resumes(llama_session, data):
+    plan = CheckupPlan(modifications=["int4"], knowledge=False, exhaustive=True, targets=["0"])
+    earlier = checkup(llama_session, plan, data)
+    del earlier.plan["knowledge_top"]  # a report written before the field existed
+    resumed = checkup(llama_session, plan, data, resume=earlier)
+    assert [r.score for r in resumed.probes] == [r.score for r in earlier.probes]
+
+
+def test_a_resumed_knowledge_stage_scores_only_what_is_left_of_the_worst(llama_session, data):
+    from dataclasses import replace
+
+    from modeldoctor.checkup.run import knowledge_choice
+
+    plan = CheckupPlan(modifications=["int2"], scope="linears", threshold=1e-6, exhaustive=True, knowledge=False,
+                       knowledge_top=3)
+    records = checkup(llama_session, plan, data).probes
+    worst = sorted(records, key=lambda r: -r.score)[:3]
+    assert len(records) > 3 and all(r.bleeding for r in worst)
+    assert set(knowledge_choice(plan, records)) == {r.spec for r in worst}
+    scored = [replace(r, metrics={**r.metrics, "knowledge_accuracy": 0.5}) if r is worst[0] else r for r in records]
+    assert set(knowledge_choice(plan, scored)) == {r.spec for r in worst[1:]}  # not the fourth worst

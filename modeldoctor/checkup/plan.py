@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from modeldoctor.checkup import KNOWLEDGE_TOP
 from modeldoctor.errors import PlanError
 from modeldoctor.model import Anatomy
 from modeldoctor.modifications.base import SCOPES, create, expand
@@ -27,7 +28,7 @@ class CheckupPlan:
     # "all". Each scoring costs about as much as the probe's text again, so "worst" says what the
     # damage does to knowledge where it is greatest, without paying for it on every bleeding layer.
     knowledge_on: str = "worst"
-    knowledge_top: int = 3
+    knowledge_top: int = KNOWLEDGE_TOP
     attention: bool = True  # attention disruption for structural probes
     prefix_cache: bool = True
     targets: list[str] | None = None  # restrict to these blocks / linears

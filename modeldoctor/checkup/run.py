@@ -193,17 +193,18 @@ def score_knowledge(session: Session, ref: Reference, data: EvalData, plan: Chec
 
 
 def knowledge_choice(plan: CheckupPlan, records: list[ProbeRecord]) -> list[ProbeSpec]:
-    """The probes whose knowledge a "worst" plan scores: per modification, its knowledge_top
-    bleeding isolated probes of highest KL that were measured exactly (not decoding: those
-    generate, they do not replay text)."""
+    """The probes whose knowledge a "worst" plan still has to score: per modification, its
+    knowledge_top bleeding isolated probes of highest KL that were measured exactly (not
+    decoding: those generate, they do not replay text), less those scored already (a resumed run)."""
     chosen: list[ProbeSpec] = []
     by_mod: dict[str, list[ProbeRecord]] = {}
     for record in records:
-        if (record.spec.mode == "isolated" and record.bleeding and not record.estimated
-                and record.spec.family != "decoding" and "knowledge_accuracy" not in record.metrics):
+        if record.spec.mode == "isolated" and record.bleeding and not record.estimated \
+                and record.spec.family != "decoding":
             by_mod.setdefault(record.spec.modification, []).append(record)
     for name in sorted(by_mod):
-        chosen += [r.spec for r in sorted(by_mod[name], key=lambda r: -r.score)[:plan.knowledge_top]]
+        worst = sorted(by_mod[name], key=lambda r: -r.score)[:plan.knowledge_top]
+        chosen += [r.spec for r in worst if "knowledge_accuracy" not in r.metrics]
     return chosen
 
 
@@ -436,7 +437,9 @@ def _verification_note(plan: CheckupPlan, estimated: list[ProbeSpec], verify: li
 
 def _resumable(resume: CheckupReport, report: CheckupReport) -> dict[tuple, ProbeRecord]:
     """The measured probes of `resume`, if it is a run of the same plan on the same weights and data."""
-    for what, theirs, ours in (("plan", resume.plan, report.plan), ("evaluation data", resume.data, report.data),
+    # A plan saved by an older version lacks newer fields: it is read as they default.
+    theirs_plan = CheckupPlan.from_dict(resume.plan).as_dict()
+    for what, theirs, ours in (("plan", theirs_plan, report.plan), ("evaluation data", resume.data, report.data),
                                ("model", resume.model, report.model)):
         if json.loads(json.dumps(theirs)) != json.loads(json.dumps(ours)):
             raise PlanError(f"The checkup to resume was run with a different {what}; start a new checkup instead.")

@@ -146,8 +146,15 @@ def format_ladder(report: CheckupReport | None, precision: str) -> list[str]:
     """The formats a linear can take in an export of this precision, fewest bytes first and fp32
     last: the precision's own (and the 8-bit step of int4), and the precision's other block
     sizes when a checkup probed them."""
-    probed = [f for f in PRECISION_FORMATS[precision] if predicted_kl(report, f)[0] is not None]
-    return sorted({*BASE_FORMATS[precision], *probed}, key=bytes_per_weight) + ["fp32"]
+    measured = [f for f in PRECISION_FORMATS[precision] if predicted_kl(report, f)[0] is not None]
+    return sorted({*BASE_FORMATS[precision], *measured}, key=bytes_per_weight) + ["fp32"]
+
+
+def linear_ladder(session: Session, report: CheckupReport | None, precision: str, linear: str) -> list[str]:
+    """format_ladder in this linear's own order of bytes as written, fp32 last: rows that fill a
+    block of 128 only in part (576 inputs take 640) can make it no smaller than blocks of 32."""
+    steps = [f for f in format_ladder(report, precision) if f != "fp32"]
+    return sorted(steps, key=lambda f: -_linear_bytes_saved(session, linear, f)) + ["fp32"]
 
 
 def predicted_size(session: Session, formats: dict[str, str]) -> SizePrediction:
@@ -242,13 +249,12 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     formats = preset_formats(session.anatomy, precision)
     if precision == "fp32":
         return formats, []
-    ladder = format_ladder(report, precision)
-    figures = format_figures(report, ladder)
+    figures = format_figures(report, format_ladder(report, precision))
     if precision not in figures:
         return formats, []
-    _, kl, bleeding = predicted_kl(report, precision)
+    bleeding = predicted_kl(report, precision)[2]
 
-    probed = {t for figure in figures.values() for t in figure}
+    probed = sorted({t for figure in figures.values() for t in figure})
     covering: dict[str, set[str]] = {}  # linear -> the probed targets whose figure it changes
     for target in probed:
         for linear in target_linears(session.anatomy, target):
@@ -257,14 +263,30 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     def allowed(linear: str) -> list[str]:
         """The formats this linear may take, the most bytes saved first: those whose figure the
         checkup has for every probe covering it, and fp32."""
-        options = [f for f in ladder if all(target_kl(figures, t, f) is not None for t in covering[linear])]
+        options = [f for f in linear_ladder(session, report, precision, linear)
+                   if all(target_kl(figures, t, f) is not None for t in covering[linear])]
         if linear == HEAD and precision == "int4":  # a 4-bit head makes small models repeat themselves
             options = [f for f in options if BLOCK_FORMATS.get(f, (8,))[0] == 8
                        or (HEAD in figures.get(f, {}) and HEAD not in predicted_kl(report, f)[2])]
         return sorted(options, key=lambda f: -_linear_bytes_saved(session, linear, f))
 
     options = {linear: allowed(linear) for linear in covering}
-    formats.update({linear: choices[0] for linear, choices in options.items()})
+
+    def saved_by(linears, fmt: str) -> float:
+        return sum(_linear_bytes_saved(session, n, fmt) for n in linears)
+
+    def shared(linears) -> list[str]:
+        """The formats every one of these linears may take."""
+        return [f for f in options[linears[0]] if all(f in options[n] for n in linears)]
+
+    # Every target starts with all its linears in one format (a block probe's figure is for the
+    # block in one format): the smallest they all allow, by their bytes together.
+    started: set[str] = set()
+    for target in probed:
+        linears = [n for n in target_linears(session.anatomy, target) if n not in started]
+        if linears:
+            formats.update(dict.fromkeys(linears, max(shared(linears), key=lambda f: saved_by(linears, f))))
+            started.update(linears)
 
     def contribution(target: str, format_of) -> float:
         return sum(target_kl(figures, target, f) or 0.0
@@ -275,22 +297,21 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
         smallest linears to a larger format that adds at most `room` bytes: the most KL saved per
         byte added."""
         linears = target_linears(session.anatomy, target)
-        lowest = max((formats[n] for n in linears), key=lambda f: min(_linear_bytes_saved(session, n, f)
-                                                                        for n in linears))
-        moving = [n for n in linears if formats[n] == lowest]
+        groups: dict[str, list[str]] = {}
+        for name in linears:
+            groups.setdefault(formats[name], []).append(name)
+        lowest = max(groups, key=lambda f: saved_by(groups[f], f) / len(groups[f]))  # the smallest per linear
+        moving = groups[lowest]
         if any(n not in options for n in moving):
             return None
-        larger = [f for f in options[moving[0]] if all(f in options[n] for n in moving)
-                  and all(_linear_bytes_saved(session, n, f) < _linear_bytes_saved(session, n, lowest)
-                          for n in moving)]
+        larger = [f for f in shared(moving) if saved_by(moving, f) < saved_by(moving, lowest)]
         best = None
         for up in larger:
             moved = dict.fromkeys(moving, up)
             touched = set().union(*(covering.get(n, set()) for n in moved))
             saved = sum(contribution(t, formats.__getitem__) - contribution(t, lambda n: moved.get(n, formats[n]))
                         for t in touched)
-            added = max(sum(_linear_bytes_saved(session, n, lowest) - _linear_bytes_saved(session, n, up)
-                            for n in moved), 1.0)
+            added = max(saved_by(moving, lowest) - saved_by(moving, up), 1.0)
             fits = room is None or added <= room
             if saved > 0 and fits and (best is None or saved / added > best[0] / best[1]):
                 best = (saved, added, moved)
@@ -299,7 +320,7 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     # The best move is kept in a heap; a move changes only the steps of targets that share a
     # linear with a target whose figure it changed, so only those are recomputed (the app redraws
     # the choice on every move of the size slider).
-    order = {t: i for i, t in enumerate(sorted(probed, reverse=True))}  # ties: the larger name, as max() would
+    order = {t: i for i, t in enumerate(sorted(probed, reverse=True))}  # ties: the larger name first
     version = dict.fromkeys(probed, 0)
     heap: list = []
 
@@ -339,8 +360,11 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     if precision == "int4" and "int8" not in figures:
         notes.append("No int8-b32 checkup measured the linears written at 8 bits; their KL is estimated from "
                      "the int4 figures (17× finer rounding, KL ∝ error²).")
-    probed = {PREDICTORS[f] for f in figures}
-    guessed = sum(1 for p in report.probes if p.spec.modification in probed and p.estimated)
+    if size_budget is not None and size > size_budget:
+        notes.append(f"The size budget of {size_budget / 2**20:,.2f} MiB cannot be met: the smallest mix the checkup "
+                     f"allows takes {size / 2**20:,.2f} MiB; that is what is chosen.")
+    predictors = {PREDICTORS[f] for f in figures}
+    guessed = sum(1 for p in report.probes if p.spec.modification in predictors and p.estimated)
     if guessed:
         notes.append(f"{guessed} of those figures are first-stage estimates, which run low (up to about 2× on the "
                      "sample), so the predicted KL is optimistic; an exhaustive checkup makes it exact.")
@@ -400,37 +424,40 @@ def preset_notes(session: Session, precision: str) -> list[str]:
     if precision == "int8-dynamic" and anatomy.head_tied:
         return ["The LM head shares the token embedding's weight, so an int8-dynamic export keeps it fp32 at no cost "
                 "in size (quantizing it would add an int8 copy beside the fp32 table the lookup reads)."]
+    four = " (4 only where a checkup measured the head at 4 bits and it does not bleed)" if precision == "int4" else ""
     if precision in ("int8", "int4") and anatomy.head_tied:
-        return ["The LM head and the token embedding share one table, written once in the head's format "
-                "(GatherBlockQuantized for the lookup, MatMulNBits for the head), at 8 bits unless a checkup measured "
-                "the head at 4 bits and it does not bleed; the head's probes simulate exactly that."]
+        return [f"The LM head and the token embedding share one table, written once in the head's format at 8 bits"
+                f"{four} (GatherBlockQuantized for the lookup, MatMulNBits for the head); the head's probes simulate "
+                "exactly that."]
     if precision in ("int8", "int4"):
-        return ["The LM head is written at 8 bits (4 only where a checkup clears it); the token embedding (untied) "
-                "stays fp32."]
+        return [f"The LM head is written at 8 bits{four}; the token embedding (untied) stays fp32."]
     return []
 
 
 def _chosen_formats(session: Session, report: CheckupReport | None, precision: str, budget_kl: float,
                     exclude: list[str] | None, formats: dict[str, str] | None, size_budget: int | None,
-                    data: EvalData) -> tuple[dict[str, str], list[str], bool]:
-    """(formats, notes, whether they were chosen automatically and may be revised after a miss)."""
+                    data: EvalData) -> tuple[dict[str, str], list[str], list[str]]:
+    """(formats, notes, the chooser's own notes among them: empty unless the formats were chosen
+    automatically, which may be revised after a miss). A size budget is for the file: the
+    weights are chosen to fit in what the graph of the session's last export leaves."""
     treated = session.treatment
     written_format = EXPORT_FORMATS[precision]
     notes = preset_notes(session, precision)
     if formats is not None:
-        return {**preset_formats(session.anatomy, precision), **formats}, notes, False
+        return {**preset_formats(session.anatomy, precision), **formats}, notes, []
     if exclude is not None:
-        return formats_with(session, precision, list(exclude)), notes, False
+        return formats_with(session, precision, list(exclude)), notes, []
     if precision == "fp32":
-        return preset_formats(session.anatomy, precision), [], False
+        return preset_formats(session.anatomy, precision), [], []
     if treated.keep and treated.keep_for == written_format:
         notes.insert(0, f"Keeping the {len(treated.keep)} linears that the mixed-precision treatment chose for "
                         f"{treated.keep_for} in fp32.")
-        return formats_with(session, precision, list(treated.keep)), notes, False
+        return formats_with(session, precision, list(treated.keep)), notes, []
     if treated.keep:
         notes.append(f"The mixed-precision keep list was chosen for {treated.keep_for}, not for {written_format} "
                      "(what this export writes), so it is not used.")
-    chosen, chosen_notes = choose_formats(session, report, precision, budget_kl, size_budget)
+    weights_budget = size_budget - (session.onnx_graph_bytes or 0) if size_budget is not None else None
+    chosen, chosen_notes = choose_formats(session, report, precision, budget_kl, weights_budget)
     notes += chosen_notes
     if report is not None and report.data.get("split", "evaluation") == "evaluation" \
             and data.spec.split == "eval" and predicted_kl(report, precision)[0]:
@@ -438,7 +465,7 @@ def _chosen_formats(session: Session, report: CheckupReport | None, precision: s
         notes.append("The formats come from a checkup on the evaluation text, which this validation also reads, so "
                      "its figures are not fully held out; for held-out figures run the checkup on the selection "
                      "text (modeldoctor checkup --split selection).")
-    return chosen, notes, bool(chosen_notes)
+    return chosen, notes, chosen_notes
 
 
 def export_model(session: Session, data: EvalData, target: str | os.PathLike, precision: str = "int8",
@@ -448,7 +475,7 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
                  size_budget: int | None = None) -> Iterator[Event]:
     """Yield events; the last is Finished with an ExportResult (or Failed then Finished).
 
-    Each linear's format comes from `formats` (linear -> fp32/int8/int4/int8-dynamic), else the
+    Each linear's format comes from `formats` (linear -> one of FORMATS), else the
     precision with the `exclude` linears in fp32, else the treatment's keep list, else the
     checkup's figures (choose_formats, under `budget_kl` or `size_budget` bytes). When an
     automatic choice measures over the budget, the worst linears move up and it is tried
@@ -462,8 +489,9 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         prepare_target(target, overwrite, session.summary.memory_bytes * 3)
         treated = session.treatment
         written_format = EXPORT_FORMATS[precision]
-        chosen, notes, revisable = _chosen_formats(session, report, precision, budget_kl, exclude, formats,
-                                                   size_budget, data)
+        chosen, notes, chooser_notes = _chosen_formats(session, report, precision, budget_kl, exclude, formats,
+                                                       size_budget, data)
+        revisable = bool(chooser_notes)
         figures_by_format = format_figures(report, {*format_ladder(report, precision), *chosen.values()})
         used = sorted(set(chosen.values()) - {"fp32"})
         unpredicted = [f for f in used if f not in figures_by_format and not (f == "int8" and "int4" in figures_by_format)]
@@ -499,17 +527,16 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
         # file carries over its parameters' bytes. A size budget is for the file, so the weights
         # are chosen to fit in what the graph leaves.
         graph_bytes = max(int(fp32["size_bytes"] - session.summary.parameters * 4), 0)
-        if size_budget is not None and revisable and graph_bytes:
-            chosen, _ = choose_formats(session, report, precision, budget_kl, size_budget - graph_bytes)
+        assumed, session.onnx_graph_bytes = session.onnx_graph_bytes or 0, graph_bytes
+        if size_budget is not None and revisable and graph_bytes != assumed:
+            chosen, revised = choose_formats(session, report, precision, budget_kl, size_budget - graph_bytes)
+            notes = [n for n in notes if n not in chooser_notes] + revised
+            chooser_notes = revised
             yield LogMessage(f"The exported graph takes {graph_bytes / 2**20:.1f} MiB beside the weights; the formats "
-                             f"are chosen for the weights to fit in the {(size_budget - graph_bytes) / 2**20:,.1f} MiB "
-                             "left of the size budget.")
-            smallest = predicted_size(session, chosen).bytes + graph_bytes
-            if smallest > size_budget:
-                notes.append(f"The size budget of {size_budget / 2**20:,.2f} MiB cannot be met: the smallest mix the "
-                             f"checkup allows is about {smallest / 2**20:,.2f} MiB with its graph; that is what is "
-                             "written.")
-                yield LogMessage(notes[-1])
+                             f"are chosen again for the weights to fit in the {(size_budget - graph_bytes) / 2**20:,.1f} "
+                             "MiB left of the size budget:")
+            for note in revised:
+                yield LogMessage(note)
         from modeldoctor.checkup.run import _decoding_prompts
 
         rounds: list[dict] = []

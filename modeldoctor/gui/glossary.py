@@ -36,8 +36,9 @@ TERMS = {
     "larger blocks": "The same formats with one scale and zero point per 64 or 128 weights instead of 32 "
                      "(int8-b64, int8-b128, int4-b128): fewer bytes per weight, coarser rounding. The export "
                      "mixes them in where the checkup measured them safe.",
-    "int4 mixed": "Most linears at 4 bits in blocks of 32; the fragile ones, and the head, at 8 bits (both "
-                  "MatMulNBits with 8-bit activations per block), chosen from the checkup's figures.",
+    "int4 mixed": "Most linears at 4 bits in blocks of 32 (or 128 where a checkup measured them); the fragile "
+                  "ones at 8 bits, and the head too unless the checkup clears 4 (all MatMulNBits with 8-bit "
+                  "activations per block), chosen from the checkup's figures.",
     "Wanda": "Pruning that removes the weights with the smallest |weight| × input norm, per output row (Sun et "
              "al., 2023). Magnitude pruning uses |weight| alone; 2:4 keeps two of every four weights.",
     "SmoothQuant": "Moves the size of activation outliers into the weights with a per-channel scale folded into "

@@ -136,13 +136,19 @@ def test_export_page_mixes_the_block_sizes_a_checkup_measured(qtbot, window, lla
     assert not page.block_checkup.isVisible()
     assert page.ladder() == ["int4-b128", "int4", "int8-b128", "int8-b64", "int8", "fp32"]
     formats = page.formats()
-    assert "int4-b128" in formats.values()  # every linear starts at its smallest measured format
-    name = next(n for n, f in formats.items() if f == "int4-b128")
+    # The 64-wide down projections fill blocks of 64 (int8-b64 is their smallest 8-bit format); the
+    # 32-wide linears are smallest in blocks of 32 (a block of 128 would pad them to 4×).
+    name = "0.mlp.down_proj"
+    down, up = page.linear_ladder(name), page.linear_ladder("0.mlp.up_proj")
+    assert down[0] == up[0] == "int4" and down[-1] == up[-1] == "fp32"
+    assert down.index("int8-b64") < down.index("int8") and up.index("int8") < up.index("int8-b64")
+    assert all(f == "fp32" or page.linear_ladder(n).index(f) >= 0 for n, f in formats.items())
     seen = []
-    for _ in page.ladder():  # a click moves a linear one format up; fp32 wraps round
+    for _ in page.linear_ladder(name):  # a click moves a linear one format up; fp32 wraps round
         page.toggle_keep(name)
         seen.append(page.formats()[name])
-    assert seen == page.ladder()[1:] + ["int4-b128"]
-    assert "light purple: int4-b128" in page.anatomy.legend
+    ladder = page.linear_ladder(name)
+    assert seen == ladder[ladder.index(formats[name]) + 1:] + ladder[:ladder.index(formats[name]) + 1]
+    assert "purple: int4" in page.anatomy.legend
     qtbot.wait(50)  # the wrapped labels settle their heights
     page.grab().save(str(screenshots / "tiny-export-block-sizes.png"))

@@ -70,7 +70,7 @@ class DataPage(QWidget):
         source_layout.addWidget(self.self_generated)
         layout.addWidget(source_box)
         self.knowledge = QCheckBox("Also score the 222 knowledge probes (capitals, elements, authors, dates…) "
-                                   "on every probe — compression hurts knowledge before perplexity")
+                                   "on the worst bleeding probes — compression hurts knowledge before perplexity")
         self.knowledge.setChecked(True)
         layout.addWidget(self.knowledge)
         budget_box = QGroupBox("Token budget")

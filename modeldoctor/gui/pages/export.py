@@ -200,7 +200,7 @@ class ExportPage(QWidget):
         self.predicted_line.hide()
         self.chart_tabs = QTabWidget()
         self.chart_tabs.addTab(self.chart, "Per layer")
-        self.tradeoff = kl_chart("predicted mean KL (nats)", "predicted size (MiB)",
+        self.tradeoff = kl_chart("predicted mean KL (nats)", "predicted size of the weights (MiB)",
                                  "predicted size and KL of the best mix at each size")
         tradeoff_legend = self.tradeoff.addLegend(offset=(-10, 10), brush=backing())
         self.curve = self.tradeoff.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="greedy mix, each size")
@@ -247,6 +247,12 @@ class ExportPage(QWidget):
             return None
         return int(self._session.summary.parameters * 4 * self.size_slider.value() / 100)
 
+    def weights_budget_bytes(self) -> int | None:
+        """What the size budget leaves the weights: the file also holds its graph, measured by the
+        session's last export (before the first one, the weights get the whole budget)."""
+        budget = self.size_budget_bytes()
+        return budget - (self._session.onnx_graph_bytes or 0) if budget is not None else None
+
     def _size_budget_toggled(self, on: bool) -> None:
         self.size_slider.setEnabled(on and self.precision() != "fp32")
         self.refresh_suggestions()
@@ -267,6 +273,14 @@ class ExportPage(QWidget):
     def ladder(self) -> list[str]:
         """The formats a linear can take in this export, fewest bytes first, fp32 last."""
         return format_ladder(self.report, self.precision())
+
+    def linear_ladder(self, name: str) -> list[str]:
+        """The formats of this export in this linear's own order of bytes as written, fp32 last."""
+        from modeldoctor.export.pipeline import linear_ladder
+
+        if self._session is None or self.precision() == "fp32":
+            return self.ladder()
+        return linear_ladder(self._session, self.report, self.precision(), name)
 
     @staticmethod
     def _item_format(item) -> str:
@@ -314,7 +328,7 @@ class ExportPage(QWidget):
             self.predicted = {t: v for t, v in kl.items() if not t.isdigit()}  # linears, the head too
             self.figures = self.predicted or dict(kl)
             chosen, notes = choose_formats(self._session, self.report, precision, self.budget.value(),
-                                           self.size_budget_bytes())
+                                           self.weights_budget_bytes())
             notes = preset_notes(self._session, precision) + notes
         treated = self._session.treatment if self._session is not None else None
         if treated is not None and precision != "fp32" and treated.keep and treated.keep_for == PREDICTORS[precision]:
@@ -380,7 +394,7 @@ class ExportPage(QWidget):
         sizes = np.array([c[0] for c in curve], dtype=float) / 2**20
         kls = np.array([log_kl(max(c[1], 0.0)) - np.log10(KL_FLOOR) for c in curve], dtype=float)
         self.curve.setData(sizes, kls)
-        budget = self.size_budget_bytes()
+        budget = self.weights_budget_bytes()
         self.size_line.setVisible(budget is not None and bool(curve))
         if budget is not None:
             self.size_line.setPos(budget / 2**20)
@@ -389,7 +403,7 @@ class ExportPage(QWidget):
         """A click on a linear in the anatomy view moves it one format up (the top one wraps round)."""
         if self.precision() == "fp32" or not self.keep.isEnabled():
             return
-        steps = self.ladder()
+        steps = self.linear_ladder(name)
         for i in range(self.keep.count()):
             item = self.keep.item(i)
             if item.data(Qt.ItemDataRole.UserRole) == name:
@@ -438,9 +452,8 @@ class ExportPage(QWidget):
         formats = self.formats()
         precision = self.precision()
         anatomy = self._session.anatomy if self._session is not None else None
-        smallest = self.ladder()[0]
         raised = {n for n in names if anatomy is not None
-                  and all(formats.get(x, "fp32") != smallest for x in target_linears(anatomy, n))}
+                  and all(formats.get(x, "fp32") != self.linear_ladder(x)[0] for x in target_linears(anatomy, n))}
         heights = [log_kl(figures[n]) - np.log10(KL_FLOOR) for n in names]
         brushes = [pg.mkBrush(*(FORMAT_COLORS[formats.get(target_linears(anatomy, n)[0], "fp32")]
                                 if n in raised else SEVERITY_COLORS["moderate"])) for n in names]
@@ -489,8 +502,11 @@ class ExportPage(QWidget):
         precision = self.precision()
         size = predicted_size(self._session, self.formats())
         counts = counts_text(size.counts)
-        text = (f"<b>Before exporting:</b> about {format_bytes(size.bytes)}, {size.fraction:.0%} of fp32 "
-                f"(estimated from the weights; {counts})")
+        graph = self._session.onnx_graph_bytes
+        text = (f"<b>Before exporting:</b> about {format_bytes(size.bytes + (graph or 0))}, "
+                f"{(size.bytes + (graph or 0)) / size.fp32_bytes:.0%} of fp32 ("
+                + ("the weights as written and the graph measured by the last export" if graph else
+                   "the weights as written; the file adds its graph, measured when exporting") + f"; {counts})")
         predicted = self._predicted_export_kl()
         if precision == "fp32":
             text += "; the same function as the model, KL 0."
