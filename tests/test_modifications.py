@@ -163,3 +163,16 @@ def test_remove_changes_only_downstream_hidden_states(llama_session, small_data_
 def test_unknown_modification_is_a_plan_error():
     with pytest.raises(PlanError, match="Unknown modification"):
         create("int9")
+
+
+@pytest.mark.parametrize("name", ["int4-g32-asym", "int3", "int8-b128", "int4-b32", "int8-dynamic"])
+def test_quantizing_rows_a_chunk_at_a_time_changes_no_value(monkeypatch, name):
+    """Large weights (an LM head) are quantized a few rows at a time to bound the temporaries;
+    every row is quantized on its own, so the result is the same to the bit."""
+    import modeldoctor.modifications.quantize as quantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(37, 200) * torch.rand(37, 1)
+    whole = create(name).new_weight(None, "x", weight.clone())
+    monkeypatch.setattr(quantize, "CHUNK_VALUES", 3 * 200 + 17)  # 3 rows a chunk, the last one short
+    assert torch.equal(create(name).new_weight(None, "x", weight.clone()), whole)

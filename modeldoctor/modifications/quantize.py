@@ -14,13 +14,35 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.where((x - truncated).abs() == 0.5, truncated + x.sign(), torch.round(x))
 
 
+# Rows quantized at a time hold at most this many values: the rounding's temporaries (several
+# copies of what is quantized) stay tens of MB even for a 100 M-parameter LM head.
+CHUNK_VALUES = 1 << 22
+
+
+def by_row_chunks(weight: torch.Tensor, rows_function) -> torch.Tensor:
+    """rows_function applied to the rows of an (out, in) weight a chunk at a time (it must treat
+    each row on its own), into one result: the same values, a fraction of the peak memory."""
+    rows = max(1, CHUNK_VALUES // max(weight.shape[1], 1))
+    if weight.shape[0] <= rows:
+        return rows_function(weight)
+    result = torch.empty_like(weight)
+    for start in range(0, weight.shape[0], rows):
+        result[start:start + rows] = rows_function(weight[start:start + rows])
+    return result
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, group: int | None = None, symmetric: bool = True) -> torch.Tensor:
-    """Fake-quantize an (out, in) weight: per output channel, or per group of `group` inputs.
+    """Fake-quantize an (out, in) weight: per output channel, or per group of `group` inputs
+    (rows a chunk at a time: each row is quantized on its own).
 
     The asymmetric path is onnxruntime's MatMulNBits block quantizer (MLAS range2scalezp),
     what the int4 export writes: the range widened to hold 0, scale = range / (2^bits - 1),
     zero point = roundf(-min / scale), q = roundf(w · (1 / scale) + zero point), all in
     float32 with C rounding (halves away from zero)."""
+    return by_row_chunks(weight, lambda rows: _quantize_rows(rows, bits, group, symmetric))
+
+
+def _quantize_rows(weight: torch.Tensor, bits: int, group: int | None, symmetric: bool) -> torch.Tensor:
     out_features, in_features = weight.shape
     w = weight.float()
     if group:
@@ -159,8 +181,9 @@ INT8_DYNAMIC_LEVEL = 64
 def ort_int8_weight(weight: torch.Tensor) -> torch.Tensor:
     """The export's weight quantization for quantize_dynamic: int8 symmetric per tensor with
     reduce_range (scale = max|w| / 64, levels in [-64, 64])."""
-    scale = weight.abs().max().clamp(min=1e-12) / INT8_DYNAMIC_LEVEL
-    return torch.clamp(torch.round(weight / scale), -INT8_DYNAMIC_LEVEL, INT8_DYNAMIC_LEVEL) * scale
+    scale = torch.maximum(weight.max(), -weight.min()).clamp(min=1e-12) / INT8_DYNAMIC_LEVEL  # max|w|, no copy
+    return by_row_chunks(weight, lambda rows: torch.clamp(torch.round(rows / scale), -INT8_DYNAMIC_LEVEL,
+                                                          INT8_DYNAMIC_LEVEL) * scale)
 
 
 class Int8Dynamic(WeightModification):

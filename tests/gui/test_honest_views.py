@@ -190,7 +190,8 @@ def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, lla
     progress = []
     window.runner.event.connect(lambda e: progress.append(e) if isinstance(e, Progress) else None)
     window.start_checkup()
-    qtbot.waitUntil(lambda: sum(not r.estimated for r in window.run_page.model.records) >= 1, timeout=60000)
+    qtbot.waitUntil(lambda: sum(not r.estimated for r in window.run_page.model.records) >= 1
+                    and any(e.eta_s is not None for e in progress), timeout=60000)
     window.run_page.pause.click()
     paused_at = len(progress)
     assert window.run_page.eta.text() == "paused"
