@@ -50,7 +50,8 @@ def main() -> None:
     from modeldoctor.data import DataSpec
 
     spec = DataSpec(tokens=args.tokens, seq_len=256)
-    say(f"SmolLM2-135M, {args.tokens} evaluation tokens; knowledge probes scored on bleeding probes (the default).")
+    say(f"SmolLM2-135M, {args.tokens} evaluation tokens; knowledge probes scored after the probes on each "
+        "modification's 3 worst bleeding probes (the default).")
 
     # 1. linear scope, three families
     plan = CheckupPlan(modifications=FAMILIES, scope="linears")

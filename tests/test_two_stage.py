@@ -191,3 +191,47 @@ def test_a_resumed_knowledge_stage_scores_only_what_is_left_of_the_worst(llama_s
     assert set(knowledge_choice(plan, records)) == {r.spec for r in worst}
     scored = [replace(r, metrics={**r.metrics, "knowledge_accuracy": 0.5}) if r is worst[0] else r for r in records]
     assert set(knowledge_choice(plan, scored)) == {r.spec for r in worst[1:]}  # not the fourth worst
+
+
+def test_block_by_block_gradients_equal_one_backward_through_the_whole_model(llama_session, data):
+    """The estimate backpropagates a block at a time from the reference trace (memory: one
+    block's activations); the derivatives are those of one backward through the whole model."""
+    import torch
+
+    from modeldoctor.checkup.estimate import _state_gradients, draw_labels
+    from modeldoctor.model.anatomy import gradients_only_for
+
+    session, batch = llama_session, data.eval_batches[0]
+    trace = session.current_reference(data).traces[0]
+    labels = draw_labels(session, trace, 2, torch.Generator().manual_seed(0))
+    grads = _state_gradients(session, trace, batch.attention_mask, labels)
+
+    blocks = session.anatomy.block_list
+    states = {}
+
+    def entering(index):
+        def hook(module, args, kwargs):
+            states[index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    handles = [blocks[j].register_forward_pre_hook(entering(j), with_kwargs=True) for j in range(1, len(blocks))]
+    handles.append(blocks[-1].register_forward_hook(
+        lambda module, args, output: states.__setitem__(len(blocks), output[0] if isinstance(output, tuple) else output)))
+    handles.append(session.anatomy.embedding.register_forward_hook(
+        lambda module, args, output: output.detach().requires_grad_()))
+    try:
+        with gradients_only_for(session.model), torch.enable_grad():
+            logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   use_cache=False).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for sample in range(2):
+                picked = (logp.gather(-1, labels[..., sample:sample + 1])[..., 0] * batch.attention_mask).sum()
+                keys = sorted(states)
+                whole = torch.autograd.grad(picked, [states[k] for k in keys], retain_graph=True)
+                for key, expected in zip(keys, whole):
+                    torch.testing.assert_close(grads[key][sample], expected.float(), rtol=1e-4,
+                                               atol=1e-5 * float(expected.abs().max()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(grads) == list(range(1, len(blocks) + 1))

@@ -29,8 +29,6 @@ linears.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from modeldoctor.control import RunControl
@@ -38,7 +36,7 @@ from modeldoctor.data import EvalData
 from modeldoctor.model.anatomy import HEAD, gradients_only_for
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
-LABEL_SAMPLES = 2  # label draws per calibration sequence (rows of one backward pass)
+LABEL_SAMPLES = 2  # labels drawn per position (one backward pass each)
 ESTIMATOR = ("block-output Fisher: ½·Σₜ(∇ₜ log p(y)·Δhₜ)² per token, Δh the modified block's exact "
              "change, labels drawn from the model; the head's KL exact")
 
@@ -68,7 +66,8 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     for number, batch in enumerate(data.eval_batches):
         control.checkpoint()
         trace = ref.traces[number]
-        grads = _state_gradients(session, batch, samples, generator)
+        labels = draw_labels(session, trace, samples, generator)
+        grads = _state_gradients(session, trace, batch.attention_mask, labels)
         valid = batch.attention_mask.bool()
         for (name, target) in sums:
             control.checkpoint()
@@ -87,47 +86,66 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     return {key: value / max(tokens, 1) for key, value in sums.items()}
 
 
-def _state_gradients(session, batch, samples: int, generator: torch.Generator) -> dict[int, torch.Tensor]:
+def _trainable(value):
+    """A copy of a trace's recorded argument that autograd may save (the trace was recorded in
+    inference mode, whose tensors it refuses): tensors cloned, containers rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple):
+        return tuple(_trainable(v) for v in value)
+    if isinstance(value, list):
+        return [_trainable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _trainable(v) for k, v in value.items()}
+    return value
+
+
+def draw_labels(session, trace, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """`samples` next tokens per position drawn from the unmodified model's own distribution:
+    (B, T, samples). The Fisher these labels give is the KL's Hessian."""
+    rows = []
+    for row in range(trace.states[-1].shape[0]):
+        logits = session.replayer.head_logits(trace.states[-1][row])
+        probs = torch.softmax(logits.float(), dim=-1)
+        rows.append(torch.multinomial(probs, samples, replacement=True, generator=generator))
+    return torch.stack(rows)
+
+
+def _state_gradients(session, trace, mask: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:
     """∂ log p(y)/∂h for the residual stream entering each block j ≥ 1 and leaving the last
-    (key N), with labels y drawn from the model: (samples, B, T, H) per key, fp32."""
-    blocks = session.anatomy.block_list
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(index, hidden):
-        hidden.register_hook(lambda grad: captured.__setitem__(index, grad.detach().float()))
-
-    def entering(index):
-        def hook(module, args, kwargs):
-            keep(index, args[0] if args else kwargs["hidden_states"])
-        return hook
-
-    def leaving(module, args, output):
-        keep(len(blocks), output[0] if isinstance(output, tuple) else output)
-
-    def track_gradients(module, args, output):
-        return output.detach().requires_grad_()
-
-    with contextlib.ExitStack() as stack:
-        handles = [blocks[j].register_forward_pre_hook(entering(j), with_kwargs=True) for j in range(1, len(blocks))]
-        handles.append(blocks[len(blocks) - 1].register_forward_hook(leaving))
-        handles.append(session.anatomy.embedding.register_forward_hook(track_gradients))
-        stack.callback(lambda: [h.remove() for h in handles])
-        stack.enter_context(gradients_only_for(session.model))  # the states' gradients, not the weights'
-
-        rows = []  # one sequence per backward pass: the memory autograd keeps is one sequence's
-        for row in range(batch.input_ids.shape[0]):
-            ids = batch.input_ids[row:row + 1].repeat(samples, 1)
-            mask = batch.attention_mask[row:row + 1].repeat(samples, 1)
-            with torch.enable_grad():
-                logits = session.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                del logits
-                labels = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
-                                           generator=generator)
-                picked = logp.reshape(-1, logp.shape[-1]).gather(-1, labels).reshape(mask.shape)
-                del logp
-                (picked * mask).sum().backward()
-            rows.append(dict(captured))
-            captured.clear()
-    # (samples, B, T, H) per key
-    return {j: torch.stack([r[j] for r in rows], dim=1) for j in rows[0]}
+    (key N), for each drawn label y: (samples, B, T, H) per key, fp32. Backpropagated one block
+    at a time from the reference trace (each block rerun with gradients from the state the trace
+    recorded entering it), so memory holds one block's activations, not the whole model's: on a
+    1 B model a whole-model backward kept about half the model's size again."""
+    anatomy, replayer = session.anatomy, session.replayer
+    blocks = anatomy.block_list
+    samples = labels.shape[-1]
+    last = len(blocks)
+    grads: dict[int, torch.Tensor] = {}
+    with gradients_only_for(session.model), torch.enable_grad():
+        # The head, a sequence at a time (its logits are the largest activations there are).
+        rows = []
+        for row in range(trace.states[last].shape[0]):
+            final = trace.states[last][row].clone().requires_grad_()
+            hidden = final
+            for module in anatomy.tail:
+                hidden = module(hidden)
+            logp = torch.log_softmax(anatomy.head(hidden).float(), dim=-1)
+            picked = logp.gather(-1, labels[row]) * mask[row, :, None]  # (T, samples)
+            rows.append(torch.stack([torch.autograd.grad(picked[:, s].sum(), final, retain_graph=s + 1 < samples)[0]
+                                     for s in range(samples)]))
+            del logp, picked
+        grads[last] = torch.stack(rows, dim=1).float()
+        for index in range(last - 1, 0, -1):
+            call = blocks[index], trace.calls[index]
+            entering = trace.states[index].clone().requires_grad_()
+            args, kwargs = _trainable(call[1].args), _trainable(call[1].kwargs)
+            out = call[0](*args, hidden_states=entering, **kwargs) if call[1].hidden_as_kwarg \
+                else call[0](entering, *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            upstream = grads[index + 1]
+            grads[index] = torch.stack([
+                torch.autograd.grad(out, entering, grad_outputs=upstream[s].to(out.dtype),
+                                    retain_graph=s + 1 < samples)[0] for s in range(samples)]).float()
+            del out
+    return grads
