@@ -198,13 +198,12 @@ def test_block_by_block_gradients_equal_one_backward_through_the_whole_model(lla
     block's activations); the derivatives are those of one backward through the whole model."""
     import torch
 
-    from modeldoctor.checkup.estimate import _state_gradients, draw_labels
+    from modeldoctor.checkup.estimate import _state_gradients
     from modeldoctor.model.anatomy import gradients_only_for
 
     session, batch = llama_session, data.eval_batches[0]
     trace = session.current_reference(data).traces[0]
-    labels = draw_labels(session, trace, 2, torch.Generator().manual_seed(0))
-    grads = _state_gradients(session, trace, batch.attention_mask, labels)
+    grads, labels = _state_gradients(session, trace, batch.attention_mask, 2, torch.Generator().manual_seed(0))
 
     blocks = session.anatomy.block_list
     states = {}

@@ -66,8 +66,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     for number, batch in enumerate(data.eval_batches):
         control.checkpoint()
         trace = ref.traces[number]
-        labels = draw_labels(session, trace, samples, generator)
-        grads = _state_gradients(session, trace, batch.attention_mask, labels)
+        grads, _ = _state_gradients(session, trace, batch.attention_mask, samples, generator)
         valid = batch.attention_mask.bool()
         for (name, target) in sums:
             control.checkpoint()
@@ -86,66 +85,40 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     return {key: value / max(tokens, 1) for key, value in sums.items()}
 
 
-def _trainable(value):
-    """A copy of a trace's recorded argument that autograd may save (the trace was recorded in
-    inference mode, whose tensors it refuses): tensors cloned, containers rebuilt."""
-    if isinstance(value, torch.Tensor):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, tuple):
-        return tuple(_trainable(v) for v in value)
-    if isinstance(value, list):
-        return [_trainable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _trainable(v) for k, v in value.items()}
-    return value
-
-
-def draw_labels(session, trace, samples: int, generator: torch.Generator) -> torch.Tensor:
-    """`samples` next tokens per position drawn from the unmodified model's own distribution:
-    (B, T, samples). The Fisher these labels give is the KL's Hessian."""
-    rows = []
-    for row in range(trace.states[-1].shape[0]):
-        logits = session.replayer.head_logits(trace.states[-1][row])
-        probs = torch.softmax(logits.float(), dim=-1)
-        rows.append(torch.multinomial(probs, samples, replacement=True, generator=generator))
-    return torch.stack(rows)
-
-
-def _state_gradients(session, trace, mask: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:
-    """∂ log p(y)/∂h for the residual stream entering each block j ≥ 1 and leaving the last
-    (key N), for each drawn label y: (samples, B, T, H) per key, fp32. Backpropagated one block
-    at a time from the reference trace (each block rerun with gradients from the state the trace
-    recorded entering it), so memory holds one block's activations, not the whole model's: on a
-    1 B model a whole-model backward kept about half the model's size again."""
+def _state_gradients(session, trace, mask: torch.Tensor, samples: int,
+                     generator: torch.Generator) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """(∂ log p(y)/∂h for the residual stream entering each block j ≥ 1 and leaving the last
+    (key N), (samples, B, T, H) per key in fp32; the labels y, (B, T, samples)). The labels are
+    drawn per position from the unmodified model's own distribution, so the Fisher they give is
+    the KL's Hessian. Backpropagated one block at a time from the reference trace (each block
+    rerun with gradients from the state the trace recorded entering it), so memory holds one
+    block's activations, not the whole model's: on a 1 B model a whole-model backward kept about
+    half the model's size again."""
     anatomy, replayer = session.anatomy, session.replayer
-    blocks = anatomy.block_list
-    samples = labels.shape[-1]
-    last = len(blocks)
+    last = anatomy.num_blocks
     grads: dict[int, torch.Tensor] = {}
     with gradients_only_for(session.model), torch.enable_grad():
         # The head, a sequence at a time (its logits are the largest activations there are).
-        rows = []
+        rows, labels = [], []
         for row in range(trace.states[last].shape[0]):
             final = trace.states[last][row].clone().requires_grad_()
             hidden = final
             for module in anatomy.tail:
                 hidden = module(hidden)
             logp = torch.log_softmax(anatomy.head(hidden).float(), dim=-1)
-            picked = logp.gather(-1, labels[row]) * mask[row, :, None]  # (T, samples)
+            drawn = torch.multinomial(logp.detach().exp(), samples, replacement=True, generator=generator)
+            picked = logp.gather(-1, drawn) * mask[row, :, None]  # (T, samples)
             rows.append(torch.stack([torch.autograd.grad(picked[:, s].sum(), final, retain_graph=s + 1 < samples)[0]
                                      for s in range(samples)]))
+            labels.append(drawn)
             del logp, picked
         grads[last] = torch.stack(rows, dim=1).float()
         for index in range(last - 1, 0, -1):
-            call = blocks[index], trace.calls[index]
             entering = trace.states[index].clone().requires_grad_()
-            args, kwargs = _trainable(call[1].args), _trainable(call[1].kwargs)
-            out = call[0](*args, hidden_states=entering, **kwargs) if call[1].hidden_as_kwarg \
-                else call[0](entering, *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = replayer.run_block(trace, index, entering, track_grad=True)
             upstream = grads[index + 1]
             grads[index] = torch.stack([
                 torch.autograd.grad(out, entering, grad_outputs=upstream[s].to(out.dtype),
                                     retain_graph=s + 1 < samples)[0] for s in range(samples)]).float()
             del out
-    return grads
+    return grads, torch.stack(labels)

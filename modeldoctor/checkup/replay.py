@@ -36,6 +36,18 @@ class Trace:
         return sum(s.numel() * s.element_size() for s in self.states)
 
 
+def _trainable(value):
+    """A copy of a recorded argument that autograd may save: inference-mode tensors cloned,
+    containers rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_trainable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _trainable(v) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class Run:
     logits: torch.Tensor
@@ -127,14 +139,17 @@ class Replayer:
                 final = module(final)
             return self.anatomy.head(final if head_mask is None else final[head_mask])
 
-    def run_block(self, trace: Trace, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Block `index` as it is now, on `hidden`, called with the arguments the trace recorded."""
+    def run_block(self, trace: Trace, index: int, hidden: torch.Tensor, track_grad: bool = False) -> torch.Tensor:
+        """Block `index` as it is now, on `hidden`, called with the arguments the trace recorded.
+        With `track_grad`, autograd records it (the recorded arguments are copied out of
+        inference mode, whose tensors autograd may not save)."""
         block, call = self.anatomy.block_list[index], trace.calls[index]
-        with torch.inference_mode():
+        args, kwargs = (_trainable(call.args), _trainable(call.kwargs)) if track_grad else (call.args, call.kwargs)
+        with torch.enable_grad() if track_grad else torch.inference_mode():
             if call.hidden_as_kwarg:
-                out = block(*call.args, hidden_states=hidden, **call.kwargs)
+                out = block(*args, hidden_states=hidden, **kwargs)
             else:
-                out = block(hidden, *call.args, **call.kwargs)
+                out = block(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def verify(self, trace: Trace, full_logits: torch.Tensor) -> None:

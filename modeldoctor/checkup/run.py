@@ -17,7 +17,7 @@ import torch
 
 from modeldoctor.checkup.estimate import estimable, estimate_kl
 from modeldoctor.checkup.plan import CheckupPlan, build_probes
-from modeldoctor.checkup.timing import ProbeClock, probe_cost
+from modeldoctor.checkup.timing import ProbeClock, knowledge_stage_probes, probe_cost
 from modeldoctor.checkup.verdict import findings, flag_outliers, judge
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
@@ -331,17 +331,15 @@ def _knowledge_stage_costs(session: Session, data: EvalData, plan: CheckupPlan,
     """The final knowledge stage of a "worst" plan as (spec, cost) pairs for the ETA, at most:
     knowledge_top scorings per modification, each a replay of the knowledge batches from a block
     halfway down (which probes bleed most is known only at the end)."""
-    if not (plan.knowledge and data.knowledge_batches and plan.knowledge_on == "worst"):
+    if not data.knowledge_batches:
         return []
     text = sum(b.input_ids.numel() for b in data.eval_batches) or 1
     ratio = sum(b.input_ids.numel() for b in data.knowledge_batches) / text
     pairs = []
-    for name in dict.fromkeys(p.modification for p in probes):
-        isolated = [p for p in probes if p.modification == name and p.mode == "isolated" and p.family != "decoding"]
-        if isolated:
-            middle = isolated[len(isolated) // 2]
-            cost = probe_cost(session.anatomy, middle, plan.prefix_cache) * ratio
-            pairs += [(middle, cost)] * min(plan.knowledge_top, len(isolated))
+    for isolated in knowledge_stage_probes(plan, probes).values():
+        middle = isolated[len(isolated) // 2]
+        cost = probe_cost(session.anatomy, middle, plan.prefix_cache) * ratio
+        pairs += [(middle, cost)] * min(plan.knowledge_top, len(isolated))
     return pairs
 
 

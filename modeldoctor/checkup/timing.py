@@ -31,6 +31,18 @@ def probe_cost(anatomy, spec: ProbeSpec, prefix_cache: bool) -> float:
     return anatomy.num_blocks - start + head
 
 
+def knowledge_stage_probes(plan: CheckupPlan, probes: list[ProbeSpec]) -> dict[str, list[ProbeSpec]]:
+    """Per modification, the probes a "worst" plan's knowledge stage may score at the end (its
+    isolated, non-decoding ones; knowledge_top of them at most); empty for other plans."""
+    if not (plan.knowledge and plan.knowledge_on == "worst"):
+        return {}
+    candidates: dict[str, list[ProbeSpec]] = {}
+    for spec in probes:
+        if spec.mode == "isolated" and spec.family != "decoding":
+            candidates.setdefault(spec.modification, []).append(spec)
+    return candidates
+
+
 def full_pass_cost(anatomy) -> float:
     block_params = sum(m.weight.numel() for m in anatomy.blocks[0].linears.values()) or 1
     return anatomy.num_blocks + anatomy.head.weight.numel() / block_params
@@ -89,13 +101,9 @@ def planned_duration(anatomy, plan: CheckupPlan, probes: list[ProbeSpec], second
     costs = [probe_cost(anatomy, p, plan.prefix_cache) for p in exact]
     low += sum(costs) * tokens * per_unit
     high += sum(costs) * (tokens + knowledge) * per_unit
-    if plan.knowledge and plan.knowledge_on == "worst":
-        for name in dict.fromkeys(p.modification for p in probes):
-            isolated = [p for p in probes if p.modification == name and p.mode == "isolated"
-                        and p.family != "decoding"]
-            if isolated:
-                mean_cost = sum(probe_cost(anatomy, p, plan.prefix_cache) for p in isolated) / len(isolated)
-                high += min(plan.knowledge_top, len(isolated)) * mean_cost * knowledge_tokens * per_unit
+    for isolated in knowledge_stage_probes(plan, probes).values():
+        mean_cost = sum(probe_cost(anatomy, p, plan.prefix_cache) for p in isolated) / len(isolated)
+        high += min(plan.knowledge_top, len(isolated)) * mean_cost * knowledge_tokens * per_unit
     return Duration(low, high)
 
 

@@ -150,10 +150,10 @@ def format_ladder(report: CheckupReport | None, precision: str) -> list[str]:
     return sorted({*BASE_FORMATS[precision], *measured}, key=bytes_per_weight) + ["fp32"]
 
 
-def linear_ladder(session: Session, report: CheckupReport | None, precision: str, linear: str) -> list[str]:
-    """format_ladder in this linear's own order of bytes as written, fp32 last: rows that fill a
-    block of 128 only in part (576 inputs take 640) can make it no smaller than blocks of 32."""
-    steps = [f for f in format_ladder(report, precision) if f != "fp32"]
+def linear_ladder(session: Session, ladder: list[str], linear: str) -> list[str]:
+    """A format_ladder in this linear's own order of bytes as written, fp32 last: rows that fill
+    a block of 128 only in part (576 inputs take 640) can make it no smaller than blocks of 32."""
+    steps = [f for f in ladder if f != "fp32"]
     return sorted(steps, key=lambda f: -_linear_bytes_saved(session, linear, f)) + ["fp32"]
 
 
@@ -249,7 +249,8 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     formats = preset_formats(session.anatomy, precision)
     if precision == "fp32":
         return formats, []
-    figures = format_figures(report, format_ladder(report, precision))
+    ladder = format_ladder(report, precision)
+    figures = format_figures(report, ladder)
     if precision not in figures:
         return formats, []
     bleeding = predicted_kl(report, precision)[2]
@@ -263,17 +264,19 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     def allowed(linear: str) -> list[str]:
         """The formats this linear may take, the most bytes saved first: those whose figure the
         checkup has for every probe covering it, and fp32."""
-        options = [f for f in linear_ladder(session, report, precision, linear)
+        options = [f for f in linear_ladder(session, ladder, linear)
                    if all(target_kl(figures, t, f) is not None for t in covering[linear])]
         if linear == HEAD and precision == "int4":  # a 4-bit head makes small models repeat themselves
-            options = [f for f in options if BLOCK_FORMATS.get(f, (8,))[0] == 8
+            options = [f for f in options if f not in BLOCK_FORMATS or BLOCK_FORMATS[f][0] == 8
                        or (HEAD in figures.get(f, {}) and HEAD not in predicted_kl(report, f)[2])]
-        return sorted(options, key=lambda f: -_linear_bytes_saved(session, linear, f))
+        return sorted(options, key=lambda f: -bytes_saved[linear, f])
 
+    # Bytes each linear saves in each format, once: the moves below read them many times.
+    bytes_saved = {(linear, f): _linear_bytes_saved(session, linear, f) for linear in covering for f in ladder}
     options = {linear: allowed(linear) for linear in covering}
 
     def saved_by(linears, fmt: str) -> float:
-        return sum(_linear_bytes_saved(session, n, fmt) for n in linears)
+        return sum(bytes_saved[n, fmt] for n in linears)
 
     def shared(linears) -> list[str]:
         """The formats every one of these linears may take."""

@@ -280,7 +280,7 @@ class ExportPage(QWidget):
 
         if self._session is None or self.precision() == "fp32":
             return self.ladder()
-        return linear_ladder(self._session, self.report, self.precision(), name)
+        return linear_ladder(self._session, self.ladder(), name)
 
     @staticmethod
     def _item_format(item) -> str:
@@ -445,6 +445,7 @@ class ExportPage(QWidget):
         self.status.setText(f"{added} more layers moved one format up. Export again.")
 
     def _draw_prediction(self) -> None:
+        from modeldoctor.export.pipeline import linear_ladder
         from modeldoctor.modifications.base import target_linears
 
         figures = self.figures
@@ -452,8 +453,9 @@ class ExportPage(QWidget):
         formats = self.formats()
         precision = self.precision()
         anatomy = self._session.anatomy if self._session is not None else None
-        raised = {n for n in names if anatomy is not None
-                  and all(formats.get(x, "fp32") != self.linear_ladder(x)[0] for x in target_linears(anatomy, n))}
+        ladder = self.ladder() if anatomy is not None else []  # read from the report once per drawing
+        raised = {n for n in names if anatomy is not None and all(
+            formats.get(x, "fp32") != linear_ladder(self._session, ladder, x)[0] for x in target_linears(anatomy, n))}
         heights = [log_kl(figures[n]) - np.log10(KL_FLOOR) for n in names]
         brushes = [pg.mkBrush(*(FORMAT_COLORS[formats.get(target_linears(anatomy, n)[0], "fp32")]
                                 if n in raised else SEVERITY_COLORS["moderate"])) for n in names]
