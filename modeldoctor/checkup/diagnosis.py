@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modeldoctor.modifications.base import create
 from modeldoctor.report.results import CheckupReport, ProbeRecord
 
 TREATMENTS = {
@@ -15,6 +16,8 @@ TREATMENTS = {
     "prune": "prune these layers less, or use gradient-aware pruning that protects important weights",
     "structure": "leave these blocks in place; change structure only where the damage is small",
     "decoding": "calibrate the sampling temperature to the model, or decode greedily",
+    "lowrank": "keep these layers at full rank or a higher one, or factor them activation-aware (svd-aw) "
+               "so the kept directions are the ones the inputs use",
 }
 SEVERITY_RANK = {"healthy": 0, "mild": 1, "moderate": 2, "severe": 3}
 
@@ -93,8 +96,7 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             f"targets are modified (through {crossing['last_target']}).", "moderate",
             "Modify only the layers before that point, or treat the bleeding ones first."))
     for group, curve in report.findings.get("sweeps", {}).items():
-        quantize = group.startswith("int")
-        unit = (lambda s: f"{s:g}-bit") if quantize else (lambda s: f"{s:.0%} sparsity")
+        unit = create(curve["modifications"][0]).describe_strength
         if curve["all_safe"]:
             text = f"Every strength tried is safe (down to {unit(curve['strengths'][-1])})."
             level = "healthy"

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from modeldoctor.modifications.base import create
 from modeldoctor.report.results import ProbeRecord
 
 SEVERITY_STEPS = ((50.0, "severe"), (5.0, "moderate"), (1.0, "mild"))
@@ -96,8 +97,8 @@ def findings(records: list[ProbeRecord], threshold: float) -> dict:
                                                                     "last_target": rec.spec.targets[-1]})
     for group, members in sweep_groups(records, "sweep-model").items():
         if len(members) >= 2:
-            # Fewer bits is harsher; more sparsity is harsher.
-            descending = members[0].spec.family == "quantize"
+            # Fewer bits or a lower rank is harsher; more sparsity is harsher.
+            descending = create(members[0].spec.modification).sweep_harsher_when_lower
             curve = knee([r.spec.strength for r in members], [r.score for r in members], threshold, descending)
             curve["modifications"] = [r.spec.modification for r in members]
             blocks = {}
@@ -115,8 +116,6 @@ def findings(records: list[ProbeRecord], threshold: float) -> dict:
 
 def sweep_groups(records: list[ProbeRecord], mode: str) -> dict[str, list[ProbeRecord]]:
     """Sweep probes of one mode grouped by the robustness curve they belong to."""
-    from modeldoctor.modifications.base import create
-
     groups: dict[str, list[ProbeRecord]] = {}
     for rec in records:
         if rec.spec.mode == mode:

@@ -60,6 +60,11 @@ class Modification:
     needs_gradients: bool = False
     sweep_strength: float | None = None  # bits or sparsity, for robustness curves
     sweep_group: str | None = None  # modifications on one robustness curve share this
+    sweep_harsher_when_lower: bool = False  # fewer bits or a lower rank is harsher; more sparsity is
+
+    def describe_strength(self, strength: float) -> str:
+        """A sweep strength in words, for robustness findings ("30% sparsity")."""
+        return f"{strength:.0%} sparsity"
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -181,6 +186,7 @@ _REGISTRY: list[RegisteredFamily] = []
 PRESETS: dict[str, tuple[str, ...]] = {
     "bits-sweep": ("int8", "int6", "int4", "int3", "int2"),
     "sparsity-sweep": tuple(f"prune-wanda-{p}" for p in (10, 30, 50, 70, 90)),
+    "rank-sweep": tuple(f"svd-r{p}" for p in (90, 75, 50, 25, 10)),
 }
 
 
@@ -220,7 +226,7 @@ def example_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     # Importing the modules registers their families (one file per family).
-    from modeldoctor.modifications import decoding, prune, quantize, structure  # noqa: F401
+    from modeldoctor.modifications import decoding, lowrank, prune, quantize, structure  # noqa: F401
 
 
 class Unchanged(Modification):

@@ -80,6 +80,10 @@ class RoundToNearest(WeightModification):
         self.bits, self.group, self.symmetric = bits, group, symmetric
         self.sweep_strength = float(bits)
         self.sweep_group = f"int-{'g' + str(group) if group else 'channel'}-{'sym' if symmetric else 'asym'}"
+        self.sweep_harsher_when_lower = True
+
+    def describe_strength(self, strength):
+        return f"{strength:g}-bit"
 
     def new_weight(self, ctx, linear, weight):
         return quantize_rtn(weight, self.bits, self.group, self.symmetric)
