@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modeldoctor.metrics.divergence import position_curve
 from modeldoctor.modifications.base import create
 from modeldoctor.report.results import CheckupReport, ProbeRecord
 
@@ -123,6 +124,7 @@ def diagnose(report: CheckupReport) -> list[Finding]:
     call_shapes = _prefill_vs_decode_finding(report)
     if call_shapes:
         findings.append(call_shapes)
+    findings += _context_findings(report)
     findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
     return findings
 
@@ -199,6 +201,46 @@ def _prefill_vs_decode_finding(report: CheckupReport, named: int = 3) -> Finding
     advice = ("A linear that bleeds under one call shape only matters as much as that call shape does in "
               "your use: prefill for long prompts, decoding for long generations.") if split else ""
     return Finding("int8-dynamic: prefill vs decode", text, severity, advice)
+
+
+CONTEXT_GROWTH = 1.5  # damage at the longest context this many times that at the shortest: say it grows
+
+
+def context_curves(report: CheckupReport) -> dict[str, dict]:
+    """Per modification, its measured isolated probes' mean KL by position bucket (how many
+    tokens of context each scored token had), averaged over the probes: {"labels", "starts",
+    "kl", "probes", "growth" (last bucket over first)}. Only where two buckets or more were seen."""
+    curves = {}
+    for name in report.modifications():
+        measured = [position_curve(r.metrics) for r in report.probes if r.spec.modification == name
+                    and r.spec.mode == "isolated" and not r.estimated]
+        measured = [c for c in measured if len(c) >= 2]
+        if not measured:
+            continue
+        labels = [label for label, _, _ in measured[0]]
+        starts = [start for _, start, _ in measured[0]]
+        kl = [float(np.mean([c[i][2] for c in measured if len(c) > i])) for i in range(len(labels))]
+        curves[name] = {"labels": labels, "starts": starts, "kl": kl, "probes": len(measured),
+                        "growth": kl[-1] / kl[0] if kl[0] > 0 else float("inf")}
+    return curves
+
+
+def _context_findings(report: CheckupReport) -> list[Finding]:
+    findings = []
+    for name, curve in context_curves(report).items():
+        if max(curve["kl"]) <= 0:
+            continue
+        steps = ", ".join(f"{kl:.3g} at positions {label}" for label, kl in zip(curve["labels"], curve["kl"]))
+        growth = curve["growth"]
+        trend = ("grows with context" if growth >= CONTEXT_GROWTH else
+                 "shrinks with context" if growth <= 1 / CONTEXT_GROWTH else "does not depend much on context")
+        text = (f"Mean KL of {name}'s {curve['probes']} measured probes by how many tokens precede the scored "
+                f"token: {steps} (×{growth:.2g} from the first bucket to the last); its damage {trend}.")
+        advice = ("Check it on prompts as long as yours (a longer evaluation sequence length), "
+                  "since longer contexts bleed more.") if growth >= CONTEXT_GROWTH else ""
+        findings.append(Finding(f"{name}: damage by context length", text,
+                                "mild" if growth >= CONTEXT_GROWTH else "healthy", advice))
+    return findings
 
 
 def _sentence(text: str) -> str:

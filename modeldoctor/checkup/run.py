@@ -111,6 +111,8 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
 
     replayer = session.replayer
     want_attention = plan.attention and mod.family == "structure"
+    if mod.family == "kvcache" and len(spec.targets) == session.anatomy.num_blocks:
+        reference_cached_steps(session, ref)  # before the modification is applied
     if want_attention and ref.attention is None:  # before the modification is applied
         ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
         ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)
@@ -145,11 +147,34 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
             modified = attention_metrics.attention_maps(session.model, session.anatomy, ids)
             attention = attention_metrics.disruption(ref.attention, modified, session.anatomy.num_blocks)
+        if mod.family == "kvcache" and len(spec.targets) == session.anatomy.num_blocks:
+            metrics.update(_cached_generation(session, ref, control))  # the whole model: generation too
     if capture is not None:  # the knowledge states only if this step scored the knowledge probes
         carry.keep(spec, capture, captured)
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
                        seconds=control.clock() - began)
+
+
+GENERATION_PROMPTS = 3  # continuations of the built-in prompts generated through the cache
+
+
+def _cached_generation(session: Session, ref: Reference, control: RunControl) -> dict[str, float]:
+    """KL over greedy continuations generated token by token through the KV cache, for a probe
+    applied now, against the reference's steps (reference_cached_steps, computed before it was)."""
+    control.checkpoint()
+    continuations, steps = ref.extras["cached_steps"]
+    return decoding_metrics.cached_generation_kl(steps, session.model, continuations)
+
+
+def reference_cached_steps(session: Session, ref: Reference) -> None:
+    """The unmodified model's greedy continuations of the first prompts and their step
+    log-probabilities through the cache, kept on the reference."""
+    if "cached_steps" not in ref.extras:
+        continuations = decoding_metrics.reference_continuations(
+            session.model, session.tokenizer, _decoding_prompts()[:GENERATION_PROMPTS])
+        ref.extras["cached_steps"] = (continuations, [decoding_metrics.cached_step_logprobs(session.model, c)
+                                                      for c in continuations])
 
 
 def _knowledge_metrics(session: Session, ref: Reference, data: EvalData, spec: ProbeSpec, ctx, control: RunControl,

@@ -107,3 +107,32 @@ def compare(model, tokenizer, references: list[Continuation], settings: Decoding
         "tokens": float(len(kls)),
     }
     return metrics, samples
+
+
+def cached_step_logprobs(model, continuation: Continuation) -> torch.Tensor:
+    """Log-probabilities of each step of a continuation as generation computes them: the prompt
+    prefilled into a KV cache, then one token per call reading the cache back (teacher-forced on
+    the given tokens, so two models are compared on the same text): (steps, V)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    steps = []
+    with torch.inference_mode():
+        ids = torch.tensor([continuation.prompt_ids])
+        for token in [None] + continuation.tokens[:-1]:
+            if token is not None:
+                ids = torch.tensor([[token]])
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            steps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
+    return torch.stack(steps)
+
+
+def cached_generation_kl(reference_steps: list[torch.Tensor], model, references: list[Continuation]) -> dict:
+    """Mean KL(reference ‖ model) over generation steps read through the model's KV cache, given
+    the reference's own step log-probabilities (cached_step_logprobs of the unmodified model)."""
+    kls = []
+    for ref_logp, continuation in zip(reference_steps, references):
+        logq = cached_step_logprobs(model, continuation)
+        kls.append((ref_logp.exp() * (ref_logp - logq)).sum(-1).clamp(min=0))
+    values = torch.cat(kls)
+    return {"kl_generation": float(values.mean()), "generation_tokens": float(len(values))}

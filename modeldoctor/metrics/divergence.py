@@ -86,11 +86,47 @@ def next_token_logprob(logp: torch.Tensor, input_ids: torch.Tensor) -> torch.Ten
     return logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+# Token positions (how many tokens precede it in its sequence) in buckets growing 4× each:
+# does the damage grow with the context a token sees?
+POSITION_EDGES = (0, 64, 256, 1024, 4096, 16384)
+POSITION_PREFIX = "kl_pos_"
+
+
+def position_bucket_key(start: int) -> str:
+    """The metric name of the bucket starting at `start`: kl_pos_0_63, …, kl_pos_16384_up."""
+    index = POSITION_EDGES.index(start)
+    end = POSITION_EDGES[index + 1] - 1 if index + 1 < len(POSITION_EDGES) else None
+    return f"{POSITION_PREFIX}{start}_{end if end is not None else 'up'}"
+
+
+def kl_by_position(kl: np.ndarray, positions: np.ndarray) -> dict[str, float]:
+    """Mean KL of the tokens in each position bucket that has any."""
+    out = {}
+    for index, start in enumerate(POSITION_EDGES):
+        end = POSITION_EDGES[index + 1] if index + 1 < len(POSITION_EDGES) else np.inf
+        inside = (positions >= start) & (positions < end)
+        if inside.any():
+            out[position_bucket_key(start)] = float(kl[inside].mean())
+    return out
+
+
+def position_curve(metrics: dict[str, float]) -> list[tuple[str, int, float]]:
+    """A probe's KL by position bucket as (label "64–255", bucket start, mean KL), in order."""
+    curve = []
+    for start in POSITION_EDGES:
+        key = position_bucket_key(start)
+        if metrics.get(key) is not None:
+            rest = key[len(POSITION_PREFIX):].split("_")[1]
+            curve.append((f"{start}–{rest}" if rest != "up" else f"{start}+", start, float(metrics[key])))
+    return curve
+
+
 @dataclass
 class DivergenceAccumulator:
     """Collects per-token values over batches, then summarises them."""
 
     kl: list[np.ndarray] = field(default_factory=list)
+    positions: list[np.ndarray] = field(default_factory=list)
     same_top: list[np.ndarray] = field(default_factory=list)
     nll_mod: list[np.ndarray] = field(default_factory=list)
     nll_ref: list[np.ndarray] = field(default_factory=list)
@@ -101,6 +137,8 @@ class DivergenceAccumulator:
         mask = attention_mask.bool()
         logq = torch.log_softmax(logits_mod.float(), dim=-1)
         self.kl.append(ref.kl_to(logq)[mask].cpu().numpy())
+        # Right padding: a real token's position is how many real tokens precede it.
+        self.positions.append((attention_mask.long().cumsum(-1) - 1)[mask].cpu().numpy())
         self.same_top.append((logits_mod.argmax(-1) == ref.argmax)[mask].cpu().numpy())
         next_mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
         mod_next = next_token_logprob(logq, input_ids)
@@ -113,7 +151,9 @@ class DivergenceAccumulator:
         nll_mod = np.concatenate(self.nll_mod).astype(np.float64)
         nll_ref = np.concatenate(self.nll_ref).astype(np.float64)
         delta = np.concatenate(self.delta_p).astype(np.float64)
-        return summarise(kl, np.concatenate(self.same_top), nll_mod, nll_ref, delta)
+        figures = summarise(kl, np.concatenate(self.same_top), nll_mod, nll_ref, delta)
+        figures.update(kl_by_position(kl, np.concatenate(self.positions)))
+        return figures
 
 
 def summarise(kl: np.ndarray, same_top: np.ndarray, nll_mod: np.ndarray, nll_ref: np.ndarray,

@@ -226,7 +226,7 @@ def example_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     # Importing the modules registers their families (one file per family).
-    from modeldoctor.modifications import decoding, lowrank, prune, quantize, structure  # noqa: F401
+    from modeldoctor.modifications import decoding, kvcache, lowrank, prune, quantize, structure  # noqa: F401
 
 
 class Unchanged(Modification):

@@ -1,0 +1,144 @@
+"""KV-cache quantization: the keys and values a block's attention caches, stored in fewer bits.
+
+Runtimes quantize what they cache, after the rotary embedding: llama.cpp's `-ctk q8_0`
+(symmetric int8 per block of 32 values of one token), vLLM's fp8 e4m3 (scale 1 unless
+calibrated). The probe wraps the model's own attention function (sdpa or eager, through
+transformers' AttentionInterface) so the targeted blocks attend to quantized keys and values.
+
+Every token's stored key and value depend only on that token, so what a one-pass prefill
+computes here is exactly what generation reading the cache back computes (a test compares
+the two). Per-channel key caches (KIVI) are not probed: their scales span groups of tokens,
+so a prefill would see scales that generation meets only once a group is full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import torch
+
+from modeldoctor.modifications.base import ModContext, Modification, register
+
+TOKEN_BLOCK = 32  # quantization blocks along a token's head dimension (llama.cpp's q8_0 / q4_0)
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+WRAPPER_PREFIX = "modeldoctor_kv:"
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, block: int = TOKEN_BLOCK) -> torch.Tensor:
+    """(…, T, D) symmetric int quantization per token, per block of `block` values of D."""
+    size = x.shape[-1]
+    width = min(block, size)
+    pad = (-size) % width
+    xf = torch.nn.functional.pad(x.float(), (0, pad)) if pad else x.float()
+    blocks = xf.reshape(*xf.shape[:-1], -1, width)
+    qmax = 2 ** (bits - 1) - 1
+    scale = blocks.abs().amax(-1, keepdim=True) / qmax
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    deq = torch.clamp(torch.round(blocks / safe), -qmax - 1, qmax) * scale
+    return deq.reshape(*xf.shape)[..., :size].to(x.dtype)
+
+
+def quantize_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Cast to float8 e4m3 and back, scale 1 (vLLM's default without calibration), saturating."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+class KVCacheQuantization(Modification):
+    family = "kvcache"
+    scopes = ("blocks",)
+
+    def __init__(self, name: str, which: str, bits: int | None) -> None:
+        super().__init__(name)
+        self.which, self.bits = which, bits
+        if bits is not None:
+            self.sweep_strength = float(bits)
+            self.sweep_group = f"{which}-int"
+            self.sweep_harsher_when_lower = True
+
+    def describe_strength(self, strength):
+        return f"{strength:g}-bit cache"
+
+    def applies_to(self, anatomy, target):
+        return target.isdigit() and _attention_of(anatomy, int(target)) is not None
+
+    def store(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What the cache gives back for keys or values, (B, heads, T, D)."""
+        return quantize_fp8(tensor) if self.bits is None else quantize_per_token(tensor, self.bits)
+
+    @contextlib.contextmanager
+    def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
+        modules = [_attention_of(ctx.anatomy, int(t)) for t in targets]
+        configs = [c for c in _attention_configs(ctx.model)]
+        saved = [(c, c._attn_implementation) for c in configs]
+        try:
+            for config, original in saved:
+                config._attn_implementation = _wrapper_name(original)
+            for module in modules:
+                module._modeldoctor_kv_cache = self
+            yield
+        finally:
+            for module in modules:
+                module.__dict__.pop("_modeldoctor_kv_cache", None)
+            for config, original in saved:
+                config._attn_implementation = original
+
+
+def _attention_of(anatomy, index: int):
+    """Block `index`'s attention module, if it computes attention through transformers'
+    attention functions (it has a config that names one); None otherwise (an SSM mixer)."""
+    block = anatomy.blocks[index]
+    if block.attention_name is None:
+        return None
+    module = block.module.get_submodule(block.attention_name)
+    config = getattr(module, "config", None)
+    return module if getattr(config, "_attn_implementation", None) in ("sdpa", "eager") else None
+
+
+def _attention_configs(model) -> list:
+    found = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not any(config is c for c in found):
+            found.append(config)
+    return found
+
+
+def _wrapper_name(original: str) -> str:
+    """The registered attention function that runs `original` on the cache-quantized keys and
+    values of the blocks a probe targets (the others run `original` untouched)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = WRAPPER_PREFIX + original
+    if name not in AttentionInterface._global_mapping:
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            quantizer = getattr(module, "_modeldoctor_kv_cache", None)
+            if quantizer is not None:
+                if quantizer.which in ("kv", "k"):
+                    key = quantizer.store(key)
+                if quantizer.which in ("kv", "v"):
+                    value = quantizer.store(value)
+            return _original_function(module, original)(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        # The model builds its masks for the implementation it names: the original's.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[original])
+    return name
+
+
+def _original_function(module, original: str):
+    if original == "eager":  # each family's own eager attention, in its modeling file
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[original]
+
+
+@register(r"(?P<which>kv|k|v)-(?:int(?P<bits>[2-8])|fp8)",
+          "KV-cache quantization of a block's attention: keys and values (kv-), keys only (k-) or values only "
+          "(v-); int per token in blocks of 32 (as llama.cpp's q8_0), or fp8 e4m3 (as vLLM's, scale 1)",
+          ("kv-int8", "kv-int4", "k-int4", "v-int4", "kv-fp8"))
+def _kv_cache(match):
+    return KVCacheQuantization(match[0], match["which"], int(match["bits"]) if match["bits"] else None)
