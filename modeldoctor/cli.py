@@ -137,6 +137,7 @@ def cmd_checkup(args) -> int:
             knowledge=not args.no_knowledge, knowledge_on=args.knowledge_on, prefix_cache=not args.no_prefix_cache,
             targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
             exhaustive=args.exhaustive, verify_top=args.verify_top,
+            context_lengths=_context_lengths(args.context_lengths),
         )
         source = args.data if args.data in ("builtin", "self") else str(Path(args.data).expanduser())
         spec = DataSpec(source=source, tokens=args.tokens, seq_len=args.seq_len,
@@ -208,6 +209,20 @@ def cmd_checkup(args) -> int:
     return 0
 
 
+def _context_lengths(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    from modeldoctor.checkup.context import DEFAULT_LENGTHS
+
+    if text.strip() == "auto":
+        return DEFAULT_LENGTHS
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ModelDoctorError(f"--context-lengths takes whole numbers of tokens, comma-separated, or auto "
+                               f"(got '{text}').") from None
+
+
 def print_report(report, top: int = 15) -> None:
     ref = report.reference
     knowledge = report.reference_knowledge()
@@ -249,6 +264,13 @@ def print_report(report, top: int = 15) -> None:
         print("  " + "-" * (len(header) - 2))
         for row in call_shapes[:top]:
             print(f"  {row['linear'][:34]:<34} {row['prefill']:>9.3g} {row['decode']:>9.3g} {row['ratio']:>7.2f}")
+    whole = report.by_mode("model")
+    if whole:
+        print("\nWhole-model changes (RoPE scaling), mean KL on the evaluation text:")
+        for probe in whole:
+            m = probe.metrics
+            print(f"  {probe.spec.modification:<20} KL {m['kl_mean']:.4f} ± {m['kl_stderr']:.4f}, same top "
+                  f"{m['same_top']:.1%}, ppl ×{m['ppl_ratio']:.3f}  {probe.severity if probe.bleeding else 'healthy'}")
     decoding = report.by_mode("decoding")
     if decoding:
         print("\nDecoding settings against greedy decoding:")
@@ -260,6 +282,16 @@ def print_report(report, top: int = 15) -> None:
     for group, curve in report.findings.get("sweeps", {}).items():
         steps = ", ".join(f"{s:g}→{k:.3g}" for s, k in zip(curve["strengths"], curve["scores"]))
         print(f"\nSweep {group} (whole model, strength→mean KL): {steps}")
+    context = report.context
+    if context.get("lengths"):
+        print(f"\nLong-context probe, whole model, mean KL by length ({context['text']}; the model's limit: "
+              f"{context.get('limit') or 'not stated'} tokens):")
+        header = f"  {'tokens':>8} {'original tok/s':>15}" + "".join(f" {name[:14]:>14}" for name in context["curves"])
+        print(header)
+        print("  " + "-" * (len(header) - 2))
+        for i, length in enumerate(context["lengths"]):
+            print(f"  {length:>8} {context['tokens_per_s'][i]:>15.0f}"
+                  + "".join(f" {curve['kl'][i]:>14.4g}" for curve in context["curves"].values()))
     from modeldoctor.checkup.diagnosis import diagnose
 
     print("\nDiagnosis:")
@@ -627,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the knowledge probes after the probes on each modification's "
                         f"{KNOWLEDGE_TOP} worst bleeding probes (default), on every bleeding probe as "
                         "it is measured, or on every probe")
+    p.add_argument("--context-lengths", metavar="TOKENS",
+                   help="also run the long-context probe: each modification on the whole model at these lengths "
+                        "of the evaluation text, comma-separated (e.g. 256,1024,4096), or 'auto' for 128 … 8192 "
+                        "as far as the text reaches; with --tokens at least the longest")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a cancelled or interrupted checkup saved in DIR (its plan and text; done probes "
                         "are kept)")

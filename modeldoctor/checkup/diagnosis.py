@@ -125,6 +125,10 @@ def diagnose(report: CheckupReport) -> list[Finding]:
     if call_shapes:
         findings.append(call_shapes)
     findings += _context_findings(report)
+    findings += _whole_model_findings(report)
+    sweep = _long_context_finding(report)
+    if sweep:
+        findings.append(sweep)
     findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
     return findings
 
@@ -241,6 +245,51 @@ def _context_findings(report: CheckupReport) -> list[Finding]:
         findings.append(Finding(f"{name}: damage by context length", text,
                                 "mild" if growth >= CONTEXT_GROWTH else "healthy", advice))
     return findings
+
+
+def _whole_model_findings(report: CheckupReport) -> list[Finding]:
+    """Probes of a change to the whole model (a RoPE scaling): one finding each."""
+    findings = []
+    for record in report.by_mode("model"):
+        curve = position_curve(record.metrics)
+        text = (f"On text within the model's own length it costs a mean KL of {record.score:.3g} nats (top-1 "
+                f"agreement {record.metrics.get('same_top', float('nan')):.0%}, perplexity "
+                f"×{record.metrics.get('ppl_ratio', 1):.2f})")
+        if len(curve) >= 2:
+            text += "; by position: " + ", ".join(f"{kl:.3g} at {label}" for label, _, kl in curve)
+        findings.append(Finding(f"{record.spec.modification} (whole model)", text + ".",
+                                record.severity if record.bleeding else "healthy",
+                                "Use it only where prompts exceed the model's length limit; below it the "
+                                "unscaled model reads the text as it was trained to." if record.bleeding else ""))
+    return findings
+
+
+def _long_context_finding(report: CheckupReport) -> Finding | None:
+    """The long-context probe's result: each modification's KL as the sequence grows."""
+    context = report.context
+    if not context or not context.get("lengths"):
+        return None
+    lengths = context["lengths"]
+    parts = []
+    worst_growth = 1.0
+    for name, curve in context["curves"].items():
+        kl = curve["kl"]
+        if not kl:
+            continue
+        growth = kl[-1] / kl[0] if kl[0] > 0 else float("inf")
+        worst_growth = max(worst_growth, growth)
+        parts.append(f"{name}: " + ", ".join(f"{value:.3g}" for value in kl) + f" (×{growth:.2g})")
+    speed = ", ".join(f"{rate:.0f}" for rate in context["tokens_per_s"])
+    limit = context.get("limit")
+    text = (f"Mean KL on the whole model at {', '.join(map(str, lengths))} tokens of {context['text']}: "
+            + "; ".join(parts) + f". The original runs {speed} tokens/s at those lengths.")
+    if limit:
+        reached = max(lengths) >= limit
+        text += (f" The model's length limit is {limit} tokens" + (", reached." if reached else
+                 f"; the text allowed {context['available_tokens']} (a longer text file reaches it)."))
+    grows = worst_growth >= CONTEXT_GROWTH
+    return Finding("Long-context probe", text, "mild" if grows else "healthy",
+                   "Damage grows with length: check it at the prompt lengths you deploy." if grows else "")
 
 
 def _sentence(text: str) -> str:

@@ -39,16 +39,21 @@ class CheckupPlan:
     verify_fraction: float = 0.5
     verify_top: int = 10
     control_sample: int = 3
+    # The long-context probe (checkup.context): every modification on the whole model at these
+    # sequence lengths of the evaluation text; none: not run.
+    context_lengths: tuple[int, ...] = ()
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["modes"] = list(self.modes)
+        data["context_lengths"] = list(self.context_lengths)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "CheckupPlan":
         known = {f.name for f in fields(cls)}  # a file from an older version lacks newer fields
-        return cls(**{**{k: v for k, v in data.items() if k in known}, "modes": tuple(data["modes"])})
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "modes": tuple(data["modes"]),
+                      "context_lengths": tuple(data.get("context_lengths", ()))})
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -62,6 +67,8 @@ class CheckupPlan:
             raise PlanError(f"Knowledge probes run on one of {', '.join(KNOWLEDGE_ON)} (got '{self.knowledge_on}').")
         if self.verify_top < 0 or self.control_sample < 0 or not self.verify_fraction >= 0 or self.knowledge_top < 0:
             raise PlanError("How many probes to verify must be zero or more.")
+        if any(not isinstance(n, int) or n < 2 for n in self.context_lengths):
+            raise PlanError("Long-context lengths must be whole numbers of tokens, 2 or more.")
         if not self.threshold > 0:
             raise PlanError("The bleeding threshold must be a positive number of nats.")
         for name in expand(self.modifications):
@@ -94,6 +101,12 @@ def build_probes(plan: CheckupPlan, anatomy: Anatomy) -> tuple[list[ProbeSpec], 
         mod = create(name)
         if mod.family == "decoding":
             add(name, mod.family, "decoding", ())
+            continue
+        if mod.scopes == ("model",):  # one probe of the whole model
+            if mod.applies_to(anatomy, "model"):
+                add(name, mod.family, "model", ())
+            else:
+                skipped.append(f"{name} does not apply to this model: {mod.not_applicable_reason(anatomy)}.")
             continue
         scope = plan.scope if plan.scope in mod.scopes else mod.scopes[0]
         if scope != plan.scope:

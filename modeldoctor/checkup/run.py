@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from modeldoctor.checkup.context import run_context_sweep
 from modeldoctor.checkup.estimate import estimable, estimate_kl
 from modeldoctor.checkup.plan import CheckupPlan, build_probes
 from modeldoctor.checkup.timing import ProbeClock, knowledge_stage_probes, probe_cost
@@ -31,7 +32,7 @@ from modeldoctor.metrics.cascade import CascadeAccumulator
 from modeldoctor.metrics.divergence import (
     DivergenceAccumulator, answer_positions_mask, knowledge_correct_sparse,
 )
-from modeldoctor.modifications.base import create, token_mask
+from modeldoctor.modifications.base import create, expand, token_mask
 from modeldoctor.report.results import CheckupReport, ProbeRecord, ProbeSpec
 from modeldoctor.resources import resource
 from modeldoctor.session import Reference, Session
@@ -88,6 +89,9 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
         return ProbeRecord(spec, metrics, bleeding, level, reason, samples=samples,
                            seconds=control.clock() - began)
+
+    if not mod.replays:
+        return _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began)
 
     # A probe that changes the embedding table (a tied head's shared table) reruns everything.
     fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
@@ -154,6 +158,22 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
                        seconds=control.clock() - began)
+
+
+def _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began) -> ProbeRecord:
+    """A probe of a change made before the first block (the rotary embedding): whole forward
+    passes of the evaluation batches, against the same reference."""
+    divergence = DivergenceAccumulator()
+    with mod.applied(ctx, list(spec.targets)), torch.inference_mode():
+        for number, batch in enumerate(data.eval_batches):
+            control.checkpoint()
+            logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   use_cache=False).logits
+            divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
+                           batch.attention_mask)
+    metrics = divergence.summary()
+    bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
+    return ProbeRecord(spec, metrics, bleeding, level, reason, seconds=control.clock() - began)
 
 
 GENERATION_PROMPTS = 3  # continuations of the built-in prompts generated through the cache
@@ -335,6 +355,9 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
                            eta_range=(spread.low, spread.high) if spread else None)
         if later:
             yield from _score_worst_knowledge(session, ref, data, plan, records, control, save)
+        if plan.context_lengths:
+            yield from run_context_sweep(session, data, expand(plan.modifications), plan.context_lengths, control,
+                                         report.context)
         save("completed", force=True)
         yield Finished("completed", f"{len(report.probes)} probes, {report.findings['bleeding_count']} bleeding",
                        report)

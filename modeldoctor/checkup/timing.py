@@ -25,6 +25,8 @@ def probe_cost(anatomy, spec: ProbeSpec, prefix_cache: bool) -> float:
     head = anatomy.head.weight.numel() / block_params
     if spec.family == "decoding":
         return DECODING_COST * (anatomy.num_blocks + head)
+    if spec.mode == "model":  # whole forward passes
+        return anatomy.num_blocks + head
     start = spec.block if prefix_cache else 0
     if prefix_cache and spec.mode == "cumulative" and len(spec.targets) > 1:
         start = anatomy.block_of(spec.targets[-1])  # resumes from the previous step's states

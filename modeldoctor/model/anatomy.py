@@ -72,6 +72,9 @@ class Anatomy:
     head_dim: int
     block_list: nn.ModuleList  # the live list: structural modifications swap entries in it
     block_returns_tuple: bool  # GPT-2 style blocks return (hidden, ...); Llama style a tensor
+    # The rotary position embeddings (transformers' *RotaryEmbedding: an inv_freq buffer and an
+    # attention_scaling); empty for learned or no positions (GPT-2, OPT, Mamba).
+    rotaries: list[nn.Module] = field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
@@ -190,6 +193,8 @@ def find_anatomy(model: nn.Module) -> Anatomy:
         blocks_path=blocks_path, blocks=blocks, embedding=embedding, head=head,
         tail=[modules[n] for n in after], tail_names=after, head_name=head_name, hidden_size=hidden,
         num_heads=heads, head_dim=head_dim, block_list=block_list, block_returns_tuple=returns_tuple,
+        rotaries=[m for m in model.modules()
+                  if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "attention_scaling")],
     )
     return anatomy
 

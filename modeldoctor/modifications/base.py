@@ -61,6 +61,13 @@ class Modification:
     sweep_strength: float | None = None  # bits or sparsity, for robustness curves
     sweep_group: str | None = None  # modifications on one robustness curve share this
     sweep_harsher_when_lower: bool = False  # fewer bits or a lower rank is harsher; more sparsity is
+    # Whether a probe may replay recorded block inputs; a change made before the first block (the
+    # rotary position embedding) needs whole forward passes.
+    replays: bool = True
+
+    def not_applicable_reason(self, anatomy: Anatomy) -> str:
+        """Why applies_to is false for this model, in words (for a modification of the whole model)."""
+        return "it does not fit this model's structure"
 
     def describe_strength(self, strength: float) -> str:
         """A sweep strength in words, for robustness findings ("30% sparsity")."""
@@ -226,7 +233,7 @@ def example_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     # Importing the modules registers their families (one file per family).
-    from modeldoctor.modifications import decoding, kvcache, lowrank, prune, quantize, structure  # noqa: F401
+    from modeldoctor.modifications import decoding, kvcache, lowrank, prune, quantize, rope, structure  # noqa: F401
 
 
 class Unchanged(Modification):

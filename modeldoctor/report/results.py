@@ -89,6 +89,8 @@ class CheckupReport:
     status: str = "running"  # running | completed | cancelled | failed
     elapsed_s: float = 0.0
     findings: dict[str, Any] = field(default_factory=dict)
+    # The long-context probe (checkup.context.run_context_sweep); empty when the plan had none.
+    context: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     # ---- queries -------------------------------------------------------------------------
@@ -129,7 +131,7 @@ class CheckupReport:
         return _json_safe({
             "version": self.version, "status": self.status, "elapsed_s": self.elapsed_s,
             "model": self.model, "plan": self.plan, "data": self.data, "reference": self.reference,
-            "findings": self.findings, "probes": [p.to_dict() for p in self.probes],
+            "findings": self.findings, "probes": [p.to_dict() for p in self.probes], "context": self.context,
         })
 
     @classmethod
@@ -139,7 +141,7 @@ class CheckupReport:
         return cls(
             model=data["model"], plan=data["plan"], data=data["data"], reference=data["reference"],
             probes=[ProbeRecord.from_dict(p) for p in data["probes"]], status=data["status"],
-            elapsed_s=data["elapsed_s"], findings=data.get("findings", {}),
+            elapsed_s=data["elapsed_s"], findings=data.get("findings", {}), context=data.get("context", {}),
         )
 
     def save(self, folder: str | os.PathLike) -> Path:
