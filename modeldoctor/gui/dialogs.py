@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QTextBrowser, QVBoxLayout, QWidget,
 )
 
+from modeldoctor.metrics.divergence import position_bucket_key, position_curve
 from modeldoctor.report.results import ProbeRecord
 
 METRIC_LABELS = {
@@ -22,6 +23,7 @@ METRIC_LABELS = {
     "knowledge_ref": "knowledge probes (reference)", "tokens": "tokens", "token_agreement": "greedy tokens kept",
     "first_divergence": "first divergence (tokens)", "identical": "identical continuations",
     "kl_trajectory": "KL along greedy trajectory",
+    "kl_generation": "KL generating through the KV cache", "generation_tokens": "tokens generated through the cache",
 }
 PERCENT = {"same_top", "knowledge_accuracy", "knowledge_ref", "token_agreement", "identical"}
 
@@ -41,6 +43,11 @@ def format_metric(name: str, value: float | None) -> str:
     if name == "tokens":
         return f"{int(value)}"
     return f"{value:.4g}"
+
+
+def _position_keys(metrics: dict) -> list[tuple[str, str]]:
+    """(label "64–255", metric name) of the position buckets a probe has."""
+    return [(label, position_bucket_key(start)) for label, start, _ in position_curve(metrics)]
 
 
 class ProbeDetailsDialog(QDialog):
@@ -65,6 +72,8 @@ class ProbeDetailsDialog(QDialog):
             tabs.addTab(self._cascade_plot(), "Cascade")
         if record.attention:
             tabs.addTab(self._attention_plot(), "Attention")
+        if position_curve(record.metrics):
+            tabs.addTab(self._position_plot(), "By position")
         self.samples_view = QTextBrowser()
         samples_tab = QWidget()
         box = QVBoxLayout(samples_tab)
@@ -91,8 +100,9 @@ class ProbeDetailsDialog(QDialog):
         items = [(k, v) for k, v in self.record.metrics.items()]
         table = QTableWidget(len(items), 2)
         table.setHorizontalHeaderLabels(["metric", "value"])
+        positions = {key: f"KL at positions {label}" for label, key in _position_keys(self.record.metrics)}
         for row, (name, value) in enumerate(items):
-            table.setItem(row, 0, QTableWidgetItem(METRIC_LABELS.get(name, name)))
+            table.setItem(row, 0, QTableWidgetItem(METRIC_LABELS.get(name, positions.get(name, name))))
             table.setItem(row, 1, QTableWidgetItem(format_metric(name, value)))
         table.resizeColumnsToContents()
         table.verticalHeader().hide()
@@ -108,6 +118,18 @@ class ProbeDetailsDialog(QDialog):
                   symbolSize=5, name="relative error")
         plot.plot(x, self.record.cascade["cos_drift"], pen=pg.mkPen((31, 119, 180), width=2), symbol="s",
                   symbolSize=5, name="1 − cosine")
+        return plot
+
+    def _position_plot(self) -> pg.PlotWidget:
+        """Mean KL of the tokens in each position bucket: does this probe's damage grow with context?"""
+        curve = position_curve(self.record.metrics)
+        plot = pg.PlotWidget(title="Mean KL by how many tokens precede the scored token")
+        plot.setLabel("left", "mean KL (nats)")
+        plot.getAxis("left").enableAutoSIPrefix(False)
+        plot.setLabel("bottom", "tokens of context")
+        x = np.arange(len(curve))
+        plot.addItem(pg.BarGraphItem(x=x, height=[kl for _, _, kl in curve], width=0.6, brush=(200, 55, 59)))
+        plot.getAxis("bottom").setTicks([[(i, label) for i, (label, _, _) in enumerate(curve)]])
         return plot
 
     def _attention_plot(self) -> pg.PlotWidget:

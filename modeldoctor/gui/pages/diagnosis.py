@@ -10,12 +10,20 @@ from PySide6.QtWidgets import (
     QComboBox, QHBoxLayout, QLabel, QPushButton, QTabWidget, QTextBrowser, QVBoxLayout, QWidget,
 )
 
-from modeldoctor.checkup.diagnosis import diagnose, estimate_summary, kl_plain_reading
+from modeldoctor.checkup.diagnosis import context_curves, diagnose, estimate_summary, kl_plain_reading
+from modeldoctor.metrics.divergence import POSITION_EDGES
 from modeldoctor.gui.plots import BleedingBarChart, CurvePlot
 from modeldoctor.gui.viewmodel import Bars
 from modeldoctor.report.html import SEVERITY_COLORS
 
 WORST_SHOWN = 10
+
+
+def _bucket_middle(start: int) -> float:
+    """Where a position bucket sits on a log axis: halfway (geometrically) through it."""
+    index = POSITION_EDGES.index(start)
+    end = POSITION_EDGES[index + 1] if index + 1 < len(POSITION_EDGES) else start * 4
+    return (max(start, 1) * end) ** 0.5
 
 
 class DiagnosisPage(QWidget):
@@ -46,9 +54,22 @@ class DiagnosisPage(QWidget):
         self.worst = BleedingBarChart()
         worst_layout.addWidget(self.worst)
         self.tabs.addTab(worst, "Worst layers")
-        self.curves = CurvePlot("strength (bits or sparsity)", empty_text=(
+        self.curves = CurvePlot("strength (bits, sparsity or % of the rank)", empty_text=(
             "No robustness curves: run a checkup with 'strength sweep' ticked on the Plan page."))
         self.tabs.addTab(self.curves, "Robustness curves")
+        context = QWidget()
+        context_layout = QVBoxLayout(context)
+        self.by_position = CurvePlot("tokens of context before the scored token (log scale)",
+                                     empty_text="No figures by position: measure some layer probes.")
+        self.by_length = CurvePlot("sequence length in tokens (log scale)", empty_text=(
+            "No long-context probe: tick it on the Plan page (and choose more evaluation tokens on the Data "
+            "page to reach longer sequences)."))
+        self.length_note = QLabel()
+        self.length_note.setWordWrap(True)
+        context_layout.addWidget(self.by_position)
+        context_layout.addWidget(self.by_length)
+        context_layout.addWidget(self.length_note)
+        self.tabs.addTab(context, "Context length")
         layout.addWidget(self.tabs, 1)
         row = QHBoxLayout()
         self.save = QPushButton("Save session…")
@@ -109,6 +130,7 @@ class DiagnosisPage(QWidget):
         self.curves.set_threshold(threshold)
         self._draw_worst(self.modification.currentText())
         self._draw_curves(report)
+        self._draw_context(report, threshold)
 
     def _draw_worst(self, name: str) -> None:
         bars = Bars()
@@ -123,6 +145,40 @@ class DiagnosisPage(QWidget):
         self.worst.setTitle(f"{name}: the worst layers, worst first" if name else
                             "No layer probes in this checkup.")
         self.worst.update_bars(bars, total=len(bars.values))
+
+    def _draw_context(self, report, threshold: float) -> None:
+        """KL by how much context each scored token had (the mean of each modification's layer
+        probes), and the long-context probe's KL by sequence length."""
+        import numpy as np
+
+        # x on a log2 scale, each point's tick labelled in tokens.
+        curves, ticks = {}, {}
+        for name, curve in context_curves(report).items():
+            x = np.log2([_bucket_middle(start) for start in curve["starts"]])
+            ticks.update(zip(x, curve["labels"]))
+            curves[f"{name} (mean of {curve['probes']} probes)"] = (x, np.asarray(curve["kl"], float))
+        self.by_position.set_threshold(threshold)
+        self.by_position.update_curves(curves, [])
+        self.by_position.getAxis("bottom").setTicks([sorted(ticks.items())])
+        if curves:
+            self.by_position.setTitle("Layer probes: mean KL by position")
+        context = report.context or {}
+        lengths = context.get("lengths", [])
+        x = np.log2(np.asarray(lengths, float)) if lengths else np.zeros(0)
+        by_length = {name: (x, np.asarray(curve["kl"], float))
+                     for name, curve in context.get("curves", {}).items() if lengths and len(curve["kl"]) == len(x)}
+        self.by_length.set_threshold(threshold)
+        self.by_length.update_curves(by_length, [])
+        self.by_length.getAxis("bottom").setTicks([[(v, str(n)) for v, n in zip(x, lengths)]])
+        for plot in (self.by_position, self.by_length):
+            plot.enableAutoRange()
+        note = f"Layer probes on {report.measured_on()}."
+        if by_length:
+            self.by_length.setTitle("Whole model: mean KL by sequence length")
+            speed = ", ".join(f"{rate:.0f} at {n}" for n, rate in zip(lengths, context["tokens_per_s"]))
+            note += (f" Long-context probe on {context['text']}; the original runs {speed} tokens/s"
+                     + (f"; its length limit is {context['limit']} tokens." if context.get("limit") else "."))
+        self.length_note.setText(note)
 
     def _draw_curves(self, report) -> None:
         sweeps = report.findings.get("sweeps", {})

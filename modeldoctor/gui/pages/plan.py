@@ -8,10 +8,16 @@ from PySide6.QtWidgets import (
     QPushButton, QRadioButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
+from modeldoctor.checkup.context import DEFAULT_LENGTHS
 from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.gui.pages.data import format_range
 
 BITS = (8, 6, 4, 3, 2)
+KV_FORMATS = {"int8": "int8", "int4": "int4", "int2": "int2", "fp8 e4m3": "fp8"}
+KV_PARTS = {"keys and values": "kv", "keys only": "k", "values only": "v"}
+ROPE_METHODS = {"linear interpolation": "linear", "NTK-aware": "ntk", "YaRN": "yarn"}
+KV_SWEEP_BITS = (8, 6, 4, 3, 2)
+RANK_SWEEP = (90, 75, 50, 25, 10)
 PRUNE_KINDS = {"Wanda (|W|·‖x‖)": "wanda", "Magnitude": "mag", "2:4 semi-structured": "2of4",
                "Attention heads": "heads", "MLP channels": "channels"}
 
@@ -110,6 +116,41 @@ class PlanPage(QWidget):
             d.addRow(box, spin)
         grid.addWidget(decoding, 1, 1)
 
+        more = QGroupBox("Low rank, KV cache and context length")
+        m = QGridLayout(more)
+        self.svd_on = QCheckBox("low rank (SVD): keep")
+        self.svd_percent = QSpinBox()
+        self.svd_percent.setRange(1, 99)
+        self.svd_percent.setValue(50)
+        self.svd_percent.setSuffix(" % of the rank")
+        self.svd_aware = QCheckBox("activation-aware")
+        m.addWidget(self.svd_on, 0, 0)
+        m.addWidget(self.svd_percent, 0, 1)
+        m.addWidget(self.svd_aware, 0, 2)
+        self.kv_on = QCheckBox("KV cache in")
+        self.kv_format = QComboBox()
+        self.kv_format.addItems(list(KV_FORMATS))
+        self.kv_format.setCurrentIndex(1)
+        self.kv_which = QComboBox()
+        self.kv_which.addItems(list(KV_PARTS))
+        m.addWidget(self.kv_on, 1, 0)
+        m.addWidget(self.kv_format, 1, 1)
+        m.addWidget(self.kv_which, 1, 2)
+        self.rope_on = QCheckBox("RoPE scaling")
+        self.rope_method = QComboBox()
+        self.rope_method.addItems(list(ROPE_METHODS))
+        self.rope_factor = QDoubleSpinBox()
+        self.rope_factor.setRange(1.0, 64.0)
+        self.rope_factor.setValue(2.0)
+        self.rope_factor.setPrefix("× ")
+        m.addWidget(self.rope_on, 2, 0)
+        m.addWidget(self.rope_method, 2, 1)
+        m.addWidget(self.rope_factor, 2, 2)
+        self.long_context = QCheckBox("long-context probe: every modification on the whole model at 128 → 8192 "
+                                      "tokens, as far as the text and the model's limit reach")
+        m.addWidget(self.long_context, 3, 0, 1, 3)
+        grid.addWidget(more, 2, 0, 1, 2)
+
         scan = QGroupBox("Scan")
         f = QFormLayout(scan)
         scope_row = QHBoxLayout()
@@ -123,7 +164,7 @@ class PlanPage(QWidget):
         self.isolated = QCheckBox("isolated (one at a time)")
         self.isolated.setChecked(True)
         self.cumulative = QCheckBox("cumulative (1..k)")
-        self.sweep = QCheckBox("strength sweep (bits 8→2, sparsity 10→90 %)")
+        self.sweep = QCheckBox("strength sweep (bits 8→2, sparsity 10→90 %, rank 90→10 %)")
         for box in (self.isolated, self.cumulative, self.sweep):
             modes_row.addWidget(box)
         f.addRow("Modes:", modes_row)
@@ -140,7 +181,7 @@ class PlanPage(QWidget):
             "estimates of each modification and a few at random are measured exactly. On: every probe is "
             "measured exactly.")
         f.addRow("Exactness:", self.exhaustive)
-        grid.addWidget(scan, 2, 0, 1, 2)
+        grid.addWidget(scan, 3, 0, 1, 2)
 
         from modeldoctor.gui.glossary import tip
 
@@ -151,6 +192,19 @@ class PlanPage(QWidget):
                              (self.isolated, "isolated"), (self.cumulative, "cumulative"), (self.sweep, "strength sweep"),
                              (self.threshold, "threshold")):
             widget.setToolTip(tip(term))
+        self.svd_on.setToolTip("Replace each probed linear by its best low-rank approximation (truncated SVD), "
+                               "keeping this share of its singular values.")
+        self.svd_aware.setToolTip("Activation-aware SVD (as ASVD): factor W·diag(‖x‖) with the calibration "
+                                  "activations' sizes, so the kept directions are those the inputs use.")
+        self.kv_on.setToolTip("Quantize the keys and values each probed block's attention caches, per token in "
+                              "blocks of 32 (llama.cpp's -ctk q8_0 / q4_0) or fp8 e4m3 (vLLM). Probed per "
+                              "block; blocks without attention are left out.")
+        self.rope_on.setToolTip("Stretch the rotary position embedding of the whole model by this factor, as "
+                                "long-context deployments do; measured on text the model could already read.")
+        self.long_context.setToolTip("After the probes, apply each chosen modification to the whole model and "
+                                     "measure it on one sequence of the evaluation text at growing lengths "
+                                     "(choose more evaluation tokens on the Data page to reach longer ones), "
+                                     "with the original's speed at each length.")
         for box in self.bits.values():
             box.setToolTip("Weight-only quantization to this many bits (round to nearest); the grouping and "
                            "asymmetry below apply.")
@@ -200,6 +254,19 @@ class PlanPage(QWidget):
                 names += [f"prune-{kind}-{p}" for p in (10, 30, 50, 70, 90)]
             else:
                 names.append(f"prune-{kind}-{self.sparsity.value()}")
+        if self.svd_on.isChecked():
+            prefix = "svd-aw" if self.svd_aware.isChecked() else "svd"
+            percents = RANK_SWEEP if sweep else (self.svd_percent.value(),)
+            names += [f"{prefix}-r{p}" for p in percents]
+        if self.kv_on.isChecked():
+            which = KV_PARTS[self.kv_which.currentText()]
+            kind = KV_FORMATS[self.kv_format.currentText()]
+            if sweep and kind != "fp8":
+                names += [f"{which}-int{b}" for b in KV_SWEEP_BITS]
+            else:
+                names.append(f"{which}-{kind}")
+        if self.rope_on.isChecked():
+            names.append(f"rope-{ROPE_METHODS[self.rope_method.currentText()]}-{self.rope_factor.value():g}")
         if self.remove.isChecked():
             names.append("remove")
         if self.duplicate.isChecked():
@@ -221,7 +288,8 @@ class PlanPage(QWidget):
                                        ("sweep", self.sweep)) if box.isChecked())
         return CheckupPlan(modifications=self.modifications(),
                            scope="linears" if self.scope_linears.isChecked() else "blocks",
-                           modes=modes, threshold=self.threshold.value(), exhaustive=self.exhaustive.isChecked())
+                           modes=modes, threshold=self.threshold.value(), exhaustive=self.exhaustive.isChecked(),
+                           context_lengths=DEFAULT_LENGTHS if self.long_context.isChecked() else ())
 
     def show_summary(self, probes: int | None, duration=None, problem: str = "",
                      measured: int | None = None) -> None:
