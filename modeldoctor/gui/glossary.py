@@ -25,6 +25,20 @@ TERMS = {
     "estimated / measured": "Quantization probes are first estimated all at once from one backward pass (a "
                             "second-order estimate, drawn pale). The highest estimates and a few random ones are "
                             "then measured exactly (solid). Measure everything with the Plan page's Exactness box.",
+    "low rank (SVD)": "Each linear replaced by the product of two thin matrices that keep only its strongest "
+                      "directions (a truncated singular value decomposition). It saves memory only below about "
+                      "half the rank. Activation-aware SVD weighs each input by how large it runs on real text "
+                      "first, so it keeps the directions the inputs actually use.",
+    "KV cache": "The keys and values each attention block stores for every token it has read, so generation does "
+                "not recompute them. Runtimes can store them in fewer bits (llama.cpp's -ctk q8_0, vLLM's fp8): "
+                "memory for longer contexts, paid for in every later token's attention.",
+    "RoPE scaling": "Stretching the rotary position embedding (linear interpolation, NTK-aware, YaRN) so a model "
+                    "reads past the length it was trained for. The probe shows what the stretch costs on text "
+                    "the model could already read.",
+    "long-context probe": "Each chosen modification applied to the whole model and measured on one long sequence "
+                          "of the evaluation text at growing lengths (up to the model's limit where the text "
+                          "reaches it; more evaluation tokens on the Data page reach longer ones), with the "
+                          "original's speed at each length: does the damage grow with context?",
     "int8 dynamic": "Weights stored as 8-bit integers with one scale per tensor, activations quantized to 8 bits "
                     "on every call: what onnxruntime's quantize_dynamic writes.",
     "int4 g32 asym": "Weights stored as 4-bit integers in groups of 32 with their own scale and zero point (no "

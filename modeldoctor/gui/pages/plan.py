@@ -192,19 +192,10 @@ class PlanPage(QWidget):
                              (self.isolated, "isolated"), (self.cumulative, "cumulative"), (self.sweep, "strength sweep"),
                              (self.threshold, "threshold")):
             widget.setToolTip(tip(term))
-        self.svd_on.setToolTip("Replace each probed linear by its best low-rank approximation (truncated SVD), "
-                               "keeping this share of its singular values.")
-        self.svd_aware.setToolTip("Activation-aware SVD (as ASVD): factor W·diag(‖x‖) with the calibration "
-                                  "activations' sizes, so the kept directions are those the inputs use.")
-        self.kv_on.setToolTip("Quantize the keys and values each probed block's attention caches, per token in "
-                              "blocks of 32 (llama.cpp's -ctk q8_0 / q4_0) or fp8 e4m3 (vLLM). Probed per "
-                              "block; blocks without attention are left out.")
-        self.rope_on.setToolTip("Stretch the rotary position embedding of the whole model by this factor, as "
-                                "long-context deployments do; measured on text the model could already read.")
-        self.long_context.setToolTip("After the probes, apply each chosen modification to the whole model and "
-                                     "measure it on one sequence of the evaluation text at growing lengths "
-                                     "(choose more evaluation tokens on the Data page to reach longer ones), "
-                                     "with the original's speed at each length.")
+        for widget, term in ((self.svd_on, "low rank (SVD)"), (self.svd_aware, "low rank (SVD)"),
+                             (self.kv_on, "KV cache"), (self.rope_on, "RoPE scaling"),
+                             (self.long_context, "long-context probe")):
+            widget.setToolTip(tip(term))
         for box in self.bits.values():
             box.setToolTip("Weight-only quantization to this many bits (round to nearest); the grouping and "
                            "asymmetry below apply.")
