@@ -493,6 +493,11 @@ class MainWindow(QMainWindow):
             images["Cumulative"] = widget_png(page.cumulative)
         if page.model.sweeps():
             images["Strength sweep"] = widget_png(page.sweep)
+        diagnosis = self.diagnosis_page  # it shows the current report (set_report)
+        if diagnosis.by_position.curves:
+            images["Mean KL by position (layer probes)"] = widget_png(diagnosis.by_position)
+        if diagnosis.by_length.curves:
+            images["Long-context probe: whole model, mean KL by length"] = widget_png(diagnosis.by_length)
         return images
 
     def export_html(self) -> None:

@@ -4,7 +4,7 @@ context-length plots, as a user sees them."""
 from tests.gui.conftest import load, run_checkup
 
 
-def test_context_length_plots_after_a_checkup(qtbot, window, llama_dir, screenshots):
+def test_context_length_plots_after_a_checkup(qtbot, window, llama_dir, screenshots, tmp_path):
     from modeldoctor.gui.dialogs import ProbeDetailsDialog
 
     load(qtbot, window, llama_dir)
@@ -43,6 +43,10 @@ def test_context_length_plots_after_a_checkup(qtbot, window, llama_dir, screensh
     assert "tokens/s" in page.length_note.text() and "limit is 512" in page.length_note.text()
     page.grab().save(str(screenshots / "tiny-diagnosis-context.png"))
     assert "Long-context probe" in page.text.toPlainText() and "rope-yarn-4 (whole model)" in page.text.toPlainText()
+    html_path = tmp_path / "report.html"
+    window.write_html(html_path)
+    text = html_path.read_text(encoding="utf-8")
+    assert "Long-context probe: whole model, mean KL by length" in text and "Mean KL by position" in text
     record = next(p for p in report.probes if p.spec.modification == "k-int2")
     dialog = ProbeDetailsDialog(record)
     qtbot.addWidget(dialog)
