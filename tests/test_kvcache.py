@@ -63,3 +63,7 @@ def test_a_kv_cache_checkup_finds_fragile_blocks_and_measures_generation(llama_s
     whole = [r for r in report.by_mode("sweep-model") if r.spec.modification == "kv-int2"][0]
     assert whole.metrics["kl_generation"] > 0 and whole.metrics["generation_tokens"] > 0
     assert "kv-int" in report.findings["sweeps"]
+    from modeldoctor.checkup.diagnosis import diagnose
+
+    split = next(f for f in diagnose(report) if f.title == "KV cache in int2: keys or values?")
+    assert "Worst block" in split.text and "keys" in split.text

@@ -126,6 +126,7 @@ def diagnose(report: CheckupReport) -> list[Finding]:
         findings.append(call_shapes)
     findings += _context_findings(report)
     findings += _whole_model_findings(report)
+    findings += _keys_vs_values_findings(report)
     sweep = _long_context_finding(report)
     if sweep:
         findings.append(sweep)
@@ -244,6 +245,37 @@ def _context_findings(report: CheckupReport) -> list[Finding]:
                   "since longer contexts bleed more.") if growth >= CONTEXT_GROWTH else ""
         findings.append(Finding(f"{name}: damage by context length", text,
                                 "mild" if growth >= CONTEXT_GROWTH else "healthy", advice))
+    return findings
+
+
+def _keys_vs_values_findings(report: CheckupReport) -> list[Finding]:
+    """Where a checkup probed a block's cached keys and its cached values apart in the same format
+    (k-int4 beside v-int4): which of the two is the fragile one, block by block."""
+    findings = []
+    isolated = {(r.spec.modification, r.spec.targets[0]): r for r in report.by_mode("isolated") if not r.estimated}
+    for name in report.modifications():
+        if not name.startswith("k-"):
+            continue
+        values = "v-" + name[2:]
+        blocks = [t for (m, t) in isolated if m == name and (values, t) in isolated]
+        if not blocks:
+            continue
+        keys_worse = [t for t in blocks if isolated[(name, t)].score > 2 * isolated[(values, t)].score]
+        values_worse = [t for t in blocks if isolated[(values, t)].score > 2 * isolated[(name, t)].score]
+        bleeding = [t for t in blocks if isolated[(name, t)].bleeding or isolated[(values, t)].bleeding]
+        worst = max(blocks, key=lambda t: max(isolated[(name, t)].score, isolated[(values, t)].score))
+        text = (f"Cached keys ({name}) cost more than twice what cached values ({values}) cost in "
+                f"{len(keys_worse)} of {len(blocks)} blocks" + (f" ({ranges([int(t) for t in keys_worse])})"
+                                                                  if keys_worse else "")
+                + f", values more than twice the keys in {len(values_worse)}"
+                + (f" ({ranges([int(t) for t in values_worse])})" if values_worse else "")
+                + f". Worst block {worst}: keys {isolated[(name, worst)].score:.3g}, values "
+                  f"{isolated[(values, worst)].score:.3g} nats.")
+        records = [isolated[(m, t)] for t in bleeding for m in (name, values)]
+        findings.append(Finding(f"KV cache in {name[2:]}: keys or values?", text,
+                                _worst([r for r in records if r.bleeding]),
+                                "Keep the fragile part (keys or values) of the blocks that bleed in higher precision, "
+                                "or cache them in more bits." if bleeding else ""))
     return findings
 
 
