@@ -68,6 +68,7 @@ class Session:
         self._current_references: dict[tuple[DataSpec, int], Reference] = {}  # of treated weights
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
+        self._kv_ranges: dict[DataSpec, dict] = {}
         self.weights_version = 0  # bumped whenever a treatment changes the weights
         self.onnx_graph_bytes: int | None = None  # what the last export's fp32 file held beyond its weights
         self.treatment = TreatmentState()
@@ -228,7 +229,21 @@ class Session:
                     keep: frozenset[str] = frozenset()) -> ModContext:
         norms = self.input_norms(data, control) if need_norms and data is not None else {}
         grads = self.gradient_norms(data, control) if need_gradients and data is not None else {}
-        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep))
+        ranges = (lambda: self.kv_ranges(data, control)) if data is not None else None
+        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep), kv_ranges=ranges)
+
+    def kv_ranges(self, data: EvalData, control: RunControl | None = None) -> dict:
+        """Block -> the largest size of each (head, channel) of its cached keys and values over the
+        calibration split (per-channel KV-cache scales fit on it)."""
+        from modeldoctor.modifications.kvcache import cache_ranges
+
+        if data.calibration_key not in self._kv_ranges:
+            data.require_calibration("Per-channel KV-cache scales")
+            control = control or RunControl()
+            rows = [row[mask.bool()] for batch in data.calibration_batches
+                    for row, mask in zip(batch.input_ids, batch.attention_mask)]
+            self._kv_ranges[data.calibration_key] = cache_ranges(self.model, self.anatomy, rows, control.checkpoint)
+        return self._kv_ranges[data.calibration_key]
 
     # ---- treatments ------------------------------------------------------------------------
     def begin_weight_treatment(self) -> None:
@@ -241,6 +256,7 @@ class Session:
         """Calibration statistics and measurements belong to the weights they were made on."""
         self._input_norms.clear()
         self._grad_norms.clear()
+        self._kv_ranges.clear()
         self.weights_version += 1
         self.treatment.function_preserving = self.treatment.function_preserving and function_preserving
 

@@ -21,12 +21,12 @@ def test_per_token_quantization_is_symmetric_per_block_of_32_values():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["kv-int4", "k-int2", "v-int2", "kv-fp8"])
-def test_kv_cache_probes_change_the_output_and_restore_it(model_dirs, family, name):
+@pytest.mark.parametrize("name", ["kv-int4", "k-int2", "v-int2", "kv-fp8", "kv-int3-channel"])
+def test_kv_cache_probes_change_the_output_and_restore_it(model_dirs, small_data_spec, family, name):
     session = Session.open(model_dirs[family])
     ids = torch.arange(3, 80)[None]
     reference = session.model(input_ids=ids).logits
-    with create(name).applied(session.mod_context(), ["1"]):
+    with create(name).applied(session.mod_context(session.data(small_data_spec)), ["1"]):
         changed = session.model(input_ids=ids).logits
     assert not torch.equal(changed, reference), f"{name} changed nothing on {family}"
     torch.testing.assert_close(session.model(input_ids=ids).logits, reference, rtol=0, atol=0)
@@ -34,15 +34,15 @@ def test_kv_cache_probes_change_the_output_and_restore_it(model_dirs, family, na
                for c in (m.config for m in session.model.modules() if hasattr(m, "config")))
 
 
-@pytest.mark.parametrize("name", ["kv-int4", "kv-fp8"])
-def test_generation_through_the_cache_sees_what_one_prefill_sees(llama_session, name):
+@pytest.mark.parametrize("name", ["kv-int4", "kv-fp8", "kv-int3-channel"])
+def test_generation_through_the_cache_sees_what_one_prefill_sees(llama_session, small_data_spec, name):
     """The probe measures prefills; a cache filled token by token must give the same logits, or
     the figures would not be what generation meets."""
     from transformers import DynamicCache
 
     model = llama_session.model
     ids = torch.arange(3, 90)[None]
-    with create(name).applied(llama_session.mod_context(), ["0", "1", "2"]):
+    with create(name).applied(llama_session.mod_context(llama_session.data(small_data_spec)), ["0", "1", "2"]):
         prefill = model(input_ids=ids).logits[0, 40:]
         cache = DynamicCache()
         steps = [model(input_ids=ids[:, :41], past_key_values=cache, use_cache=True).logits[0, -1]]
@@ -50,6 +50,26 @@ def test_generation_through_the_cache_sees_what_one_prefill_sees(llama_session, 
             steps.append(model(input_ids=ids[:, position:position + 1], past_key_values=cache,
                                use_cache=True).logits[0, -1])
     torch.testing.assert_close(torch.stack(steps), prefill, rtol=1e-4, atol=1e-4)
+
+
+def test_per_channel_scales_come_from_the_calibration_split(llama_session, small_data_spec):
+    """One static scale per (head, channel): the calibration split's largest size, never the
+    evaluation text's; a value past it saturates, as a runtime with calibrated scales does."""
+    from modeldoctor.modifications.kvcache import quantize_with_scale
+
+    data = llama_session.data(small_data_spec)
+    ranges = llama_session.kv_ranges(data)
+    attention = llama_session.model.model.layers[0].self_attn
+    heads = llama_session.model.config.num_key_value_heads
+    assert set(ranges) == {0, 1, 2} and ranges[0]["key"].shape == (heads, attention.head_dim)
+    assert llama_session.kv_ranges(data) is ranges  # fitted once
+    largest = torch.tensor([[1.0, 2.0]])
+    x = torch.tensor([[[[0.6, 5.0], [-3.0, 1.0]]]])
+    q = quantize_with_scale(x, 2, largest)  # levels -2..1 of scale 1 and 2
+    assert q.tolist() == [[[[1.0, 2.0], [-2.0, 0.0]]]]
+    with pytest.raises(Exception, match="calibration"):
+        with create("kv-int4-channel").applied(llama_session.mod_context(), ["0"]):
+            pass
 
 
 def test_a_kv_cache_checkup_finds_fragile_blocks_and_measures_generation(llama_session, small_data_spec):

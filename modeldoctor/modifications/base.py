@@ -36,6 +36,9 @@ class ModContext:
     # (B, T) mask of the real tokens of the padded batch running now, set with `token_mask`;
     # None outside a batch (e.g. generation, batch 1): then every call's tensor is all real.
     token_mask: torch.Tensor | None = None
+    # Block -> the largest size of each (head, channel) of its cached keys and values over the
+    # calibration split, computed on first call (per-channel KV-cache scales); None without data.
+    kv_ranges: Callable[[], dict] | None = None
 
 
 @contextlib.contextmanager

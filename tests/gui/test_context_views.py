@@ -18,7 +18,7 @@ def test_context_length_plots_after_a_checkup(qtbot, window, llama_dir, screensh
     plan.svd_percent.setValue(30)
     plan.svd_aware.setChecked(True)
     plan.kv_on.setChecked(True)
-    plan.kv_format.setCurrentText("int2")
+    plan.kv_format.setCurrentText("int2 per token")
     plan.kv_which.setCurrentText("keys only")
     plan.rope_on.setChecked(True)
     plan.rope_method.setCurrentText("YaRN")

@@ -13,7 +13,8 @@ from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.gui.pages.data import format_range
 
 BITS = (8, 6, 4, 3, 2)
-KV_FORMATS = {"int8": "int8", "int4": "int4", "int2": "int2", "fp8 e4m3": "fp8"}
+KV_FORMATS = {"int8 per token": "int8", "int4 per token": "int4", "int2 per token": "int2",
+              "int8 per channel": "int8-channel", "int4 per channel": "int4-channel", "fp8 e4m3": "fp8"}
 KV_PARTS = {"keys and values": "kv", "keys only": "k", "values only": "v"}
 ROPE_METHODS = {"linear interpolation": "linear", "NTK-aware": "ntk", "YaRN": "yarn"}
 KV_SWEEP_BITS = (8, 6, 4, 3, 2)
@@ -253,7 +254,7 @@ class PlanPage(QWidget):
             which = KV_PARTS[self.kv_which.currentText()]
             kind = KV_FORMATS[self.kv_format.currentText()]
             if sweep and kind != "fp8":
-                names += [f"{which}-int{b}" for b in KV_SWEEP_BITS]
+                names += [f"{which}-int{b}{'-channel' if kind.endswith('-channel') else ''}" for b in KV_SWEEP_BITS]
             else:
                 names.append(f"{which}-{kind}")
         if self.rope_on.isChecked():
