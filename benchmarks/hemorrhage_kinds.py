@@ -87,7 +87,7 @@ def part_kv(session) -> None:
     from modeldoctor.data import DataSpec
 
     print("\n== KV-cache quantization: per block and whole model, 1024-token sequences ==")
-    names = ["kv-int8", "kv-fp8", "kv-int4", "k-int4", "v-int4", "kv-int2"]
+    names = ["kv-int8", "kv-fp8", "kv-int4", "k-int4", "v-int4", "kv-int2", "kv-int8-channel", "kv-int4-channel"]
     plan = CheckupPlan(modifications=names, modes=("isolated", "sweep"), knowledge=False, exhaustive=True)
     report = run(session, plan, DataSpec(tokens=1024, seq_len=1024, batch_size=1, knowledge=False))
     for name in names:
@@ -103,6 +103,11 @@ def part_kv(session) -> None:
               f"the cache KL {m['kl_generation']:.4g} over {int(m['generation_tokens'])} greedy tokens, by "
               "position " + ", ".join(f"{k[len('kl_pos_'):]}: {v:.4g}" for k, v in m.items() if k.startswith("kl_pos_")))
     position_table(report, names)
+    from modeldoctor.checkup.diagnosis import diagnose
+
+    for finding in diagnose(report):
+        if finding.title.startswith("KV cache in"):
+            print(f"  {finding.title} {finding.text}")
 
 
 def part_context(session) -> None:

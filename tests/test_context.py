@@ -79,3 +79,15 @@ def test_a_long_context_checkup_measures_each_length_and_says_on_what(llama_sess
     report.save(tmp_path)
     assert CheckupReport.load(tmp_path).context == CheckupReport.from_dict(report.to_dict()).context
     assert CheckupReport.load(tmp_path).context["lengths"] == [128, 256, 512, 768]
+
+
+def test_the_planned_duration_counts_the_long_context_probe(llama_session):
+    from modeldoctor.checkup.timing import context_stage_tokens, planned_duration
+
+    plan = CheckupPlan(modifications=["int8", "kv-int4", "remove"], knowledge=False)
+    longer = CheckupPlan(modifications=["int8", "kv-int4", "remove"], knowledge=False, context_lengths=(128, 512, 4096))
+    assert context_stage_tokens(longer, 1024) == (128 + 512 + 1024) * 3  # the original, int8 and kv-int4
+    probes, _ = build_probes(plan, llama_session.anatomy)
+    base = planned_duration(llama_session.anatomy, plan, probes, 1e-3, 1024, 0, len(probes))
+    more = planned_duration(llama_session.anatomy, longer, probes, 1e-3, 1024, 0, len(probes))
+    assert more.low > base.low and more.high > base.high

@@ -21,6 +21,8 @@ from modeldoctor.metrics.divergence import DivergenceAccumulator, RefLogProbs, n
 from modeldoctor.modifications.base import create, token_mask
 
 DEFAULT_LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
+# Families a whole-model application says nothing about (every block removed, decoding settings).
+WHOLE_MODEL_MEANINGLESS = ("decoding", "structure", "none")
 
 
 def evaluation_stream(data: EvalData) -> torch.Tensor:
@@ -50,7 +52,7 @@ def whole_model_targets(session, mod) -> list[str] | None:
     """What a whole-model application of `mod` modifies: () for a change of the whole model,
     every block it applies to otherwise; None where a whole-model application means nothing
     (removing or duplicating every block, decoding settings)."""
-    if mod.family in ("decoding", "structure", "none"):
+    if mod.family in WHOLE_MODEL_MEANINGLESS:
         return None
     if mod.scopes == ("model",):
         return [] if mod.applies_to(session.anatomy, "model") else None

@@ -106,7 +106,20 @@ def planned_duration(anatomy, plan: CheckupPlan, probes: list[ProbeSpec], second
     for isolated in knowledge_stage_probes(plan, probes).values():
         mean_cost = sum(probe_cost(anatomy, p, plan.prefix_cache) for p in isolated) / len(isolated)
         high += min(plan.knowledge_top, len(isolated)) * mean_cost * knowledge_tokens * per_unit
-    return Duration(low, high)
+    context = context_stage_tokens(plan, tokens) * full * per_unit
+    return Duration(low + context, high + context)
+
+
+def context_stage_tokens(plan: CheckupPlan, eval_tokens: int) -> int:
+    """Tokens the long-context probe runs: the original and each modification that applies to the
+    whole model, at every length the evaluation text reaches (the model's limit aside)."""
+    from modeldoctor.checkup.context import WHOLE_MODEL_MEANINGLESS, usable_lengths
+    from modeldoctor.modifications.base import create, expand
+
+    if not plan.context_lengths:
+        return 0
+    mods = [n for n in expand(plan.modifications) if create(n).family not in WHOLE_MODEL_MEANINGLESS]
+    return sum(usable_lengths(plan.context_lengths, eval_tokens, None)) * (1 + len(mods)) if mods else 0
 
 
 @dataclass
