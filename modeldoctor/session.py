@@ -68,6 +68,7 @@ class Session:
         self._current_references: dict[tuple[DataSpec, int], Reference] = {}  # of treated weights
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
+        self._expert_usage: dict = {}
         self.weights_version = 0  # bumped whenever a treatment changes the weights
         self.onnx_graph_bytes: int | None = None  # what the last export's fp32 file held beyond its weights
         self.treatment = TreatmentState()
@@ -228,7 +229,18 @@ class Session:
                     keep: frozenset[str] = frozenset()) -> ModContext:
         norms = self.input_norms(data, control) if need_norms and data is not None else {}
         grads = self.gradient_norms(data, control) if need_gradients and data is not None else {}
-        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep))
+        usage = (lambda: self.expert_usage(data, control)) if data is not None and self.anatomy.moe_blocks() else None
+        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep), expert_usage=usage)
+
+    def expert_usage(self, data: EvalData, control: RunControl | None = None) -> dict:
+        """Block -> tokens sent to each expert of a mixture of experts over the calibration split
+        (what drop-least-used and the per-expert keep choices fit on)."""
+        from modeldoctor.metrics.routing import usage_on
+
+        if data.calibration_key not in self._expert_usage:
+            data.require_calibration("The experts' usage")
+            self._expert_usage[data.calibration_key] = usage_on(self, data.calibration_batches, control)
+        return self._expert_usage[data.calibration_key]
 
     # ---- treatments ------------------------------------------------------------------------
     def begin_weight_treatment(self) -> None:
@@ -241,6 +253,7 @@ class Session:
         """Calibration statistics and measurements belong to the weights they were made on."""
         self._input_norms.clear()
         self._grad_norms.clear()
+        self._expert_usage.clear()
         self.weights_version += 1
         self.treatment.function_preserving = self.treatment.function_preserving and function_preserving
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from modeldoctor.errors import UnsupportedModelError
+from modeldoctor.model.moe import MoEParts, find_moe
 
 HEAD = "head"  # the LM head's linear name: a probe, keep and export target like any block linear
 
@@ -56,6 +57,7 @@ class BlockParts:
     attention_out: str | None  # relative name of the attention output projection
     mlp_down: str | None  # relative name of the MLP down projection
     norms: list[str] = field(default_factory=list)
+    moe: MoEParts | None = None  # the block's mixture of experts; None in a dense block
 
 
 @dataclass
@@ -90,6 +92,26 @@ class Anatomy:
         """Every linear a modification, a keep list or the export can name: the block linears,
         then the LM head (HEAD)."""
         return self.linear_names() + [HEAD]
+
+    def moe_blocks(self) -> list[BlockParts]:
+        return [b for b in self.blocks if b.moe is not None]
+
+    def expert_targets(self) -> list[str]:
+        """The experts scope: per MoE block its router, each expert, then its shared experts,
+        as "block.relative.name" ("3.mlp.gate", "3.mlp.experts.5", "3.mlp.shared_expert")."""
+        return [f"{b.index}.{name}" for b in self.moe_blocks()
+                for name in (b.moe.router, *b.moe.experts, *b.moe.shared)]
+
+    def expert_linears(self, target: str) -> list[str] | None:
+        """The linears an expert or shared expert target stands for; None for any other target."""
+        if "." not in target or target == HEAD:
+            return None
+        index, rel = split_linear_name(target)
+        moe = self.blocks[index].moe if 0 <= index < self.num_blocks else None
+        if moe is None:
+            return None
+        linears = moe.experts.get(rel, moe.shared.get(rel))
+        return None if linears is None else [f"{index}.{n}" for n in linears]
 
     def linear(self, name: str) -> nn.Module:
         if name == HEAD:
@@ -167,10 +189,13 @@ def find_anatomy(model: nn.Module) -> Anatomy:
         else:  # no MLP module: its linears sit in the block itself (OPT's fc1, fc2)
             mlp_lin = [n for n in linears if not (attention and n.startswith(attention + "."))]
         norms = [n for n, m in named.items() if "norm" in type(m).__name__.lower()]
+        moe = find_moe(block, linears)
+        if moe is not None:  # the MLP is the mixture; its output is a routed sum, no one down projection
+            mlp, mlp_lin = moe.module_name, []
         blocks.append(BlockParts(
             index=index, module=block, linears=linears, attention_name=attention, mlp_name=mlp,
             attention_out=attn_lin[-1] if attn_lin else None, mlp_down=mlp_lin[-1] if mlp_lin else None,
-            norms=norms,
+            norms=norms, moe=moe,
         ))
     if not any(b.linears for b in blocks):
         raise UnsupportedModelError(f"The blocks of {type(model).__name__} contain no linear layers.")

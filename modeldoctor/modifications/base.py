@@ -18,7 +18,7 @@ from modeldoctor.errors import PlanError
 from modeldoctor.model import Anatomy
 from modeldoctor.model.anatomy import HEAD, is_block_target, weight_matrix
 
-SCOPES = ("blocks", "linears")
+SCOPES = ("blocks", "linears", "experts")  # experts: routers, experts and shared experts of MoE blocks
 
 
 @dataclass
@@ -36,6 +36,9 @@ class ModContext:
     # (B, T) mask of the real tokens of the padded batch running now, set with `token_mask`;
     # None outside a batch (e.g. generation, batch 1): then every call's tensor is all real.
     token_mask: torch.Tensor | None = None
+    # Block -> tokens per expert of a mixture of experts on the calibration split, computed on
+    # first call (drop-least-used fits on it); None without calibration data.
+    expert_usage: Callable[[], dict] | None = None
 
 
 @contextlib.contextmanager
@@ -82,9 +85,10 @@ class Modification:
 
 
 def target_linears(anatomy: Anatomy, target: str) -> list[str]:
-    """A block target expands to all its linears; a linear target (the head too) is itself."""
+    """A block target expands to all its linears, an expert to its own; a linear target (the
+    head too) is itself."""
     if not is_block_target(target):
-        return [target]
+        return anatomy.expert_linears(target) or [target]
     index = int(target)
     return [f"{index}.{rel}" for rel in anatomy.blocks[index].linears]
 
@@ -220,7 +224,7 @@ def example_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     # Importing the modules registers their families (one file per family).
-    from modeldoctor.modifications import decoding, prune, quantize, structure  # noqa: F401
+    from modeldoctor.modifications import decoding, prune, quantize, routing, structure  # noqa: F401
 
 
 class Unchanged(Modification):
