@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modeldoctor.checkup.experts import routing_findings
 from modeldoctor.report.results import CheckupReport, ProbeRecord
 
 TREATMENTS = {
@@ -15,6 +16,7 @@ TREATMENTS = {
     "prune": "prune these layers less, or use gradient-aware pruning that protects important weights",
     "structure": "leave these blocks in place; change structure only where the damage is small",
     "decoding": "calibrate the sampling temperature to the model, or decode greedily",
+    "routing": "keep the routers in full precision, k as trained, and the experts that carry traffic",
 }
 SEVERITY_RANK = {"healthy": 0, "mild": 1, "moderate": 2, "severe": 3}
 
@@ -121,6 +123,7 @@ def diagnose(report: CheckupReport) -> list[Finding]:
     call_shapes = _prefill_vs_decode_finding(report)
     if call_shapes:
         findings.append(call_shapes)
+    findings.extend(routing_findings(report, threshold))
     findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
     return findings
 

@@ -263,6 +263,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         routing_reference = routing_metrics.reference_routing(session, ref, data)
         if routing_reference is not None:  # on the evaluation text: which experts are (never) used
             report.reference["expert_usage"] = routing_reference.usage()
+            report.reference["expert_targets"] = session.anatomy.expert_targets()
         if treated:
             report.reference["model"] = "treated: " + "; ".join(t["summary"] for t in session.treatment.applied)
         done_before = _resumable(resume, report) if resume is not None else {}
