@@ -61,6 +61,12 @@ def test_dense_model_has_no_experts(llama_session):
         build_probes(CheckupPlan(modifications=["topk-minus1"]), anatomy)
     probes, skipped = build_probes(CheckupPlan(modifications=["int4", "router-noise-0.5"]), anatomy)
     assert len(probes) == 3 and any("router-noise-0.5 applies to no block" in s for s in skipped)
+    for name in ROUTING_PROBES + ["drop-expert"]:  # applied anyway: a clear message, nothing changed
+        digest = llama_session.weights_digest()
+        with pytest.raises(PlanError, match="needs a mixture-of-experts block"):
+            with create(name).applied(llama_session.mod_context(), ["1"]):
+                pass
+        assert llama_session.weights_digest() == digest
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

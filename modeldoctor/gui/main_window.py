@@ -398,6 +398,7 @@ class MainWindow(QMainWindow):
         self.load_page.show_card(session.summary)
         self.run_page.linear_names = session.anatomy.linear_names()
         self.treatment_page.linear_names = session.anatomy.linear_names()
+        self.plan_page.set_moe(bool(session.anatomy.moe_blocks()))
         self.setWindowTitle(f"Model Doctor — {session.summary.name}")
         self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
         self.checkup.data_changed()

@@ -333,3 +333,23 @@ def treatment_cells(layout: AnatomyLayout, outcome, threshold: float, kept: set[
                                 outlined="head" in kept)
     cells[EMBEDDING] = AnatomyCell(EMBEDDING, None, "token embedding")
     return cells
+
+
+def expert_cells(report, block: int) -> HeatCells:
+    """One MoE block's modifications x experts (router, experts, shared experts) heatmap from a
+    finished report, in the verdict colours of the other heatmap; pairs not probed stay empty."""
+    from modeldoctor.checkup.experts import expert_grid, short_expert_label
+
+    rows, columns, _ = expert_grid(report, block)
+    cells = HeatCells(np.full((len(rows), len(columns)), np.nan), np.zeros((len(rows), len(columns), 4), np.uint8),
+                      rows, [short_expert_label(c) for c in columns])
+    for record in report.probes:
+        target = record.spec.targets[0] if record.spec.targets and record.spec.mode == "isolated" else ""
+        block_of, _, rel = target.partition(".")
+        if block_of != str(block) or rel not in columns or record.spec.modification not in rows:
+            continue
+        at = (rows.index(record.spec.modification), columns.index(rel))
+        cells.kl[at] = log_kl(record.score)
+        cells.colors[at] = (*verdict_color(record), ESTIMATED_ALPHA if record.estimated else 255)
+        cells.records[at] = record
+    return cells

@@ -22,6 +22,13 @@ def _moe(anatomy, target: str):
     return anatomy.blocks[int(target)].moe if is_block_target(target) else None
 
 
+def _require(mod: Modification, anatomy, targets: list[str]) -> None:
+    wrong = [t for t in targets if not mod.applies_to(anatomy, t)]
+    if wrong:
+        raise PlanError(f"{mod.name} does not apply to {', '.join(wrong)}: it needs a mixture-of-experts block "
+                        f"({'an expert' if mod.scopes == ('experts',) else 'a block index'}) with room for the change.")
+
+
 class RouterModification(Modification):
     """Rewrites a MoE block's router logits (per block target) with `new_logits`."""
 
@@ -39,6 +46,7 @@ class RouterModification(Modification):
 
     @contextlib.contextmanager
     def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
+        _require(self, ctx.anatomy, targets)
         self.prepare(ctx, targets)
         with temporary_hooks() as hooks:
             for block in dict.fromkeys(self._block(ctx, t) for t in targets):
@@ -86,6 +94,7 @@ class TopK(Modification):
 
     @contextlib.contextmanager
     def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
+        _require(self, ctx.anatomy, targets)
         saved = []
         try:
             for target in targets:

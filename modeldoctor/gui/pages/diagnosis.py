@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 from modeldoctor.checkup.diagnosis import diagnose, estimate_summary, kl_plain_reading
+from modeldoctor.gui.experts_view import ExpertsPanel
 from modeldoctor.gui.plots import BleedingBarChart, CurvePlot
 from modeldoctor.gui.viewmodel import Bars
 from modeldoctor.report.html import SEVERITY_COLORS
@@ -49,6 +50,8 @@ class DiagnosisPage(QWidget):
         self.curves = CurvePlot("strength (bits or sparsity)", empty_text=(
             "No robustness curves: run a checkup with 'strength sweep' ticked on the Plan page."))
         self.tabs.addTab(self.curves, "Robustness curves")
+        self.experts = ExpertsPanel()  # shown for a mixture of experts only
+        self.tabs.addTab(self.experts, "Experts")
         layout.addWidget(self.tabs, 1)
         row = QHBoxLayout()
         self.save = QPushButton("Save session…")
@@ -109,6 +112,8 @@ class DiagnosisPage(QWidget):
         self.curves.set_threshold(threshold)
         self._draw_worst(self.modification.currentText())
         self._draw_curves(report)
+        self.experts.set_threshold(threshold)
+        self.tabs.setTabVisible(self.tabs.indexOf(self.experts), self.experts.show_report(report))
 
     def _draw_worst(self, name: str) -> None:
         bars = Bars()
