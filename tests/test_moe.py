@@ -186,3 +186,34 @@ def test_cli_experts_scope(moe_dirs, tmp_path, capsys):
     assert data["reference"]["expert_usage"]["0"] and all(p["routing"]["flip_rate"] for p in data["probes"])
     assert main(["checkup", str(moe_dirs["qwen2_moe"]), "--modify", "router-noise-0"]) == 2
     assert "above zero" in capsys.readouterr().err
+
+
+def test_mixed_precision_keeps_whole_experts_and_the_export_keeps_them(moe_dirs, small_data_spec):
+    """Mixed precision's candidates are the block linears with each expert whole: a kept expert
+    keeps all its linears; the keep list is what the export's formats keep in fp32, and an expert
+    named in a keep list (CLI --keep) stands for its linears."""
+    from modeldoctor.export.pipeline import formats_with
+    from modeldoctor.treatment.base import TreatmentPlan
+    from modeldoctor.treatment.mixed import keep_units
+    from modeldoctor.treatment.run import treat
+
+    session = Session.open(moe_dirs["mixtral"])
+    anatomy = session.anatomy
+    units = keep_units(anatomy)
+    experts = [t for t in anatomy.expert_targets() if anatomy.expert_linears(t)]
+    assert set(experts) <= set(units) and not any(n in units for t in experts for n in anatomy.expert_linears(t))
+    assert all(f"{b.index}.{b.moe.router}" in units for b in anatomy.moe_blocks())  # routers are linears
+    data = session.data(small_data_spec)
+    digest = session.weights_digest()
+    outcome = treat(session, TreatmentPlan(["mixed-precision"], target="int2", budget=0.3), data).outcomes[0]
+    assert session.weights_digest() == digest  # keeping in fp32 changes no weight
+    kept = set(outcome.details["kept"])
+    kept_experts = [t for t in experts if kept & set(anatomy.expert_linears(t))]
+    assert kept_experts, "the budget keeps at least one expert"
+    assert all(set(anatomy.expert_linears(t)) <= kept for t in kept_experts)  # whole, never in part
+    assert outcome.applied and outcome.after["kl_mean"] < outcome.before["kl_mean"]
+    formats = formats_with(session, "int4", sorted(kept))
+    assert {n for n, f in formats.items() if f == "fp32"} >= kept
+    expert = experts[0]
+    by_name = formats_with(session, "int4", [expert])
+    assert [n for n, f in by_name.items() if f == "fp32"] == anatomy.expert_linears(expert)
