@@ -71,6 +71,24 @@ class ExpertsPanel(QWidget):
     def set_threshold(self, threshold: float) -> None:
         self.heatmap.set_threshold(threshold)
 
+    def images(self, widget_png) -> dict[str, bytes]:
+        """For the HTML report, as `widget_png(widget)` renders them: each MoE block's heatmap and
+        load chart under the probe chosen now, and the flip rates; nothing for a dense model. The
+        block on screen is put back."""
+        if self.report is None or not self._blocks:
+            return {}
+        shown, images = self.block.currentIndex(), {}
+        for index, block in enumerate(self._blocks):
+            self.block.setCurrentIndex(index)
+            self._draw()
+            if self.heatmap.cells is not None and self.heatmap.cells.rows:
+                images[f"Block {block}: modifications × experts"] = widget_png(self.heatmap)
+            images[f"Block {block}: load per expert ({self.probe.currentText()})"] = widget_png(self.load)
+        images[f"Routing flip rate per block ({self.probe.currentText()})"] = widget_png(self.flips)
+        self.block.setCurrentIndex(shown)
+        self._draw()
+        return images
+
     def show_report(self, report) -> bool:
         """Draw `report`; False when it holds no mixture of experts (nothing to show)."""
         self.report = report

@@ -494,6 +494,7 @@ class MainWindow(QMainWindow):
             images["Cumulative"] = widget_png(page.cumulative)
         if page.model.sweeps():
             images["Strength sweep"] = widget_png(page.sweep)
+        images.update(self.diagnosis_page.experts.images(widget_png))
         return images
 
     def export_html(self) -> None:

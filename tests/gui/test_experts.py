@@ -63,3 +63,11 @@ def test_experts_scope_heatmap_and_routing_plots(qtbot, window, moe_dirs, llama_
     page.grab().save(str(screenshots / "moe-diagnosis-experts.png"))
     page.tabs.setCurrentIndex(0)
     page.grab().save(str(screenshots / "moe-diagnosis-findings.png"))
+    # The HTML report carries the experts' usage, the re-routing probes and the plots.
+    from modeldoctor.report.html import render_html
+
+    images = window.report_images()
+    assert any(name.startswith("Block 1: modifications × experts") for name in images)
+    assert any(name.startswith("Routing flip rate per block") for name in images)
+    page_html = render_html(report, images)
+    assert "<h2>Experts</h2>" in page_html and "flip rate" in page_html
