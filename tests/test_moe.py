@@ -217,3 +217,14 @@ def test_mixed_precision_keeps_whole_experts_and_the_export_keeps_them(moe_dirs,
     expert = experts[0]
     by_name = formats_with(session, "int4", [expert])
     assert [n for n, f in by_name.items() if f == "fp32"] == anatomy.expert_linears(expert)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_int8_dynamic_on_moe_blocks(sessions, small_data_spec, family):
+    """An expert gets only its routed rows, which do not line up with the batch's tokens: int8
+    dynamic takes their range at once instead of failing the checkup; one sequence alone is then
+    exactly one batch-1 call."""
+    session = sessions[family]
+    data = session.data(small_data_spec)
+    report = checkup(session, CheckupPlan(modifications=["int8-dynamic"], knowledge=False, exhaustive=True), data)
+    assert report.status == "completed" and all(p.metrics["kl_mean"] > 0 for p in report.probes)
