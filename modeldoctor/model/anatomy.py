@@ -104,14 +104,22 @@ class Anatomy:
 
     def expert_linears(self, target: str) -> list[str] | None:
         """The linears an expert or shared expert target stands for; None for any other target."""
-        if "." not in target or target == HEAD:
-            return None
-        index, rel = split_linear_name(target)
-        moe = self.blocks[index].moe if 0 <= index < self.num_blocks else None
-        if moe is None:
-            return None
-        linears = moe.experts.get(rel, moe.shared.get(rel))
+        moe, index, rel = self._moe_of(target)
+        linears = moe.experts.get(rel, moe.shared.get(rel)) if moe is not None else None
         return None if linears is None else [f"{index}.{n}" for n in linears]
+
+    def routed_expert_linear(self, name: str) -> bool:
+        """Whether a linear belongs to a routed expert (not a shared one): it sees only the rows
+        of the tokens routed to it."""
+        moe, _, rel = self._moe_of(name)
+        return moe is not None and any(rel in linears for linears in moe.experts.values())
+
+    def _moe_of(self, name: str):
+        """(the mixture of experts of the block a "block.relative" name is in, or None; index; rel)."""
+        head, _, rel = name.partition(".")
+        if not (rel and head.isdigit() and int(head) < self.num_blocks):
+            return None, None, rel
+        return self.blocks[int(head)].moe, int(head), rel
 
     def linear(self, name: str) -> nn.Module:
         if name == HEAD:

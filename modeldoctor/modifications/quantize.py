@@ -204,22 +204,13 @@ class Int8Dynamic(WeightModification):
         # An expert of a mixture sees only the rows routed to it, which do not line up with the
         # batch's tokens: its range is taken over all of them at once, as in one batch-1 call when
         # the batch is one sequence (with several, an approximation: a range at least as wide).
-        routed = _routed_expert_linear(ctx.anatomy, linear)
+        routed = ctx.anatomy.routed_expert_linear(linear)
 
         def quantize_input(mod, args):
             mask = None if self.per_token or routed else ctx.token_mask
             x = ort_dynamic_quantize_activation(args[0], mask, self.per_token)
             return (x,) + tuple(args[1:])
         return [module.register_forward_pre_hook(quantize_input)]
-
-
-def _routed_expert_linear(anatomy, linear: str) -> bool:
-    """Whether `linear` belongs to a routed expert (not a shared one) of a mixture of experts."""
-    if "." not in linear:
-        return False
-    block, rel = linear.split(".", 1)
-    moe = anatomy.blocks[int(block)].moe if block.isdigit() else None
-    return moe is not None and any(rel in linears for linears in moe.experts.values())
 
 
 class Int8DynamicDecode(Int8Dynamic):
