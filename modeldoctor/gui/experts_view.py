@@ -69,7 +69,12 @@ class ExpertsPanel(QWidget):
         self.probe.currentIndexChanged.connect(self._draw)
 
     def set_threshold(self, threshold: float) -> None:
+        from modeldoctor.gui.plots import severity_legend
+
         self.heatmap.set_threshold(threshold)
+        # A finished report: an empty cell is a pair not probed (drop-expert on a router), not one to come.
+        self.heatmap.legend.setText(f"<span style='font-size:8pt'>{severity_legend(threshold)}<br>pale: estimated · "
+                                    "hatched: not probed (does not apply)</span>")
 
     def images(self, widget_png) -> dict[str, bytes]:
         """For the HTML report, as `widget_png(widget)` renders them: each MoE block's heatmap and

@@ -271,7 +271,7 @@ def checkup_cells(layout: AnatomyLayout, records: list[ProbeRecord], modificatio
     for block in layout.blocks:
         for column in layout.columns:
             name = f"{block}.{column}"
-            record = mine.get(name) or mine.get(str(block))
+            record = mine.get(name) or _enclosing_probe(mine, name) or mine.get(str(block))
             cells[name] = _verdict_cell(name, record, block_level=record is not None and name not in mine)
     linear_scope = any(not target.isdigit() for target in mine)
     cells["head"] = (_verdict_cell("head", mine.get("head"), block_level=False) if linear_scope or "head" in mine
@@ -280,11 +280,24 @@ def checkup_cells(layout: AnatomyLayout, records: list[ProbeRecord], modificatio
     return cells
 
 
+def _enclosing_probe(probes: dict[str, ProbeRecord], name: str) -> ProbeRecord | None:
+    """The probe of the part a linear belongs to below its block, e.g. the expert "3.mlp.experts.5"
+    of "3.mlp.experts.5.w1" (experts scope)."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 1, -1):
+        found = probes.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return None
+
+
 def _verdict_cell(name: str, record: ProbeRecord | None, block_level: bool) -> AnatomyCell:
     if record is None:
         return AnatomyCell(name, None, f"{name}: not measured yet")
     how = "estimated" if record.estimated else "measured"
-    where = f" (its block's probe: block {record.spec.targets[0]})" if block_level else ""
+    target = record.spec.targets[0]
+    where = (f" (its block's probe: block {target})" if target.isdigit() else f" (the probe of {target})") \
+        if block_level else ""
     verdict = record.severity if record.bleeding else "healthy"
     text = f"{name}: mean KL {record.score:.4g} nats, {how}, {verdict}{where}"
     return AnatomyCell(name, (*verdict_color(record), ESTIMATED_ALPHA if record.estimated else 255), text, record)

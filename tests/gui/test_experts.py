@@ -30,6 +30,24 @@ def test_experts_scope_heatmap_and_routing_plots(qtbot, window, moe_dirs, llama_
     run_checkup(qtbot, window)
     report = window.state.report
     assert report.status == "completed"
+    run_page = window.run_page  # the live heatmap: blocks x experts of the modification shown
+    run_page.modification.setCurrentText("int2")
+    run_page.redraw()
+    assert run_page.heatmap.cells.rows == ["0", "1", "2"]
+    assert run_page.heatmap.cells.cols == ["mlp.gate", "mlp.experts.0", "mlp.experts.1", "mlp.experts.2",
+                                           "mlp.experts.3", "mlp.shared_expert"]
+    run_page.right_tabs.setCurrentWidget(run_page.heatmap)
+    run_page.grab().save(str(screenshots / "moe-run.png"))
+    run_page.right_tabs.setCurrentIndex(0)
+    run_page.redraw()
+    from modeldoctor.gui.viewmodel import AnatomyLayout, checkup_cells
+
+    anatomy = window.state.session.anatomy
+    cells = checkup_cells(AnatomyLayout.from_names(anatomy.linear_names()), run_page.model.records, "int2")
+    expert = next(r for r in report.probes if r.spec.modification == "int2" and r.spec.targets == ("1.mlp.experts.2",))
+    for linear in anatomy.expert_linears("1.mlp.experts.2"):  # each linear of an expert drawn in its expert's verdict
+        assert cells[linear].record is expert and "the probe of 1.mlp.experts.2" in cells[linear].text
+    run_page.grab().save(str(screenshots / "moe-run-anatomy.png"))
     window.go(4)
     page = window.diagnosis_page
     assert page.tabs.isTabVisible(page.tabs.indexOf(page.experts))
