@@ -67,8 +67,6 @@ class RouterNoise(RouterModification):
     def __init__(self, name: str, scale: float) -> None:
         super().__init__(name)
         self.scale = scale
-        self.sweep_strength = scale
-        self.sweep_group = "router-noise"
 
     def prepare(self, ctx, targets):
         self._generator = torch.Generator().manual_seed(0)
