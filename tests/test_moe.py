@@ -228,3 +228,18 @@ def test_int8_dynamic_on_moe_blocks(sessions, small_data_spec, family):
     data = session.data(small_data_spec)
     report = checkup(session, CheckupPlan(modifications=["int8-dynamic"], knowledge=False, exhaustive=True), data)
     assert report.status == "completed" and all(p.metrics["kl_mean"] > 0 for p in report.probes)
+
+
+def test_unused_experts_are_named_in_the_diagnosis():
+    from modeldoctor.checkup.diagnosis import diagnose
+    from modeldoctor.checkup.experts import unused_experts
+    from modeldoctor.report.results import CheckupReport
+
+    report = CheckupReport(model={}, plan={"threshold": 0.01}, data={}, reference={
+        "expert_usage": {"0": [1.0, 1.0, 0.0, 0.0], "1": [0.5, 0.5, 0.5, 0.5]},
+        "expert_targets": ["0.mlp.gate", "0.mlp.experts.0"]})
+    assert unused_experts(report) == [(0, 2), (0, 3)]
+    finding = next(f for f in diagnose(report) if "never used" in f.title)
+    assert finding.title == "2 experts never used" and "block 0: experts 2–3" in finding.text
+    report.reference["expert_usage"]["0"] = [1.0, 0.5, 0.25, 0.25]
+    assert not any("never used" in f.title for f in diagnose(report))
