@@ -15,7 +15,7 @@ from modeldoctor.session import Session
 from tiny_models import MOE_CONFIGS
 
 MOE_FAMILIES = sorted(MOE_CONFIGS)
-ROUTING_PROBES = ["router-noise-0.5", "topk-minus1", "topk-plus1", "drop-least-used"]
+ROUTING_PROBES = ["router-noise-0.5", "topk-minus1", "topk-plus1", "drop-least-used", "router-int4"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from modeldoctor.errors import PlanError
 from modeldoctor.model.anatomy import is_block_target, split_linear_name
 from modeldoctor.modifications.base import ModContext, Modification, register, temporary_hooks
+from modeldoctor.modifications.quantize import RoundToNearest
 
 
 def _moe(anatomy, target: str):
@@ -153,6 +154,30 @@ class DropExperts(RouterModification):
         out = logits.clone()
         out[..., self._dropped[block]] = float("-inf")
         return out
+
+
+class RouterQuantize(RoundToNearest):
+    """Weight-only round-to-nearest of each MoE block's router alone (per block target): how
+    close the routing decisions are to ties under the export's quantization of a tiny linear."""
+
+    scopes = ("blocks",)
+
+    def __init__(self, name: str, bits: int) -> None:
+        super().__init__(name, bits, None, True)
+        self.sweep_strength = self.sweep_group = None  # one point; the bits sweeps are of whole blocks
+
+    def applies_to(self, anatomy, target):
+        return _moe(anatomy, target) is not None
+
+    def linears_for(self, ctx, target):
+        _require(self, ctx.anatomy, [target])
+        return [f"{target}.{_moe(ctx.anatomy, target).router}"]
+
+
+@register(r"router-int(?P<bits>[2-8])", "weight-only quantization of each MoE block's router alone, per channel",
+          ("router-int8", "router-int4"))
+def _router_quantize(match):
+    return RouterQuantize(match[0], int(match["bits"]))
 
 
 @register(r"router-noise-(?P<scale>[0-9]+(?:\.[0-9]+)?)",

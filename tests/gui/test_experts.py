@@ -21,11 +21,19 @@ def test_experts_scope_heatmap_and_routing_plots(qtbot, window, moe_dirs, llama_
     plan_page.remove.setChecked(False)
     plan_page.bits[2].setChecked(True)
     plan_page.drop_each.setChecked(True)
+    plan_page.router_bits.setChecked(True)
     plan_page.exhaustive.setChecked(True)
     plan_page.scope_experts.setChecked(True)
-    assert plan_page.modifications() == ["int4", "int2", "router-noise-0.5", "drop-least-used", "drop-expert"]
+    assert plan_page.modifications() == ["int4", "int2", "router-int8", "router-int4", "router-noise-0.5",
+                                         "drop-least-used", "drop-expert"]
     assert plan_page.plan().scope == "experts"
     window.go(2)
+    window.resize(1280, 720)
+    qtbot.waitUntil(lambda: window.size().width() == 1280, timeout=5000)
+    scroll = window.pages.currentWidget()  # the form fits a 1280x720 screen with its MoE row, never sideways
+    assert plan_page.minimumSizeHint().width() <= scroll.viewport().width()
+    qtbot.wait(100)  # the vertical scroll bar's relayout
+    assert plan_page.start.geometry().right() <= plan_page.width()
     plan_page.grab().save(str(screenshots / "moe-plan.png"))
     run_checkup(qtbot, window)
     report = window.state.report

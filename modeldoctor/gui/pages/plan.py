@@ -152,12 +152,13 @@ class PlanPage(QWidget):
         self.router_noise.setRange(0.05, 5.0)
         self.router_noise.setSingleStep(0.1)
         self.router_noise.setValue(0.5)
-        self.topk_minus = QCheckBox("one expert fewer per token (k−1)")
-        self.topk_plus = QCheckBox("one more (k+1)")
-        self.drop_least_used = QCheckBox("drop the least-used expert")
+        self.topk_minus = QCheckBox("k−1 experts per token")
+        self.topk_plus = QCheckBox("k+1")
+        self.drop_least_used = QCheckBox("drop least-used expert")
         self.drop_least_used.setChecked(True)
         self.drop_each = QCheckBox("drop each expert")
-        for widget in (self.router_noise_on, self.router_noise, self.topk_minus, self.topk_plus,
+        self.router_bits = QCheckBox("routers at int8, int4")
+        for widget in (self.router_bits, self.router_noise_on, self.router_noise, self.topk_minus, self.topk_plus,
                        self.drop_least_used, self.drop_each):
             m.addWidget(widget)
         m.addStretch()
@@ -185,9 +186,13 @@ class PlanPage(QWidget):
                                       "expert: the modifications × experts heatmap of each MoE block.")
         self.router_noise_on.setToolTip("Gaussian noise on each router's logits, this many times each token's "
                                         "logit spread: how close the routing decisions are to ties.")
+        self.topk_minus.setToolTip("One expert fewer per token in each MoE block in turn (saves compute).")
+        self.topk_plus.setToolTip("One expert more per token in each MoE block in turn.")
         self.drop_least_used.setToolTip("Per MoE block, no token is routed to the expert that the calibration "
                                         "text used least.")
         self.drop_each.setToolTip("Each expert in turn gets no token (probed per expert).")
+        self.router_bits.setToolTip("Each MoE block's router quantized alone (weight-only, per channel): routers "
+                                    "are tiny, but a changed logit sends tokens to other experts.")
         bottom = QHBoxLayout()
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -244,6 +249,7 @@ class PlanPage(QWidget):
         if self.beam_on.isChecked():
             names.append(f"decode-beam-{self.beam.value()}")
         if self.has_moe:
+            names += ["router-int8", "router-int4"] if self.router_bits.isChecked() else []
             names += [name for name, box in ((f"router-noise-{self.router_noise.value():g}", self.router_noise_on),
                                              ("topk-minus1", self.topk_minus), ("topk-plus1", self.topk_plus),
                                              ("drop-least-used", self.drop_least_used),
