@@ -243,3 +243,12 @@ def test_unused_experts_are_named_in_the_diagnosis():
     assert finding.title == "2 experts never used" and "block 0: experts 2–3" in finding.text
     report.reference["expert_usage"]["0"] = [1.0, 0.5, 0.25, 0.25]
     assert not any("never used" in f.title for f in diagnose(report))
+
+
+def test_a_removed_moe_block_routes_no_token(sessions, small_data_spec):
+    session = sessions["mixtral"]
+    data = session.data(small_data_spec)
+    report = checkup(session, CheckupPlan(modifications=["remove"], knowledge=False, targets=["1"]), data)
+    routing = report.probes[0].routing
+    assert routing["flip_rate"][0] == 0.0 and routing["flip_rate"][1] == 1.0
+    assert routing["load_modified"][1] == [0.0] * 4 and routing["load_modified"][0] == routing["load_original"][0]

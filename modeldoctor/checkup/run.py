@@ -126,10 +126,11 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             trace = ref.traces[number]
             if routes is not None:
                 routes.before(batch.attention_mask)
+            begin, hidden = start_for("eval", number)
             with token_mask(ctx, batch.attention_mask):  # padding stays out of per-sequence statistics
-                run = replayer.run_from(trace, *start_for("eval", number))
+                run = replayer.run_from(trace, begin, hidden)
             if routes is not None:
-                routes.add(number)
+                routes.add(number, begin)
             logits = run.logits if temperature == 1.0 else run.logits / temperature
             divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
                            batch.attention_mask)

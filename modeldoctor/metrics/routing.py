@@ -162,19 +162,23 @@ class RoutingComparison:
     def before(self, attention_mask: torch.Tensor) -> None:
         self.recorder.mask = attention_mask
 
-    def add(self, number: int) -> None:
-        """The batch `number` just replayed: blocks the replay did not rerun routed as the reference."""
+    def add(self, number: int, start: int) -> None:
+        """The batch `number` just replayed from block `start`: blocks before it routed as the
+        reference; a later block whose router did not run (a removed block) routed no token."""
         ref_batch = self.reference.batches[number]
         ran = self.recorder.take()
         any_flip = None
         for block in self.blocks:
-            if block not in ran:
+            if block < start:
                 self.load[block] += ref_batch[block].load
                 continue
-            changed = (ran[block].chosen != ref_batch[block].chosen).any(dim=-1)
+            if block not in ran:
+                changed = torch.ones(ref_batch[block].chosen.shape[0], dtype=torch.bool, device=ref_batch[block].chosen.device)
+            else:
+                changed = (ran[block].chosen != ref_batch[block].chosen).any(dim=-1)
+                self.load[block] += ran[block].load
             self.flipped[block] += int(changed.sum())
             any_flip = changed if any_flip is None else any_flip | changed
-            self.load[block] += ran[block].load
         if any_flip is not None:
             self.flipped_any += int(any_flip.sum())
 
