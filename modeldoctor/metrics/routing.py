@@ -173,7 +173,8 @@ class RoutingComparison:
                 self.load[block] += ref_batch[block].load
                 continue
             if block not in ran:
-                changed = torch.ones(ref_batch[block].chosen.shape[0], dtype=torch.bool, device=ref_batch[block].chosen.device)
+                chosen = ref_batch[block].chosen
+                changed = torch.ones(chosen.shape[0], dtype=torch.bool, device=chosen.device)
             else:
                 changed = (ran[block].chosen != ref_batch[block].chosen).any(dim=-1)
                 self.load[block] += ran[block].load
