@@ -234,9 +234,10 @@ def print_report(report, top: int = 15) -> None:
     ranked.sort(key=lambda p: p.score, reverse=True)
     bleeding = [p for p in ranked if p.bleeding]
     print(f"\n{len(bleeding)} of {len(ranked)} isolated probes bleed (mean KL > {threshold:g} nats, or outliers).")
+    routed = any("routing_flip_rate" in p.metrics for p in ranked)  # a mixture of experts: its routes
     if ranked:
         header = (f"{'#':>3}  {'probe':<34} {'KL mean ± se':>18} {'KL p99':>8} {'same top':>8} {'ppl ×':>7} "
-                  f"{'knowl.':>7}  verdict")
+                  f"{'knowl.':>7}{' flips' if routed else ''}  verdict")
         print(header)
         print("-" * len(header))
         for rank, probe in enumerate(ranked[:top], 1):
@@ -249,11 +250,12 @@ def print_report(report, top: int = 15) -> None:
                 continue
             print(f"{rank:>3}  {probe.spec.label[:34]:<34} {m['kl_mean']:>9.4f} ± {m['kl_stderr']:<6.4f} "
                   f"{m['kl_p99']:>8.3f} {m['same_top']:>8.1%} {m['ppl_ratio']:>7.3f} "
-                  f"{(f'{knowl:.0%}' if knowl is not None else '-'):>7}  {verdict}")
+                  f"{(f'{knowl:.0%}' if knowl is not None else '-'):>7}{_flips(m) if routed else ''}  {verdict}")
     from modeldoctor.checkup.diagnosis import estimate_summary
 
     for line in estimate_summary(report):
         print("\n" + line)
+    _print_expert_usage(report)
     from modeldoctor.checkup.diagnosis import prefill_vs_decode
 
     call_shapes = prefill_vs_decode(report)
@@ -299,6 +301,22 @@ def print_report(report, top: int = 15) -> None:
         print(f"  [{finding.severity}] {finding.title}. {finding.text}")
         if finding.recommendation:
             print(f"      → {finding.recommendation}")
+
+
+def _flips(metrics: dict) -> str:
+    """The flips column: the share of tokens routed to other experts (a mixture of experts)."""
+    flips = metrics.get("routing_flip_rate")
+    return f"{flips:>6.1%}" if flips is not None else f"{'-':>6}"
+
+
+def _print_expert_usage(report) -> None:
+    from modeldoctor.checkup.experts import expert_usage
+
+    usage = expert_usage(report)
+    if usage:
+        print("\nExpert usage on the evaluation text (share of tokens per expert; 0 = never used):")
+        for block, shares in usage.items():
+            print(f"  block {block}: " + " ".join(f"e{i} {share:.0%}" for i, share in enumerate(shares)))
 
 
 def parse_size_budget(text: str | None, fp32_bytes: int) -> int | None:
@@ -634,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the model runs (auto: a GPU if PyTorch sees one, else the CPU)")
     p.add_argument("--modify", default="int8-dynamic,int4,prune-wanda-50,remove",
                    help="comma-separated modifications (see 'modeldoctor modifications')")
-    p.add_argument("--scope", choices=("blocks", "linears"), default="blocks")
+    p.add_argument("--scope", choices=("blocks", "linears", "experts"), default="blocks",
+                   help="experts: each router, expert and shared expert of a mixture of experts")
     p.add_argument("--mode", default="isolated", help="comma-separated: isolated, cumulative, sweep")
     p.add_argument("--data", default="builtin", help="builtin, self (sampled from the model), or a .txt/.jsonl file")
     p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (default 1024)")

@@ -69,6 +69,7 @@ class Session:
         self._input_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._grad_norms: dict[DataSpec, dict[str, torch.Tensor]] = {}
         self._kv_ranges: dict[DataSpec, dict] = {}
+        self._expert_usage: dict = {}
         self.weights_version = 0  # bumped whenever a treatment changes the weights
         self.onnx_graph_bytes: int | None = None  # what the last export's fp32 file held beyond its weights
         self.treatment = TreatmentState()
@@ -230,7 +231,9 @@ class Session:
         norms = self.input_norms(data, control) if need_norms and data is not None else {}
         grads = self.gradient_norms(data, control) if need_gradients and data is not None else {}
         ranges = (lambda: self.kv_ranges(data, control)) if data is not None else None
-        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep), kv_ranges=ranges)
+        usage = (lambda: self.expert_usage(data, control)) if data is not None and self.anatomy.moe_blocks() else None
+        return ModContext(self.model, self.anatomy, norms, grads, frozenset(keep), kv_ranges=ranges,
+                          expert_usage=usage)
 
     def kv_ranges(self, data: EvalData, control: RunControl | None = None) -> dict:
         """Block -> the largest size of each (head, channel) of its cached keys and values over the
@@ -245,6 +248,16 @@ class Session:
             self._kv_ranges[data.calibration_key] = cache_ranges(self.model, self.anatomy, rows, control.checkpoint)
         return self._kv_ranges[data.calibration_key]
 
+    def expert_usage(self, data: EvalData, control: RunControl | None = None) -> dict:
+        """Block -> tokens sent to each expert of a mixture of experts over the calibration split
+        (what drop-least-used and the per-expert keep choices fit on)."""
+        from modeldoctor.metrics.routing import usage_on
+
+        if data.calibration_key not in self._expert_usage:
+            data.require_calibration("The experts' usage")
+            self._expert_usage[data.calibration_key] = usage_on(self, data.calibration_batches, control)
+        return self._expert_usage[data.calibration_key]
+
     # ---- treatments ------------------------------------------------------------------------
     def begin_weight_treatment(self) -> None:
         """Keep the untreated weights (once) before a treatment writes to the model."""
@@ -257,6 +270,7 @@ class Session:
         self._input_norms.clear()
         self._grad_norms.clear()
         self._kv_ranges.clear()
+        self._expert_usage.clear()
         self.weights_version += 1
         self.treatment.function_preserving = self.treatment.function_preserving and function_preserving
 

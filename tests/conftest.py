@@ -36,3 +36,12 @@ def small_data_spec():
     from modeldoctor.data import DataSpec
 
     return DataSpec(tokens=192, seq_len=64, calibration_tokens=128, selection_tokens=128, batch_size=2)
+
+
+@pytest.fixture(scope="session")
+def moe_dirs(tmp_path_factory):
+    """Tiny random mixtures of experts (tiny_models.MOE_CONFIGS), one folder per family."""
+    from tiny_models import MOE_CONFIGS
+
+    root = tmp_path_factory.mktemp("moe_models")
+    return {family: save_model(family, root / family) for family in sorted(MOE_CONFIGS)}

@@ -15,8 +15,9 @@ from modeldoctor.modifications.prune import n_of_m, prune_lowest
 from modeldoctor.modifications.quantize import ort_dynamic_quantize_activation, quantize_rtn
 from modeldoctor.session import Session
 
-WEIGHT_AND_STRUCTURE = [n for n in example_names()
-                        if not n.startswith("decode") and not n.endswith("sweep") and n != "none"]
+WEIGHT_AND_STRUCTURE = [n for n in example_names()  # modifications/routing.py's need experts: tests/test_moe.py
+                        if not n.startswith("decode") and not n.endswith("sweep") and n != "none"
+                        and type(create(n)).__module__ != "modeldoctor.modifications.routing"]
 
 
 def test_none_changes_nothing(llama_session):

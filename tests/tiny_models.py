@@ -44,7 +44,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_model(family: str, seed: int = 0):
-    config = AutoConfig.for_model(**CONFIGS[family], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(**CONFIGS_ALL[family], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init is nearly uniform; widen the weights so probes see real divergences.
@@ -61,3 +61,23 @@ def save_model(family: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+# Mixtures of experts, kept apart from CONFIGS (the tests parametrized over every dense family):
+# 4 experts, 2 per token, hidden 32, tiny expert MLPs.
+MOE_CONFIGS = {
+    "mixtral": dict(model_type="mixtral", hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=32, decoder_sparse_step=1),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1),
+    "olmoe": dict(model_type="olmoe", hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  num_experts=4, num_experts_per_tok=2),
+}
+CONFIGS_ALL = {**CONFIGS, **MOE_CONFIGS}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modeldoctor.checkup.experts import routing_findings
 from modeldoctor.metrics.divergence import position_curve
 from modeldoctor.modifications.base import create
 from modeldoctor.report.results import CheckupReport, ProbeRecord
@@ -19,6 +20,7 @@ TREATMENTS = {
     "decoding": "calibrate the sampling temperature to the model, or decode greedily",
     "lowrank": "keep these layers at full rank or a higher one, or factor them activation-aware (svd-aw) "
                "so the kept directions are the ones the inputs use",
+    "routing": "keep the routers in full precision, k as trained, and the experts that carry traffic",
 }
 SEVERITY_RANK = {"healthy": 0, "mild": 1, "moderate": 2, "severe": 3}
 
@@ -130,6 +132,7 @@ def diagnose(report: CheckupReport) -> list[Finding]:
     sweep = _long_context_finding(report)
     if sweep:
         findings.append(sweep)
+    findings.extend(routing_findings(report, threshold))
     findings.sort(key=lambda f: SEVERITY_RANK[f.severity], reverse=True)
     return findings
 

@@ -77,8 +77,12 @@ class CheckupPlan:
 
 def scope_targets(anatomy: Anatomy, scope: str, only: list[str] | None = None) -> list[str]:
     """Blocks, or every linear: the block linears and the LM head ("head"), which the export
-    quantizes like any other linear."""
-    every = [str(b.index) for b in anatomy.blocks] if scope == "blocks" else anatomy.linear_targets()
+    quantizes like any other linear; or the experts: each MoE block's router, experts and
+    shared experts."""
+    every = {"blocks": lambda: [str(b.index) for b in anatomy.blocks], "linears": anatomy.linear_targets,
+             "experts": anatomy.expert_targets}[scope]()
+    if scope == "experts" and not every:
+        raise PlanError("The experts scope needs a mixture-of-experts model; this model has no MoE blocks.")
     if only is None:
         return every
     unknown = [t for t in only if t not in every]

@@ -28,6 +28,7 @@ from modeldoctor.events import (
 )
 from modeldoctor.metrics import attention as attention_metrics
 from modeldoctor.metrics import decoding as decoding_metrics
+from modeldoctor.metrics import routing as routing_metrics
 from modeldoctor.metrics.cascade import CascadeAccumulator
 from modeldoctor.metrics.divergence import (
     DivergenceAccumulator, answer_positions_mask, knowledge_correct_sparse,
@@ -96,10 +97,13 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     # A probe that changes the embedding table (a tied head's shared table) reruns everything.
     fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
     start = spec.block if plan.prefix_cache and not fresh_embedding else 0
-    carried = carry.start(spec) if carry and plan.prefix_cache and not fresh_embedding else None
+    routing_reference = routing_metrics.reference_routing(session, ref, data)  # before the modification
+    # A carried step would skip the routers of its earlier targets' blocks, whose routes it changed.
+    carried = (carry.start(spec) if carry and plan.prefix_cache and not fresh_embedding and routing_reference is None
+               else None)
     if carried is not None:
         start = carried[0]
-    capture = carry.capture_block(spec) if carry and plan.prefix_cache else None
+    capture = carry.capture_block(spec) if carry and plan.prefix_cache and routing_reference is None else None
     captured: dict[str, list] = {"eval": [], "knowledge": []}
 
     def start_for(kind: str, number: int) -> tuple[int, torch.Tensor | None]:
@@ -120,14 +124,19 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     if want_attention and ref.attention is None:  # before the modification is applied
         ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
         ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)
-    with mod.applied(ctx, list(spec.targets)):
+    with mod.applied(ctx, list(spec.targets)), routing_metrics.compared(session.anatomy, routing_reference) as routes:
         divergence = DivergenceAccumulator()
         cascade = CascadeAccumulator(session.anatomy.num_blocks)
         for number, batch in enumerate(data.eval_batches):
             control.checkpoint()
             trace = ref.traces[number]
+            if routes is not None:
+                routes.before(batch.attention_mask)
+            begin, hidden = start_for("eval", number)
             with token_mask(ctx, batch.attention_mask):  # padding stays out of per-sequence statistics
-                run = replayer.run_from(trace, *start_for("eval", number))
+                run = replayer.run_from(trace, begin, hidden)
+            if routes is not None:
+                routes.add(number, begin)
             logits = run.logits if temperature == 1.0 else run.logits / temperature
             divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
                            batch.attention_mask)
@@ -136,6 +145,10 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                 captured["eval"].append(run.states[capture])
             del run
         metrics = divergence.summary()
+        routing = {}
+        if routes is not None:
+            routing_figures, routing = routes.finish()
+            metrics.update(routing_figures)
         # Knowledge probes cost as much as the text again: scored here on every probe ("all") or on
         # each bleeding one ("bleeding"); by default ("worst") after all probes, on the worst few.
         knowledge = plan.knowledge and data.knowledge_batches and (
@@ -157,7 +170,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         carry.keep(spec, capture, captured)
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
-                       seconds=control.clock() - began)
+                       seconds=control.clock() - began, routing=routing)
 
 
 def _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began) -> ProbeRecord:
@@ -293,6 +306,10 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         ref = session.current_reference(data, control)
         report.reference = dict(ref.figures)
         report.reference["weights_digest"] = session.weights_digest()
+        routing_reference = routing_metrics.reference_routing(session, ref, data)
+        if routing_reference is not None:  # on the evaluation text: which experts are (never) used
+            report.reference["expert_usage"] = routing_reference.usage()
+            report.reference["expert_targets"] = session.anatomy.expert_targets()
         if treated:
             report.reference["model"] = "treated: " + "; ".join(t["summary"] for t in session.treatment.applied)
         done_before = _resumable(resume, report) if resume is not None else {}

@@ -383,8 +383,10 @@ def size_kl_curve(session: Session, report: CheckupReport | None, precision: str
 
 
 def formats_with(session: Session, precision: str, fp32: list[str]) -> dict[str, str]:
-    """The precision's formats with the named linears in fp32."""
+    """The precision's formats with the named linears in fp32 (an expert of a mixture of experts
+    names all its linears)."""
     formats = preset_formats(session.anatomy, precision)
+    fp32 = [n for name in fp32 for n in (session.anatomy.expert_linears(name) or [name])]
     unknown = [n for n in fp32 if n not in formats]
     if unknown:
         raise ModelDoctorError(f"No linear named {', '.join(unknown[:5])} in this model; cannot keep it in fp32 "

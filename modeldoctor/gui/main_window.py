@@ -398,6 +398,7 @@ class MainWindow(QMainWindow):
         self.load_page.show_card(session.summary)
         self.run_page.linear_names = session.anatomy.linear_names()
         self.treatment_page.linear_names = session.anatomy.linear_names()
+        self.plan_page.set_moe(bool(session.anatomy.moe_blocks()))
         self.setWindowTitle(f"Model Doctor — {session.summary.name}")
         self.statusBar().showMessage(f"Loaded {path}. Next: choose the evaluation data or start with the defaults.")
         self.checkup.data_changed()
@@ -498,6 +499,7 @@ class MainWindow(QMainWindow):
             images["Mean KL by position (layer probes)"] = widget_png(diagnosis.by_position)
         if diagnosis.by_length.curves:
             images["Long-context probe: whole model, mean KL by length"] = widget_png(diagnosis.by_length)
+        images.update(self.diagnosis_page.experts.images(widget_png))
         return images
 
     def export_html(self) -> None:

@@ -271,7 +271,7 @@ def checkup_cells(layout: AnatomyLayout, records: list[ProbeRecord], modificatio
     for block in layout.blocks:
         for column in layout.columns:
             name = f"{block}.{column}"
-            record = mine.get(name) or mine.get(str(block))
+            record = mine.get(name) or _enclosing_probe(mine, name) or mine.get(str(block))
             cells[name] = _verdict_cell(name, record, block_level=record is not None and name not in mine)
     linear_scope = any(not target.isdigit() for target in mine)
     cells["head"] = (_verdict_cell("head", mine.get("head"), block_level=False) if linear_scope or "head" in mine
@@ -280,11 +280,24 @@ def checkup_cells(layout: AnatomyLayout, records: list[ProbeRecord], modificatio
     return cells
 
 
+def _enclosing_probe(probes: dict[str, ProbeRecord], name: str) -> ProbeRecord | None:
+    """The probe of the part a linear belongs to below its block, e.g. the expert "3.mlp.experts.5"
+    of "3.mlp.experts.5.w1" (experts scope)."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 1, -1):
+        found = probes.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return None
+
+
 def _verdict_cell(name: str, record: ProbeRecord | None, block_level: bool) -> AnatomyCell:
     if record is None:
         return AnatomyCell(name, None, f"{name}: not measured yet")
     how = "estimated" if record.estimated else "measured"
-    where = f" (its block's probe: block {record.spec.targets[0]})" if block_level else ""
+    target = record.spec.targets[0]
+    where = (f" (its block's probe: block {target})" if target.isdigit() else f" (the probe of {target})") \
+        if block_level else ""
     verdict = record.severity if record.bleeding else "healthy"
     text = f"{name}: mean KL {record.score:.4g} nats, {how}, {verdict}{where}"
     return AnatomyCell(name, (*verdict_color(record), ESTIMATED_ALPHA if record.estimated else 255), text, record)
@@ -332,4 +345,24 @@ def treatment_cells(layout: AnatomyLayout, outcome, threshold: float, kept: set[
     cells["head"] = AnatomyCell("head", None, "head" + (", kept in fp32" if "head" in kept else ""),
                                 outlined="head" in kept)
     cells[EMBEDDING] = AnatomyCell(EMBEDDING, None, "token embedding")
+    return cells
+
+
+def expert_cells(report, block: int) -> HeatCells:
+    """One MoE block's modifications x experts (router, experts, shared experts) heatmap from a
+    finished report, in the verdict colours of the other heatmap; pairs not probed stay empty."""
+    from modeldoctor.checkup.experts import expert_grid, short_expert_label
+
+    rows, columns, _ = expert_grid(report, block)
+    cells = HeatCells(np.full((len(rows), len(columns)), np.nan), np.zeros((len(rows), len(columns), 4), np.uint8),
+                      rows, [short_expert_label(c) for c in columns])
+    for record in report.probes:
+        target = record.spec.targets[0] if record.spec.targets and record.spec.mode == "isolated" else ""
+        block_of, _, rel = target.partition(".")
+        if block_of != str(block) or rel not in columns or record.spec.modification not in rows:
+            continue
+        at = (rows.index(record.spec.modification), columns.index(rel))
+        cells.kl[at] = log_kl(record.score)
+        cells.colors[at] = (*verdict_color(record), ESTIMATED_ALPHA if record.estimated else 255)
+        cells.records[at] = record
     return cells

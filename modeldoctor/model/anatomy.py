@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from modeldoctor.errors import UnsupportedModelError
+from modeldoctor.model.moe import MoEParts, find_moe
 
 HEAD = "head"  # the LM head's linear name: a probe, keep and export target like any block linear
 
@@ -56,6 +57,7 @@ class BlockParts:
     attention_out: str | None  # relative name of the attention output projection
     mlp_down: str | None  # relative name of the MLP down projection
     norms: list[str] = field(default_factory=list)
+    moe: MoEParts | None = None  # the block's mixture of experts; None in a dense block
 
 
 @dataclass
@@ -93,6 +95,34 @@ class Anatomy:
         """Every linear a modification, a keep list or the export can name: the block linears,
         then the LM head (HEAD)."""
         return self.linear_names() + [HEAD]
+
+    def moe_blocks(self) -> list[BlockParts]:
+        return [b for b in self.blocks if b.moe is not None]
+
+    def expert_targets(self) -> list[str]:
+        """The experts scope: per MoE block its router, each expert, then its shared experts,
+        as "block.relative.name" ("3.mlp.gate", "3.mlp.experts.5", "3.mlp.shared_expert")."""
+        return [f"{b.index}.{name}" for b in self.moe_blocks()
+                for name in (b.moe.router, *b.moe.experts, *b.moe.shared)]
+
+    def expert_linears(self, target: str) -> list[str] | None:
+        """The linears an expert or shared expert target stands for; None for any other target."""
+        moe, index, rel = self._moe_of(target)
+        linears = moe.experts.get(rel, moe.shared.get(rel)) if moe is not None else None
+        return None if linears is None else [f"{index}.{n}" for n in linears]
+
+    def routed_expert_linear(self, name: str) -> bool:
+        """Whether a linear belongs to a routed expert (not a shared one): it sees only the rows
+        of the tokens routed to it."""
+        moe, _, rel = self._moe_of(name)
+        return moe is not None and any(rel in linears for linears in moe.experts.values())
+
+    def _moe_of(self, name: str):
+        """(the mixture of experts of the block a "block.relative" name is in, or None; index; rel)."""
+        head, _, rel = name.partition(".")
+        if not (rel and head.isdigit() and int(head) < self.num_blocks):
+            return None, None, rel
+        return self.blocks[int(head)].moe, int(head), rel
 
     def linear(self, name: str) -> nn.Module:
         if name == HEAD:
@@ -170,10 +200,13 @@ def find_anatomy(model: nn.Module) -> Anatomy:
         else:  # no MLP module: its linears sit in the block itself (OPT's fc1, fc2)
             mlp_lin = [n for n in linears if not (attention and n.startswith(attention + "."))]
         norms = [n for n, m in named.items() if "norm" in type(m).__name__.lower()]
+        moe = find_moe(block, linears)
+        if moe is not None:  # the MLP is the mixture; its output is a routed sum, no one down projection
+            mlp, mlp_lin = moe.module_name, []
         blocks.append(BlockParts(
             index=index, module=block, linears=linears, attention_name=attention, mlp_name=mlp,
             attention_out=attn_lin[-1] if attn_lin else None, mlp_down=mlp_lin[-1] if mlp_lin else None,
-            norms=norms,
+            norms=norms, moe=moe,
         ))
     if not any(b.linears for b in blocks):
         raise UnsupportedModelError(f"The blocks of {type(model).__name__} contain no linear layers.")

@@ -18,7 +18,7 @@ from modeldoctor.errors import PlanError
 from modeldoctor.model import Anatomy
 from modeldoctor.model.anatomy import HEAD, is_block_target, weight_matrix
 
-SCOPES = ("blocks", "linears")
+SCOPES = ("blocks", "linears", "experts")  # experts: routers, experts and shared experts of MoE blocks
 
 
 @dataclass
@@ -39,6 +39,9 @@ class ModContext:
     # Block -> the largest size of each (head, channel) of its cached keys and values over the
     # calibration split, computed on first call (per-channel KV-cache scales); None without data.
     kv_ranges: Callable[[], dict] | None = None
+    # Block -> tokens per expert of a mixture of experts on the calibration split, computed on
+    # first call (drop-least-used fits on it); None without calibration data.
+    expert_usage: Callable[[], dict] | None = None
 
 
 @contextlib.contextmanager
@@ -97,9 +100,10 @@ class Modification:
 
 
 def target_linears(anatomy: Anatomy, target: str) -> list[str]:
-    """A block target expands to all its linears; a linear target (the head too) is itself."""
+    """A block target expands to all its linears, an expert to its own; a linear target (the
+    head too) is itself."""
     if not is_block_target(target):
-        return [target]
+        return anatomy.expert_linears(target) or [target]
     index = int(target)
     return [f"{index}.{rel}" for rel in anatomy.blocks[index].linears]
 
@@ -236,7 +240,9 @@ def example_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     # Importing the modules registers their families (one file per family).
-    from modeldoctor.modifications import decoding, kvcache, lowrank, prune, quantize, rope, structure  # noqa: F401
+    from modeldoctor.modifications import (  # noqa: F401
+        decoding, kvcache, lowrank, prune, quantize, rope, routing, structure,
+    )
 
 
 class Unchanged(Modification):

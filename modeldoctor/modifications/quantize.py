@@ -205,8 +205,14 @@ class Int8Dynamic(WeightModification):
         return ort_int8_weight(weight)
 
     def extra_hooks(self, ctx: ModContext, linear: str, module: torch.nn.Module) -> list:
+        # An expert of a mixture sees only the rows routed to it, which do not line up with the
+        # batch's tokens: its range is taken over all of them at once, as in one batch-1 call when
+        # the batch is one sequence (with several, an approximation: a range at least as wide).
+        routed = ctx.anatomy.routed_expert_linear(linear)
+
         def quantize_input(mod, args):
-            x = ort_dynamic_quantize_activation(args[0], None if self.per_token else ctx.token_mask, self.per_token)
+            mask = None if self.per_token or routed else ctx.token_mask
+            x = ort_dynamic_quantize_activation(args[0], mask, self.per_token)
             return (x,) + tuple(args[1:])
         return [module.register_forward_pre_hook(quantize_input)]
 

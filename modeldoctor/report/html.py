@@ -63,6 +63,7 @@ def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -
             _badge(probe.severity if probe.bleeding else "healthy")]
         parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     parts.append("</table>")
+    parts += _experts_section(report)
     parts.append("<h2>Model</h2><table>" + "".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in model.items()) + "</table>")
     parts.append("<h2>Plan and data</h2><table>" + "".join(
@@ -70,6 +71,31 @@ def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -
         for k, v in {**report.plan, **report.data}.items()) + "</table>")
     parts.append("<p class='sub'>Written by Model Doctor.</p></body></html>")
     return "\n".join(parts)
+
+
+def _experts_section(report: CheckupReport) -> list[str]:
+    """A mixture of experts: the share of evaluation tokens each expert receives, and the probes
+    that re-route most tokens."""
+    from modeldoctor.checkup.experts import expert_usage, routing_probes
+
+    usage = expert_usage(report)
+    if not usage:
+        return []
+    width = max(len(u) for u in usage.values())
+    parts = ["<h2>Experts</h2><p>Share of the evaluation tokens routed to each expert (each token goes to k "
+             "experts; 0 % = never used):</p><table><tr><th>block</th>"
+             + "".join(f"<th>e{i}</th>" for i in range(width)) + "</tr>"]
+    for block, shares in usage.items():
+        parts.append(f"<tr><td>{block}</td>" + "".join(f"<td>{s:.0%}</td>" for s in shares) + "</tr>")
+    parts.append("</table><p>Probes that send the most tokens to other experts (routing flip rate: tokens whose set "
+                 "of experts changes in at least one block):</p><table><tr><th>probe</th><th>flip rate</th>"
+                 "<th>load shift</th><th>KL mean</th></tr>")
+    for probe in routing_probes(report)[:15]:
+        m = probe.metrics
+        parts.append(f"<tr><td>{html.escape(probe.spec.label)}</td><td>{m['routing_flip_rate']:.1%}</td>"
+                     f"<td>{m.get('load_shift', 0.0):.3f}</td><td>{probe.score:.4g}</td></tr>")
+    parts.append("</table>")
+    return parts
 
 
 def write_html(report: CheckupReport, path: str | Path, images: dict[str, bytes] | None = None) -> Path:

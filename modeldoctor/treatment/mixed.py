@@ -14,7 +14,7 @@ from functools import reduce
 
 from modeldoctor.errors import PlanError
 from modeldoctor.model.anatomy import HEAD
-from modeldoctor.modifications.base import create
+from modeldoctor.modifications.base import create, target_linears
 from modeldoctor.treatment.base import Outcome, Treatment, collect, figures_text, register
 
 MAX_KNAPSACK_CELLS = 20_000_000  # past this the greedy bleed-per-weight choice is used
@@ -62,6 +62,15 @@ def choose_kept(scores: dict[str, float], sizes: dict[str, int], capacity: int) 
     return chosen[::-1]
 
 
+def keep_units(anatomy) -> list[str]:
+    """What mixed precision keeps or quantizes as one: each block linear, except that an expert
+    of a mixture of experts (router-chosen MLP) is kept whole, all its linears in one precision.
+    An expert's linears only run together, on the same routed tokens, so they are probed and
+    kept together: one probe per expert instead of three, and a keep list that names experts."""
+    whole = {n: t for t in anatomy.expert_targets() for n in (anatomy.expert_linears(t) or ())}
+    return list(dict.fromkeys(whole.get(n, n) for n in anatomy.linear_names()))
+
+
 @register
 class MixedPrecision(Treatment):
     name = "mixed-precision"
@@ -75,21 +84,22 @@ class MixedPrecision(Treatment):
             raise PlanError("Mixed precision needs a quantization to treat (int8-dynamic, int4, …).")
 
     def units(self, session, plan):
-        return len(session.anatomy.linear_names()) + 2 * session.anatomy.num_blocks + 4
+        return len(keep_units(session.anatomy)) + 2 * session.anatomy.num_blocks + 4
 
     def run(self, job):
         session, plan = job.session, job.plan
         anatomy = session.anatomy
-        # Candidates: every linear the deployment quantizes (an untied LM head included).
-        linears = anatomy.linear_names() + [t for t in job.deployment_targets(plan.target) if t == HEAD]
-        sizes = {n: int(anatomy.linear(n).weight.numel()) for n in linears}
+        # Candidates: every linear the deployment quantizes (an untied LM head included), experts whole.
+        linears = keep_units(anatomy) + [t for t in job.deployment_targets(plan.target) if t == HEAD]
+        sizes = {n: sum(int(anatomy.linear(x).weight.numel()) for x in target_linears(anatomy, n)) for n in linears}
         total = sum(sizes.values())
         yield job.enter(f"mixed precision: {plan.target} on each linear (selection text)")
         values: list[float] = []
         yield from collect(job.isolated(plan.target, linears, keep=[], on=job.selection), values)
         scores = dict(zip(linears, values))
-        chosen = choose_kept(scores, sizes, int(plan.budget * total))
-        kept_weights = sum(sizes[n] for n in chosen)
+        units = choose_kept(scores, sizes, int(plan.budget * total))
+        chosen = [n for unit in units for n in target_linears(anatomy, unit)]  # keep lists name linears
+        kept_weights = sum(sizes[n] for n in units)
         bits = weight_bits(plan.target)
         effective = (bits * (total - kept_weights) + 32 * kept_weights) / total
         current = job.kept_for(plan.target)
@@ -112,7 +122,9 @@ class MixedPrecision(Treatment):
         share = kept_weights / total
         if applied:
             session.treatment.keep, session.treatment.keep_for = list(chosen), plan.target
-            verdict = (f"{len(chosen)} linears kept in fp32 ({share:.1%} of block weights, {effective:.2f} "
+            experts = [u for u in units if anatomy.expert_linears(u) is not None]
+            verdict = (f"{len(chosen)} linears kept in fp32" + (f" ({len(experts)} whole experts)" if experts else "")
+                       + f" ({share:.1%} of block weights, {effective:.2f} "
                        f"effective bits): {figures_text(before, after)}.")
         else:
             verdict = ("Rejected: " + ("no linear fits the budget" if not chosen else
@@ -125,7 +137,7 @@ class MixedPrecision(Treatment):
             verdict=verdict, summary=f"{len(chosen)} linears kept in fp32 for {plan.target} ({share:.0%} of weights)",
             layers={"modification": plan.target, "targets": blocks, "before": before_layers, "after": after_layers},
             table=[{"linear": n, "selection_kl": scores[n], "weights": sizes[n]} for n in
-                   sorted(chosen, key=scores.get, reverse=True)],
+                   sorted(units, key=scores.get, reverse=True)],
             details={"kept": chosen, "kept_share": share, "effective_bits": effective, "weight_bits": bits,
                      "budget": plan.budget, "scores": scores,
                      "selection_kl": {"before": choice_before, "after": choice_after}})

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 from modeldoctor.checkup.diagnosis import context_curves, diagnose, estimate_summary, kl_plain_reading
+from modeldoctor.gui.experts_view import ExpertsPanel
 from modeldoctor.metrics.divergence import POSITION_EDGES
 from modeldoctor.gui.plots import BleedingBarChart, CurvePlot
 from modeldoctor.gui.viewmodel import Bars
@@ -70,6 +71,8 @@ class DiagnosisPage(QWidget):
         context_layout.addWidget(self.by_length)
         context_layout.addWidget(self.length_note)
         self.tabs.addTab(context, "Context length")
+        self.experts = ExpertsPanel()  # shown for a mixture of experts only
+        self.tabs.addTab(self.experts, "Experts")
         layout.addWidget(self.tabs, 1)
         row = QHBoxLayout()
         self.save = QPushButton("Save session…")
@@ -131,6 +134,8 @@ class DiagnosisPage(QWidget):
         self._draw_worst(self.modification.currentText())
         self._draw_curves(report)
         self._draw_context(report, threshold)
+        self.experts.set_threshold(threshold)
+        self.tabs.setTabVisible(self.tabs.indexOf(self.experts), self.experts.show_report(report))
 
     def _draw_worst(self, name: str) -> None:
         bars = Bars()

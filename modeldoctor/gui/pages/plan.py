@@ -157,9 +157,12 @@ class PlanPage(QWidget):
         scope_row = QHBoxLayout()
         self.scope_blocks = QRadioButton("whole blocks")
         self.scope_linears = QRadioButton("individual linear layers")
+        self.scope_experts = QRadioButton("experts (each router, expert, shared expert)")
+        self.scope_experts.setVisible(False)  # for a mixture of experts: set_moe
         self.scope_blocks.setChecked(True)
         scope_row.addWidget(self.scope_blocks)
         scope_row.addWidget(self.scope_linears)
+        scope_row.addWidget(self.scope_experts)
         f.addRow("Scope:", scope_row)
         modes_row = QHBoxLayout()
         self.isolated = QCheckBox("isolated (one at a time)")
@@ -184,6 +187,26 @@ class PlanPage(QWidget):
         f.addRow("Exactness:", self.exhaustive)
         grid.addWidget(scan, 3, 0, 1, 2)
 
+        self.moe = QGroupBox("Mixture of experts (routing)")
+        m = QHBoxLayout(self.moe)
+        self.router_noise_on, self.router_noise = QCheckBox("router noise ×"), QDoubleSpinBox()
+        self.router_noise_on.setChecked(True)
+        self.router_noise.setRange(0.05, 5.0)
+        self.router_noise.setSingleStep(0.1)
+        self.router_noise.setValue(0.5)
+        self.topk_minus = QCheckBox("k−1 experts per token")
+        self.topk_plus = QCheckBox("k+1")
+        self.drop_least_used = QCheckBox("drop least-used expert")
+        self.drop_least_used.setChecked(True)
+        self.drop_each = QCheckBox("drop each expert")
+        self.router_bits = QCheckBox("routers at int8, int4")
+        for widget in (self.router_bits, self.router_noise_on, self.router_noise, self.topk_minus, self.topk_plus,
+                       self.drop_least_used, self.drop_each):
+            m.addWidget(widget)
+        m.addStretch()
+        self.moe.setVisible(False)
+        grid.addWidget(self.moe, 3, 0, 1, 2)
+
         from modeldoctor.gui.glossary import tip
 
         for widget, term in ((self.int8_dynamic, "int8 dynamic"), (self.export_formats, "int8 b32"),
@@ -205,6 +228,17 @@ class PlanPage(QWidget):
                                      "fragile depths.")
         self.scope_linears.setToolTip("Each probe modifies one linear layer: ranks single layers, which is what an "
                                       "export keeps in fp32.")
+        self.scope_experts.setToolTip("Each probe modifies one expert (all its linears), one router or one shared "
+                                      "expert: the modifications × experts heatmap of each MoE block.")
+        self.router_noise_on.setToolTip("Gaussian noise on each router's logits, this many times each token's "
+                                        "logit spread: how close the routing decisions are to ties.")
+        self.topk_minus.setToolTip("One expert fewer per token in each MoE block in turn (saves compute).")
+        self.topk_plus.setToolTip("One expert more per token in each MoE block in turn.")
+        self.drop_least_used.setToolTip("Per MoE block, no token is routed to the expert that the calibration "
+                                        "text used least.")
+        self.drop_each.setToolTip("Each expert in turn gets no token (probed per expert).")
+        self.router_bits.setToolTip("Each MoE block's router quantized alone (weight-only, per channel): routers "
+                                    "are tiny, but a changed logit sends tokens to other experts.")
         bottom = QHBoxLayout()
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -273,13 +307,31 @@ class PlanPage(QWidget):
             names.append(f"decode-rep-{self.repetition.value():g}")
         if self.beam_on.isChecked():
             names.append(f"decode-beam-{self.beam.value()}")
+        if self.has_moe:
+            names += ["router-int8", "router-int4"] if self.router_bits.isChecked() else []
+            names += [name for name, box in ((f"router-noise-{self.router_noise.value():g}", self.router_noise_on),
+                                             ("topk-minus1", self.topk_minus), ("topk-plus1", self.topk_plus),
+                                             ("drop-least-used", self.drop_least_used),
+                                             ("drop-expert", self.drop_each)) if box.isChecked()]
         return list(dict.fromkeys(names))
+
+    @property
+    def has_moe(self) -> bool:
+        return not self.moe.isHidden()
+
+    def set_moe(self, present: bool) -> None:
+        """Offer the experts scope and the routing probes for a mixture of experts only."""
+        self.moe.setVisible(present)
+        self.scope_experts.setVisible(present)
+        if not present and self.scope_experts.isChecked():
+            self.scope_blocks.setChecked(True)
 
     def plan(self) -> CheckupPlan:
         modes = tuple(m for m, box in (("isolated", self.isolated), ("cumulative", self.cumulative),
                                        ("sweep", self.sweep)) if box.isChecked())
         return CheckupPlan(modifications=self.modifications(),
-                           scope="linears" if self.scope_linears.isChecked() else "blocks",
+                           scope="linears" if self.scope_linears.isChecked() else
+                           "experts" if self.scope_experts.isChecked() else "blocks",
                            modes=modes, threshold=self.threshold.value(), exhaustive=self.exhaustive.isChecked(),
                            context_lengths=DEFAULT_LENGTHS if self.long_context.isChecked() else ())
 
