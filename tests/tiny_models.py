@@ -28,6 +28,23 @@ CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512),
 }
 
+# State-space and hybrid families, kept apart from CONFIGS so the tests parametrized over every
+# dense family do not run on them; tests/test_state_space.py covers them. The mixers run their
+# slow torch path on the CPU (no mamba-ssm kernels).
+SSM_CONFIGS = {
+    "mamba": dict(model_type="mamba", hidden_size=32, state_size=4, num_hidden_layers=3, expand=2,
+                  conv_kernel=4, time_step_rank=4, use_mambapy=False),
+    "mamba2": dict(model_type="mamba2", hidden_size=32, state_size=4, num_hidden_layers=3, expand=2,
+                   num_heads=8, head_dim=8, n_groups=2, conv_kernel=4, time_step_rank=4, chunk_size=16),
+    "falcon_mamba": dict(model_type="falcon_mamba", hidden_size=32, state_size=4, num_hidden_layers=3,
+                         expand=2, conv_kernel=4, time_step_rank=4, use_mambapy=False),
+    # A hybrid: Mamba2 mixers in blocks 0 and 2, attention in 1 and 3, an MLP in every block.
+    "bamba": dict(model_type="bamba", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1, 3],
+                  mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=4, mamba_d_conv=4,
+                  mamba_expand=2, mamba_chunk_size=16, max_position_embeddings=512, pad_token_id=0),
+}
+
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token."""
@@ -44,7 +61,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_model(family: str, seed: int = 0):
-    config = AutoConfig.for_model(**CONFIGS[family], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(**{**CONFIGS, **SSM_CONFIGS}[family], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init is nearly uniform; widen the weights so probes see real divergences.
