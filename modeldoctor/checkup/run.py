@@ -110,7 +110,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         return (spec.block if plan.prefix_cache else 0), None
 
     replayer = session.replayer
-    want_attention = plan.attention and mod.family == "structure"
+    want_attention = plan.attention and mod.family == "structure" and bool(session.anatomy.blocks_of_kind("attention"))
     if want_attention and ref.attention is None:  # before the modification is applied
         ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
         ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)

@@ -157,6 +157,7 @@ class ExportPage(QWidget):
         progress_row.addWidget(self.eta)
         form_box.addLayout(progress_row)
         self.status = QLabel("")
+        self.refusal: str | None = None  # why this model cannot be exported, if it cannot
         self.status.setWordWrap(True)
         form_box.addWidget(self.status)
         self.clock = JobClock(self.eta, self.status, self, eta_prefix="estimated time left ")
@@ -310,6 +311,15 @@ class ExportPage(QWidget):
                 if modification == treated.keep_for:
                     self.precisions[precision].setChecked(True)
         self.refresh_suggestions()
+        # An architecture optimum-onnx cannot export (a state-space model) is said before anything runs.
+        from modeldoctor.export.onnx_export import export_refusal
+
+        refusal = export_refusal(session.model, session.anatomy.kind) if session is not None else None
+        if refusal or self.refusal:
+            self.start.setEnabled(refusal is None)
+            self.start.setToolTip(refusal or "")
+            self.status.setText(f"<span style='color:#c8373b'>{refusal}</span>" if refusal else "")
+        self.refusal = refusal
 
     def refresh_suggestions(self) -> None:
         from modeldoctor.export.pipeline import choose_formats, formats_with, preset_notes
