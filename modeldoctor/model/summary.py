@@ -29,6 +29,7 @@ class ModelSummary:
     kind: str = "transformer"  # transformer | state-space | hybrid (Anatomy.kind)
     attention_blocks: int = 0
     state_space_blocks: int = 0
+    block_kinds: tuple[str, ...] = ()  # each block's BlockParts.kind: attention | state-space | none
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,4 +78,5 @@ def summarize(loaded: LoadedModel, anatomy: Anatomy) -> ModelSummary:
         head_tied=anatomy.head_tied, kind=anatomy.kind,
         attention_blocks=len(anatomy.blocks_of_kind("attention")),
         state_space_blocks=len(anatomy.blocks_of_kind("state-space")),
+        block_kinds=tuple(b.kind for b in anatomy.blocks),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel,
@@ -159,6 +161,12 @@ class PlanPage(QWidget):
                                      "fragile depths.")
         self.scope_linears.setToolTip("Each probe modifies one linear layer: ranks single layers, which is what an "
                                       "export keeps in fp32.")
+        # What the chosen modifications leave out on this model, and why (head pruning on a
+        # state-space block, a linear-scope plan probing structure per block), before the run.
+        self.notes = QLabel()
+        self.notes.setWordWrap(True)
+        self.notes.hide()
+        layout.addWidget(self.notes)
         bottom = QHBoxLayout()
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -224,7 +232,9 @@ class PlanPage(QWidget):
                            modes=modes, threshold=self.threshold.value(), exhaustive=self.exhaustive.isChecked())
 
     def show_summary(self, probes: int | None, duration=None, problem: str = "",
-                     measured: int | None = None) -> None:
+                     measured: int | None = None, notes: list[str] = ()) -> None:
+        self.notes.setText("<b>Not probed on this model:</b><br>" + "<br>".join(html.escape(n) for n in notes))
+        self.notes.setVisible(bool(notes) and not problem)
         if problem:
             self.summary.setText(f"<span style='color:#c8373b'>{problem}</span>")
             self.start.setEnabled(False)
