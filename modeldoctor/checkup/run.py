@@ -436,10 +436,12 @@ def _verification_note(plan: CheckupPlan, estimated: list[ProbeSpec], verify: li
 
 def _resumable(resume: CheckupReport, report: CheckupReport) -> dict[tuple, ProbeRecord]:
     """The measured probes of `resume`, if it is a run of the same plan on the same weights and data."""
-    # A plan saved by an older version lacks newer fields: it is read as they default.
+    # A plan saved by an older version lacks newer fields: it is read as they default; so are the
+    # model card's newer fields (the block kinds), and the plan's notes are not the plan.
     theirs_plan = CheckupPlan.from_dict(resume.plan).as_dict()
-    for what, theirs, ours in (("plan", theirs_plan, report.plan), ("evaluation data", resume.data, report.data),
-                               ("model", resume.model, report.model)):
+    ours_model = {k: v for k, v in report.model.items() if k in resume.model}
+    for what, theirs, ours in (("plan", theirs_plan, CheckupPlan.from_dict(report.plan).as_dict()),
+                               ("evaluation data", resume.data, report.data), ("model", resume.model, ours_model)):
         if json.loads(json.dumps(theirs)) != json.loads(json.dumps(ours)):
             raise PlanError(f"The checkup to resume was run with a different {what}; start a new checkup instead.")
     if resume.reference.get("weights_digest") != report.reference.get("weights_digest"):
