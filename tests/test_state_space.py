@@ -29,6 +29,8 @@ MIXER_LINEARS = {
     "falcon_mamba": ["mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"],
     "mamba2": ["mixer.in_proj", "mixer.out_proj"],
 }
+HYBRID_MIXER_LINEARS = {"bamba": ["mamba.in_proj", "mamba.out_proj"],
+                        "jamba": ["mamba.in_proj", "mamba.x_proj", "mamba.dt_proj", "mamba.out_proj"]}
 MLP = ["feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"]
 ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 # Weight modifications of every kind (quantization, unstructured, 2:4 and structured pruning)
@@ -64,14 +66,15 @@ def test_anatomy_finds_the_mixer_linears_in_run_order(sessions, family):
     assert lines["Hidden size / heads"] == "32 / no attention"
 
 
-def test_hybrid_anatomy_tells_attention_blocks_from_mamba_blocks(sessions):
-    session = sessions["bamba"]
+@pytest.mark.parametrize("family", sorted(HYBRID_MIXER_LINEARS))
+def test_hybrid_anatomy_tells_attention_blocks_from_mamba_blocks(sessions, family):
+    session = sessions[family]
     anatomy = session.anatomy
     assert anatomy.kind == "hybrid"
     assert anatomy.blocks_of_kind("state-space") == [0, 2] and anatomy.blocks_of_kind("attention") == [1, 3]
     for index in (0, 2):
         part = anatomy.blocks[index]
-        assert list(part.linears) == ["mamba.in_proj", "mamba.out_proj"] + MLP
+        assert list(part.linears) == HYBRID_MIXER_LINEARS[family] + MLP
         assert part.mixer_name == "mamba" and part.attention_out is None
         assert part.mlp_name == "feed_forward" and part.mlp_down == "feed_forward.down_proj"
     for index in (1, 3):
@@ -105,7 +108,7 @@ def test_every_modification_changes_then_restores_bit_exact(sessions, small_data
     torch.testing.assert_close(session.model(input_ids=ids).logits, reference, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["mamba", "bamba"])
+@pytest.mark.parametrize("family", ["mamba", "bamba", "jamba"])
 def test_linear_scope_probes_each_mixer_linear(sessions, small_data_spec, family):
     session = sessions[family]
     data = session.data(small_data_spec)
@@ -113,8 +116,8 @@ def test_linear_scope_probes_each_mixer_linear(sessions, small_data_spec, family
     reference = session.model(input_ids=ids).logits
     before = session.weights_digest()
     mixer = [n for n in session.anatomy.linear_names() if ".mixer." in n or ".mamba." in n]
-    assert mixer and all(n.split(".", 1)[1] in MIXER_LINEARS.get(family, ["mamba.in_proj", "mamba.out_proj"])
-                         for n in mixer)
+    expected = {**MIXER_LINEARS, **HYBRID_MIXER_LINEARS}[family]
+    assert sorted({n.split(".", 1)[1] for n in mixer}) == sorted(expected)
     for name in mixer:
         with create("int2").applied(session.mod_context(), [name]):
             assert not torch.equal(session.model(input_ids=ids).logits, reference), name
@@ -171,7 +174,7 @@ def test_checkup_probes_every_modification(sessions, small_data_spec, family):
     assert all(p.metrics["kl_mean"] > 0 for p in report.probes), [p.spec.label for p in report.probes
                                                                   if not p.metrics["kl_mean"] > 0]
     structural = [p for p in report.probes if p.spec.family == "structure"]
-    if family == "bamba":  # attention disruption where there is attention, none in the Mamba blocks
+    if family in HYBRID_MIXER_LINEARS:  # attention disruption where there is attention, none in the Mamba blocks
         for record in structural:
             js = record.attention["js"]
             assert math.isnan(js[0]) and math.isnan(js[2])

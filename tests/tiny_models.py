@@ -43,6 +43,13 @@ SSM_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1, 3],
                   mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=4, mamba_d_conv=4,
                   mamba_expand=2, mamba_chunk_size=16, max_position_embeddings=512, pad_token_id=0),
+    # A hybrid of two layer classes in one list: Mamba layers 0 and 2, attention 1 and 3; one expert,
+    # so its feed-forward is a plain MLP.
+    "jamba": dict(model_type="jamba", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=1, num_experts_per_tok=1,
+                  mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False,
+                  max_position_embeddings=512, pad_token_id=0),
 }
 
 

@@ -156,7 +156,8 @@ def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             kinds = {type(child) for child in module}
-            if len(kinds) == 1:
+            # Identical layers; or, in a hybrid such as Jamba, the config's layer count of two kinds.
+            if len(kinds) == 1 or len(module) == expected:
                 params = sum(p.numel() for p in module.parameters())
                 candidates.append((len(module) == expected, params, name, module))
     if not candidates:
