@@ -20,6 +20,8 @@ from modeldoctor.errors import PlanError
 from modeldoctor.events import Failed, Finished
 from modeldoctor.export.pipeline import export_model
 from modeldoctor.modifications.base import create
+from modeldoctor.report import CheckupReport
+from modeldoctor.report.html import render_html
 from modeldoctor.session import Session
 
 SSM_FAMILIES = sorted(SSM_CONFIGS)
@@ -186,12 +188,15 @@ def test_checkup_probes_every_modification(sessions, small_data_spec, family):
         assert "Not probed on this model" in titles
 
 
-def test_hybrid_diagnosis_names_the_kind_of_each_bleeding_block(sessions, small_data_spec):
+def test_hybrid_diagnosis_and_report_name_the_kind_of_each_bleeding_block(sessions, small_data_spec, tmp_path):
     session = sessions["bamba"]
     report = checkup(session, CheckupPlan(modifications=["remove"], knowledge=False, threshold=1e-6),
                      session.data(small_data_spec))
     finding = next(f for f in diagnose(report) if f.title.startswith("remove"))
     assert "blocks 0–3 (state-space (Mamba): 0, 2; attention: 1, 3)" in finding.text, finding.text
+    page = render_html(CheckupReport.load(report.save(tmp_path)))  # what was saved, read back
+    assert "4 blocks (hybrid: 2 attention + 2 state-space)" in page
+    assert "state-space (Mamba): 0, 2; attention: 1, 3" in page
 
 
 @pytest.mark.parametrize("family", SSM_FAMILIES)
