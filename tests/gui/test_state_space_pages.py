@@ -50,12 +50,23 @@ def test_hybrid_checkup_anatomy_and_export_refusal(qtbot, window, ssm_dirs, scre
     assert "the state-space (Mamba) blocks 0, 2: they have no attention heads" in plan.notes.text()
     plan.scope_linears.setChecked(True)
     plan.int8_dynamic.setChecked(False)
-    plan.prune_on.setChecked(False)
     plan.remove.setChecked(False)
-    assert plan.modifications() == ["int4"]
+    assert plan.modifications() == ["int4", "prune-heads-50"]
     run_checkup(qtbot, window)
+    heads = [p for p in window.state.report.probes if p.spec.modification == "prune-heads-50"]
+    assert [p.spec.targets for p in heads] == [("1",), ("3",)]
     page = window.run_page
     page.resize(1100, 700)
+    page.redraw()
+    page.grab().save(str(screenshots / "ssm-hybrid-run.png"))
+    window.steps.setCurrentRow(4)
+    diagnosis = window.diagnosis_page
+    diagnosis.resize(1100, 700)
+    findings = diagnosis.text.toPlainText()
+    assert "Not probed on this model" in findings
+    assert "prune-heads-50 does not apply to the state-space (Mamba) blocks 0, 2" in findings
+    diagnosis.grab().save(str(screenshots / "ssm-hybrid-diagnosis.png"))
+    page.modification.setCurrentText("int4")
     page.redraw()
     view = page.anatomy
     assert [part for part, _ in view.layout_.groups()] == ["mamba", "self_attn", "feed_forward"]
