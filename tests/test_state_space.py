@@ -183,9 +183,9 @@ def test_checkup_probes_every_modification(sessions, small_data_spec, family):
         assert any(not math.isnan(r.attention["js"][3]) for r in structural if r.spec.targets[0] in ("0", "1"))
     else:
         assert all(not r.attention for r in structural)
-        assert any("prune-heads-25 does not apply" in n for n in report.plan["not_probed"])
+        assert any("prune-heads-25 does not apply" in n for n in report.plan["notes"])
         titles = [f.title for f in diagnose(report)]
-        assert "Not probed on this model" in titles
+        assert "Notes on the plan for this model" in titles
 
 
 def test_hybrid_diagnosis_and_report_name_the_kind_of_each_bleeding_block(sessions, small_data_spec, tmp_path):

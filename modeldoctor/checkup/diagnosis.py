@@ -61,12 +61,13 @@ def _kinds_text(report: CheckupReport, records: list[ProbeRecord]) -> str:
     return " (" + "; ".join(f"{names.get(k, k)}: {ranges(b)}" for k, b in by_kind.items()) + ")"
 
 
-def _not_probed_finding(report: CheckupReport) -> Finding | None:
-    """What a state-space or hybrid model's plan left out and why (head pruning on Mamba blocks)."""
-    notes = report.plan.get("not_probed") or []
+def _plan_notes_finding(report: CheckupReport) -> Finding | None:
+    """The plan's notes on a state-space or hybrid model: what it left out and why (head pruning on
+    Mamba blocks), and what it probed otherwise than asked."""
+    notes = report.plan.get("notes") or []
     if report.model.get("kind", "transformer") == "transformer" or not notes:
         return None
-    return Finding("Not probed on this model", " ".join(notes), "healthy")
+    return Finding("Notes on the plan for this model", " ".join(notes), "healthy")
 
 
 def _worst(records: list[ProbeRecord]) -> str:
@@ -142,9 +143,9 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             f"{m['token_agreement']:.0%} of greedy tokens kept; first divergence after "
             f"{m['first_divergence']:.1f} tokens on average; trajectory KL {m['kl_trajectory']:.3g}.",
             record.severity, _sentence(TREATMENTS["decoding"]) if record.bleeding else ""))
-    not_probed = _not_probed_finding(report)
-    if not_probed:
-        findings.append(not_probed)
+    plan_notes = _plan_notes_finding(report)
+    if plan_notes:
+        findings.append(plan_notes)
     call_shapes = _prefill_vs_decode_finding(report)
     if call_shapes:
         findings.append(call_shapes)

@@ -239,7 +239,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
 
     try:
         probes, skipped = build_probes(plan, session.anatomy)
-        report.plan["not_probed"] = list(skipped)  # what the plan left out and why, for the diagnosis
+        report.plan["notes"] = list(skipped)  # what the plan left out and why, for the diagnosis
         for note in data.notes:
             yield LogMessage(note, "warning")
         treated = session.treatment.original is not None

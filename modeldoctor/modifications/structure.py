@@ -136,7 +136,6 @@ class DuplicatedBlock(_StandIn):
         while len(layers) <= self.extra_slot:
             layers.append(make())
 
-
     def _reserve_extra_state(self, cache) -> None:
         """Grow every per-layer entry of a state cache up to the extra slot with fresh (zero or
         empty) states, like the block's own slot before its first token; the lists are grown

@@ -63,7 +63,7 @@ def test_hybrid_checkup_anatomy_and_export_refusal(qtbot, window, ssm_dirs, scre
     diagnosis = window.diagnosis_page
     diagnosis.resize(1100, 700)
     findings = diagnosis.text.toPlainText()
-    assert "Not probed on this model" in findings
+    assert "Notes on the plan for this model" in findings
     assert "prune-heads-50 does not apply to the state-space (Mamba) blocks 0, 2" in findings
     diagnosis.grab().save(str(screenshots / "ssm-hybrid-diagnosis.png"))
     page.modification.setCurrentText("int4")

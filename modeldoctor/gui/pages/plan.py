@@ -233,7 +233,7 @@ class PlanPage(QWidget):
 
     def show_summary(self, probes: int | None, duration=None, problem: str = "",
                      measured: int | None = None, notes: list[str] = ()) -> None:
-        self.notes.setText("<b>Not probed on this model:</b><br>" + "<br>".join(html.escape(n) for n in notes))
+        self.notes.setText("<b>Notes on this plan for this model:</b><br>" + "<br>".join(html.escape(n) for n in notes))
         self.notes.setVisible(bool(notes) and not problem)
         if problem:
             self.summary.setText(f"<span style='color:#c8373b'>{problem}</span>")
