@@ -4,6 +4,7 @@ changes their output and restores them bit-exact, a checkup probes them (two sta
 the plan says what does not apply and why, cached generation survives remove / duplicate, and
 the ONNX export says up front that it cannot write them."""
 
+import json
 import math
 
 import numpy as np
@@ -230,15 +231,31 @@ def test_cached_generation_equals_uncached_under_structure_change(sessions, fami
     assert greedy(session.model, use_cache=True) == original
 
 
-def test_cli_checkup_and_info_say_what_the_model_is_and_what_was_left_out(ssm_dirs, tmp_path, capsys):
-    assert main(["info", str(ssm_dirs["bamba"])]) == 0
-    assert "4, hybrid: 2 attention + 2 state-space (Mamba) blocks" in capsys.readouterr().out
-    code = main(["checkup", str(ssm_dirs["mamba2"]), "--modify", "int4,prune-heads-25,duplicate", "--tokens", "128",
-                 "--seq-len", "64", "--out", str(tmp_path / "res"), "--quiet"])
+@pytest.mark.parametrize("family", SSM_FAMILIES)
+def test_cli_checkup_probes_every_modification_and_says_what_was_left_out(ssm_dirs, tmp_path, capsys, family):
+    code = main(["checkup", str(ssm_dirs[family]), "--modify", ",".join(MODIFICATIONS), "--tokens", "128",
+                 "--seq-len", "64", "--calibration-tokens", "128", "--no-knowledge", "--exhaustive",
+                 "--top", "100", "--out", str(tmp_path / "res"), "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "prune-heads-25 does not apply to the state-space (Mamba) blocks 0, 1, 2 (all of them)" in out
-    assert "duplicate @ 2" in out and "int4 @ 0" in out
+    saved = json.loads((tmp_path / "res" / "checkup.json").read_text())
+    probed = {(p["spec"]["modification"], p["spec"]["targets"][0]) for p in saved["probes"]}
+    heads = {"1", "3"} if family in HYBRID_MIXER_LINEARS else set()
+    channels = {"0", "1", "2", "3"} if family in HYBRID_MIXER_LINEARS else set()
+    for name in MODIFICATIONS:
+        blocks = heads if name == "prune-heads-25" else channels if name == "prune-channels-25" else \
+            {str(b) for b in range(SSM_CONFIGS[family]["num_hidden_layers"])}
+        assert {t for m, t in probed if m == name} == blocks, name
+    assert all(p["metrics"]["kl_mean"] > 0 for p in saved["probes"])
+    assert "prune-heads-25 does not apply to the state-space (Mamba) blocks " in out
+    assert "duplicate @ 2" in out and "remove @ 0" in out and "int4 @ 0" in out
+
+
+def test_cli_info_says_what_the_blocks_are(ssm_dirs, capsys):
+    assert main(["info", str(ssm_dirs["bamba"])]) == 0
+    assert "4, hybrid: 2 attention + 2 state-space (Mamba) blocks" in capsys.readouterr().out
+    assert main(["info", str(ssm_dirs["mamba"])]) == 0
+    assert "3 state-space (Mamba) blocks, no attention" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", ["mamba", "bamba"])
