@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_structure_cache import greedy, targets_of
+from test_structure_cache import PROMPT, greedy, targets_of
 from tiny_models import SSM_CONFIGS, save_model
 from modeldoctor.checkup.diagnosis import diagnose
 from modeldoctor.checkup.plan import CheckupPlan, build_probes
@@ -20,7 +20,9 @@ from modeldoctor.cli import main
 from modeldoctor.errors import PlanError
 from modeldoctor.events import Failed, Finished
 from modeldoctor.export.pipeline import export_model
+from modeldoctor.metrics import decoding as decoding_metrics
 from modeldoctor.modifications.base import create
+from modeldoctor.modifications.decoding import DecodingSettings
 from modeldoctor.report import CheckupReport
 from modeldoctor.report.html import render_html
 from modeldoctor.session import Session
@@ -269,3 +271,17 @@ def test_export_refuses_up_front_with_the_reason(sessions, ssm_dirs, small_data_
     err = capsys.readouterr().err
     assert "ONNX export is not available" in err and "optimum-onnx has no exporter" in err
     assert "Traceback" not in err and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize("family", SSM_FAMILIES)
+def test_beam_search_probe_decodes_what_the_model_does_without_a_cache(sessions, family):
+    """transformers' beam search does not reorder a Mamba model's cache_params; the decoding probe
+    must not measure that artefact."""
+    session = sessions[family]
+    settings = DecodingSettings(num_beams=4)
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        uncached = session.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                          min_new_tokens=12, use_cache=False, pad_token_id=0,
+                                          **settings.generate_kwargs())[0, len(PROMPT):].tolist()
+    assert decoding_metrics.generate(session.model, session.tokenizer, PROMPT, settings, 12) == uncached
