@@ -84,3 +84,23 @@ def test_hybrid_checkup_anatomy_and_export_refusal(qtbot, window, ssm_dirs, scre
     assert not export.run_checkup.isVisible() and not export.block_checkup.isVisible()
     export.resize(1100, 700)
     export.grab().save(str(screenshots / "ssm-export-refused.png"))
+
+
+def test_probe_details_show_no_attention_where_a_hybrid_has_none(qtbot, ssm_dirs, screenshots):
+    from modeldoctor.checkup.plan import CheckupPlan
+    from modeldoctor.checkup.run import checkup
+    from modeldoctor.data import DataSpec
+    from modeldoctor.gui.dialogs import ProbeDetailsDialog
+    from modeldoctor.session import Session
+
+    session = Session.open(ssm_dirs["bamba"])
+    spec = DataSpec(tokens=128, seq_len=64, calibration_tokens=128, selection_tokens=128, batch_size=2)
+    report = checkup(session, CheckupPlan(modifications=["remove"], targets=["0"], knowledge=False),
+                     session.data(spec))
+    dialog = ProbeDetailsDialog(report.probes[0])
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.tabs.setCurrentIndex([dialog.tabs.tabText(i) for i in range(dialog.tabs.count())].index("Attention"))
+    plot = dialog.tabs.currentWidget()
+    assert plot.plotItem.titleLabel.text == "no attention map in blocks 0, 2 (removed, or without attention)"
+    dialog.grab().save(str(screenshots / "ssm-hybrid-probe-attention.png"))
