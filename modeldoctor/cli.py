@@ -377,6 +377,11 @@ def cmd_export(args) -> int:
     if out.exists() and not args.force:
         raise ModelDoctorError(f"{out} already exists; pass --force to replace it.")
     session = _open_session(args)
+    from modeldoctor.export.onnx_export import export_refusal
+
+    refusal = export_refusal(session.model, session.anatomy.kind)
+    if refusal:  # before the export's own checkup, which would be wasted
+        raise ModelDoctorError(refusal)
     size_budget = parse_size_budget(args.size_budget, int(session.summary.parameters * 4))
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep is not None else None
     spec = DataSpec(tokens=args.tokens, seq_len=min(256, args.tokens), knowledge=False)

@@ -87,3 +87,21 @@ def test_a_kv_cache_checkup_finds_fragile_blocks_and_measures_generation(llama_s
 
     split = next(f for f in diagnose(report) if f.title == "KV cache in int2: keys or values?")
     assert "Worst block" in split.text and "keys" in split.text
+
+
+def test_kv_cache_probes_skip_state_space_blocks_and_say_why(tmp_path):
+    from tiny_models import save_model
+
+    session = Session.open(save_model("bamba", tmp_path / "bamba"))
+    anatomy = session.anatomy
+    attention = [str(b.index) for b in anatomy.blocks if b.kind == "attention"]
+    mixers = [str(b.index) for b in anatomy.blocks if b.kind == "state-space"]
+    assert attention and mixers
+    probes, skipped = build_probes(CheckupPlan(modifications=["kv-int4"]), anatomy)
+    assert sorted(p.targets[0] for p in probes) == sorted(attention)
+    assert any("kv-int4 does not apply to the state-space (Mamba)" in n and "no attention" in n for n in skipped)
+    ids = torch.arange(3, 60)[None]
+    reference = session.model(input_ids=ids).logits
+    with create("kv-int2").applied(session.mod_context(), attention):
+        assert not torch.equal(session.model(input_ids=ids).logits, reference)
+    torch.testing.assert_close(session.model(input_ids=ids).logits, reference, rtol=0, atol=0)

@@ -28,6 +28,30 @@ CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512),
 }
 
+# State-space and hybrid families, kept apart from CONFIGS so the tests parametrized over every
+# dense family do not run on them; tests/test_state_space.py covers them. The mixers run their
+# slow torch path on the CPU (no mamba-ssm kernels).
+SSM_CONFIGS = {
+    "mamba": dict(model_type="mamba", hidden_size=32, state_size=4, num_hidden_layers=3, expand=2,
+                  conv_kernel=4, time_step_rank=4, use_mambapy=False),
+    "mamba2": dict(model_type="mamba2", hidden_size=32, state_size=4, num_hidden_layers=3, expand=2,
+                   num_heads=8, head_dim=8, n_groups=2, conv_kernel=4, time_step_rank=4, chunk_size=16),
+    "falcon_mamba": dict(model_type="falcon_mamba", hidden_size=32, state_size=4, num_hidden_layers=3,
+                         expand=2, conv_kernel=4, time_step_rank=4, use_mambapy=False),
+    # A hybrid: Mamba2 mixers in blocks 0 and 2, attention in 1 and 3, an MLP in every block.
+    "bamba": dict(model_type="bamba", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1, 3],
+                  mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=4, mamba_d_conv=4,
+                  mamba_expand=2, mamba_chunk_size=16, max_position_embeddings=512, pad_token_id=0),
+    # A hybrid of two layer classes in one list: Mamba layers 0 and 2, attention 1 and 3; one expert,
+    # so its feed-forward is a plain MLP.
+    "jamba": dict(model_type="jamba", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=1, num_experts_per_tok=1,
+                  mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False,
+                  max_position_embeddings=512, pad_token_id=0),
+}
+
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token."""
@@ -80,4 +104,4 @@ MOE_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                   num_experts=4, num_experts_per_tok=2),
 }
-CONFIGS_ALL = {**CONFIGS, **MOE_CONFIGS}
+CONFIGS_ALL = {**CONFIGS, **MOE_CONFIGS, **SSM_CONFIGS}

@@ -52,6 +52,30 @@ def _targets_text(records: list[ProbeRecord]) -> str:
     return ", ".join(r.spec.targets[0] for r in records[:8]) + (" …" if len(records) > 8 else "")
 
 
+def _kinds_text(report: CheckupReport, records: list[ProbeRecord]) -> str:
+    """For a hybrid model's bleeding blocks, which mix tokens by attention and which by a
+    state-space mixer: ' (state-space (Mamba): 0, 2; attention: 1)'; empty otherwise."""
+    kinds = report.model.get("block_kinds") or []
+    if report.model.get("kind") != "hybrid" or not all(r.spec.targets[0].isdigit() for r in records):
+        return ""
+    by_kind: dict[str, list[int]] = {}
+    for record in records:
+        block = int(record.spec.targets[0])
+        if block < len(kinds):
+            by_kind.setdefault(kinds[block], []).append(block)
+    names = {"state-space": "state-space (Mamba)", "attention": "attention", "none": "MLP-only"}
+    return " (" + "; ".join(f"{names.get(k, k)}: {ranges(b)}" for k, b in by_kind.items()) + ")"
+
+
+def _plan_notes_finding(report: CheckupReport) -> Finding | None:
+    """The plan's notes on a state-space or hybrid model: what it left out and why (head pruning on
+    Mamba blocks), and what it probed otherwise than asked."""
+    notes = report.plan.get("notes") or []
+    if report.model.get("kind", "transformer") == "transformer" or not notes:
+        return None
+    return Finding("Notes on the plan for this model", " ".join(notes), "healthy")
+
+
 def _worst(records: list[ProbeRecord]) -> str:
     return max((r.severity for r in records), key=SEVERITY_RANK.get, default="healthy")
 
@@ -76,7 +100,8 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             findings.append(Finding(f"{name}: healthy", text, "healthy"))
             continue
         worst = bleeding[0]
-        text = (f"{len(bleeding)} of {len(isolated)} layers bleed: {_targets_text(bleeding)}. "
+        text = (f"{len(bleeding)} of {len(isolated)} layers bleed: {_targets_text(bleeding)}"
+                f"{_kinds_text(report, bleeding)}. "
                 f"Worst is {worst.spec.target} (mean KL {worst.score:.3g} nats, top-1 agreement "
                 f"{worst.metrics.get('same_top', float('nan')):.0%}, perplexity ×{worst.metrics.get('ppl_ratio', 1):.2f}); "
                 f"the median layer's KL is {median:.3g}.")
@@ -123,6 +148,9 @@ def diagnose(report: CheckupReport) -> list[Finding]:
             f"{m['token_agreement']:.0%} of greedy tokens kept; first divergence after "
             f"{m['first_divergence']:.1f} tokens on average; trajectory KL {m['kl_trajectory']:.3g}.",
             record.severity, _sentence(TREATMENTS["decoding"]) if record.bleeding else ""))
+    plan_notes = _plan_notes_finding(report)
+    if plan_notes:
+        findings.append(plan_notes)
     call_shapes = _prefill_vs_decode_finding(report)
     if call_shapes:
         findings.append(call_shapes)

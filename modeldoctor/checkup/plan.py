@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from modeldoctor.checkup import KNOWLEDGE_TOP
+from modeldoctor.checkup.applicability import NO_ATTENTION_NOTE, refusal_notes
 from modeldoctor.errors import PlanError
 from modeldoctor.model import Anatomy
 from modeldoctor.modifications.base import SCOPES, create, expand
@@ -115,10 +116,13 @@ def build_probes(plan: CheckupPlan, anatomy: Anatomy) -> tuple[list[ProbeSpec], 
         scope = plan.scope if plan.scope in mod.scopes else mod.scopes[0]
         if scope != plan.scope:
             skipped.append(f"{name} works on {scope} only; probed per {scope[:-1]}.")
-        targets = [t for t in scope_targets(anatomy, scope, plan.targets if scope == plan.scope else None)
-                   if mod.applies_to(anatomy, t)]
+        candidates = scope_targets(anatomy, scope, plan.targets if scope == plan.scope else None)
+        targets = [t for t in candidates if mod.applies_to(anatomy, t)]
+        refusals = refusal_notes(mod, anatomy, [t for t in candidates if t not in targets])
+        skipped.extend(refusals)
         if not targets:
-            skipped.append(f"{name} applies to no {scope[:-1]} of this model.")
+            if not refusals:
+                skipped.append(f"{name} applies to no {scope[:-1]} of this model.")
             continue
         if "isolated" in plan.modes:
             for target in targets:
@@ -134,6 +138,8 @@ def build_probes(plan: CheckupPlan, anatomy: Anatomy) -> tuple[list[ProbeSpec], 
             add(name, mod.family, "sweep-model", blocks, strength=mod.sweep_strength)
             for block in blocks:
                 add(name, mod.family, "sweep-block", [block], strength=mod.sweep_strength)
+    if plan.attention and not anatomy.blocks_of_kind("attention") and any(p.family == "structure" for p in probes):
+        skipped.append(NO_ATTENTION_NOTE)
     if not probes:
         raise PlanError("The plan has nothing to probe: " + " ".join(skipped))
     return probes, skipped

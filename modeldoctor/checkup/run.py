@@ -118,8 +118,9 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         return (spec.block if plan.prefix_cache else 0), None
 
     replayer = session.replayer
-    want_attention = plan.attention and mod.family == "structure"
-    if mod.family == "kvcache" and len(spec.targets) == session.anatomy.num_blocks:
+    want_attention = plan.attention and mod.family == "structure" and bool(session.anatomy.blocks_of_kind("attention"))
+    whole_cache = mod.family == "kvcache" and _every_block_it_applies_to(session, mod, spec)
+    if whole_cache:
         reference_cached_steps(session, ref)  # before the modification is applied
     if want_attention and ref.attention is None:  # before the modification is applied
         ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
@@ -164,7 +165,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
             modified = attention_metrics.attention_maps(session.model, session.anatomy, ids)
             attention = attention_metrics.disruption(ref.attention, modified, session.anatomy.num_blocks)
-        if mod.family == "kvcache" and len(spec.targets) == session.anatomy.num_blocks:
+        if whole_cache:
             metrics.update(_cached_generation(session, ref, control))  # the whole model: generation too
     if capture is not None:  # the knowledge states only if this step scored the knowledge probes
         carry.keep(spec, capture, captured)
@@ -187,6 +188,11 @@ def _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, bega
     metrics = divergence.summary()
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, seconds=control.clock() - began)
+
+
+def _every_block_it_applies_to(session: Session, mod, spec: ProbeSpec) -> bool:
+    anatomy = session.anatomy
+    return set(spec.targets) == {str(b.index) for b in anatomy.blocks if mod.applies_to(anatomy, str(b.index))}
 
 
 GENERATION_PROMPTS = 3  # continuations of the built-in prompts generated through the cache
@@ -297,6 +303,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
 
     try:
         probes, skipped = build_probes(plan, session.anatomy)
+        report.plan["notes"] = list(skipped)  # what the plan left out and why, for the diagnosis
         for note in data.notes:
             yield LogMessage(note, "warning")
         treated = session.treatment.original is not None
@@ -500,10 +507,12 @@ def _verification_note(plan: CheckupPlan, estimated: list[ProbeSpec], verify: li
 
 def _resumable(resume: CheckupReport, report: CheckupReport) -> dict[tuple, ProbeRecord]:
     """The measured probes of `resume`, if it is a run of the same plan on the same weights and data."""
-    # A plan saved by an older version lacks newer fields: it is read as they default.
+    # A plan saved by an older version lacks newer fields: it is read as they default; so are the
+    # model card's newer fields (the block kinds), and the plan's notes are not the plan.
     theirs_plan = CheckupPlan.from_dict(resume.plan).as_dict()
-    for what, theirs, ours in (("plan", theirs_plan, report.plan), ("evaluation data", resume.data, report.data),
-                               ("model", resume.model, report.model)):
+    ours_model = {k: v for k, v in report.model.items() if k in resume.model}
+    for what, theirs, ours in (("plan", theirs_plan, CheckupPlan.from_dict(report.plan).as_dict()),
+                               ("evaluation data", resume.data, report.data), ("model", resume.model, ours_model)):
         if json.loads(json.dumps(theirs)) != json.loads(json.dumps(ours)):
             raise PlanError(f"The checkup to resume was run with a different {what}; start a new checkup instead.")
     if resume.reference.get("weights_digest") != report.reference.get("weights_digest"):

@@ -24,7 +24,7 @@ from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError
 from modeldoctor.events import Event, Failed, Finished, LogMessage, Progress, Stage
-from modeldoctor.export.onnx_export import export_fp32
+from modeldoctor.export.onnx_export import export_fp32, export_refusal
 from modeldoctor.export import (
     BLOCK_FORMATS, PRECISION_FORMATS, block_probe, bytes_per_weight, stored_bytes,
 )
@@ -491,6 +491,9 @@ def export_model(session: Session, data: EvalData, target: str | os.PathLike, pr
     try:
         if precision not in PRECISIONS:
             raise ModelDoctorError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+        refusal = export_refusal(session.model, session.anatomy.kind)
+        if refusal:
+            raise ModelDoctorError(refusal)
         prepare_target(target, overwrite, session.summary.memory_bytes * 3)
         treated = session.treatment
         written_format = EXPORT_FORMATS[precision]

@@ -80,7 +80,8 @@ class AnatomyView(QWidget):
         if name == "head":
             return full.translated(0, int(TOP + edge + len(self.layout_.blocks) * height) + 1)
         block, _, column = name.partition(".")
-        if not block.isdigit() or int(block) not in self.layout_.blocks or column not in self.layout_.columns:
+        if not block.isdigit() or int(block) not in self.layout_.blocks or column not in self.layout_.columns \
+                or not self.layout_.has(name):
             return None
         row = self.layout_.blocks.index(int(block))
         return QRect(int(xs[self.layout_.columns.index(column)]), int(TOP + edge + row * height), int(width) - 1,
@@ -127,12 +128,14 @@ class AnatomyView(QWidget):
         painter.setPen(text)
         for number, block in enumerate(self.layout_.blocks):
             if number % label_every == 0:
-                middle = self.cell_rect(f"{block}.{self.layout_.columns[0]}").center().y()
+                middle = int(TOP + self._edge() + (number + 0.5) * height)
                 painter.drawText(QRect(0, middle - line // 2, LEFT - 4, line),
                                  Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, str(block))
         names = [EMBEDDING] + [f"{b}.{c}" for b in self.layout_.blocks for c in self.layout_.columns] + ["head"]
         for name in names:
             rect = self.cell_rect(name)
+            if rect is None:  # a linear this block does not have (a hybrid's Mamba block: no q_proj)
+                continue
             cell = self.cells.get(name)
             if cell is None or cell.color is None:
                 painter.fillRect(rect, hatch)

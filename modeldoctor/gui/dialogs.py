@@ -142,8 +142,13 @@ class ProbeDetailsDialog(QDialog):
         x = np.arange(len(js))
         plot.addItem(pg.BarGraphItem(x=x[~np.isnan(js)], height=js[~np.isnan(js)], width=0.6,
                                      brush=(224, 123, 57), name="JS divergence"))
-        plot.plot(x, np.nan_to_num(entropy), pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=5,
-                  name="Δ entropy (nats)")
+        # Blocks without an attention map (a removed block, a state-space block) are gaps, not zeros.
+        plot.plot(x, entropy, pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=5,
+                  name="Δ entropy (nats)", connect="finite")
+        missing = [int(i) for i in x[np.isnan(js)]]
+        if missing:
+            plot.setTitle(f"no attention map in block{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} "
+                          "(removed, or without attention)")
         return plot
 
     def show_samples(self, samples: list[dict]) -> None:

@@ -236,19 +236,36 @@ class AnatomyLayout:
 
     blocks: list[int]
     columns: list[str]  # relative linear names, "self_attn.q_proj"
+    # The block linears that exist, where blocks differ (a hybrid's Mamba and attention blocks);
+    # None: every block has every column.
+    present: frozenset[str] | None = None
 
     @classmethod
     def from_names(cls, names: list[str]) -> "AnatomyLayout":
-        blocks, columns = [], []
+        blocks, columns, by_block = [], [], {}
         for name in names:
             if "." not in name or not name.split(".", 1)[0].isdigit():
                 continue
             block, rest = name.split(".", 1)
             if int(block) not in blocks:
                 blocks.append(int(block))
-            if rest not in columns:
-                columns.append(rest)
-        return cls(sorted(blocks), columns)
+            by_block.setdefault(block, []).append(rest)
+        for rests in by_block.values():
+            # A column new to the layout goes before the first later column of its own block that
+            # is already placed: a hybrid's attention columns sit beside its Mamba mixer's, before
+            # the MLP both kinds of block share.
+            for number, rest in enumerate(rests):
+                if rest in columns:
+                    continue
+                later = next((columns.index(r) for r in rests[number + 1:] if r in columns), len(columns))
+                columns.insert(later, rest)
+        uniform = all(len(rests) == len(columns) for rests in by_block.values())
+        present = None if uniform else frozenset(f"{b}.{r}" for b, rests in by_block.items() for r in rests)
+        return cls(sorted(blocks), columns, present)
+
+    def has(self, name: str) -> bool:
+        """Whether the block linear "3.mlp.down_proj" is drawn (a hybrid's Mamba block has no q_proj)."""
+        return self.present is None or name in self.present
 
     def groups(self) -> list[tuple[str, int]]:
         """(part name, number of columns) in column order: [("self_attn", 4), ("mlp", 3)]."""

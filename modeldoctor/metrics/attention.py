@@ -41,6 +41,12 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int
     try:
         with eager_attention(model), torch.inference_mode():
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+            if len(maps) < len(handles):
+                # Older-style attention classes (Jamba's) return weights only when asked; asking
+                # every model would break others (Bamba's Mamba layers have none to give).
+                with contextlib.suppress(RuntimeError, IndexError, TypeError, ValueError):
+                    model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
+                          output_attentions=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +30,25 @@ def _pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
 
 
+def beams_keep_cache(model) -> bool:
+    """Whether beam search may use the model's cache. Mamba, Mamba2 and FalconMamba keep their
+    states in `cache_params`, which transformers' beam search never reorders (it reorders
+    past_key_values only), so a cached beam search continues each beam from another's state:
+    measured on the tiny Mamba models, the cached beams' tokens differ from the uncached ones."""
+    return "cache_params" not in inspect.signature(model.forward).parameters
+
+
 def generate(model, tokenizer, prompt_ids: list[int], settings: DecodingSettings,
              new_tokens: int = NEW_TOKENS, seed: int = 0) -> list[int]:
     ids = torch.tensor([prompt_ids])
+    kwargs = settings.generate_kwargs()
+    if kwargs.get("num_beams", 1) > 1 and not beams_keep_cache(model):
+        kwargs["use_cache"] = False  # every step recomputed: slower, but each beam its own states
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            pad_token_id=_pad_id(tokenizer), **settings.generate_kwargs(),
+            pad_token_id=_pad_id(tokenizer), **kwargs,
         )
     return out[0, len(prompt_ids):].tolist()
 

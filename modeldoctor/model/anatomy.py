@@ -47,6 +47,13 @@ def _is_mlp(name: str, module: nn.Module) -> bool:
     return "mlp" in cls or leaf in {"mlp", "feed_forward", "ffn", "ff"}
 
 
+def _is_state_space(name: str, module: nn.Module) -> bool:
+    """A state-space (Mamba) mixer: its own A_log parameter (the state decay, which every Mamba
+    variant transformers implements keeps), or a Mamba mixer class."""
+    cls = type(module).__name__.lower()
+    return "A_log" in module._parameters or ("mixer" in cls and ("mamba" in cls or "ssm" in cls))
+
+
 @dataclass
 class BlockParts:
     index: int
@@ -58,6 +65,12 @@ class BlockParts:
     mlp_down: str | None  # relative name of the MLP down projection
     norms: list[str] = field(default_factory=list)
     moe: MoEParts | None = None  # the block's mixture of experts; None in a dense block
+    mixer_name: str | None = None  # the state-space (Mamba) mixer, in SSM and hybrid blocks
+
+    @property
+    def kind(self) -> str:
+        """What mixes the tokens: "attention", "state-space" or "none" (an MLP-only block)."""
+        return "attention" if self.attention_name else "state-space" if self.mixer_name else "none"
 
 
 @dataclass
@@ -81,6 +94,18 @@ class Anatomy:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def kind(self) -> str:
+        """"transformer" (attention in every block), "state-space" (no attention at all) or
+        "hybrid" (some blocks of each)."""
+        kinds = {b.kind for b in self.blocks}
+        if "state-space" not in kinds:
+            return "transformer"
+        return "hybrid" if "attention" in kinds else "state-space"
+
+    def blocks_of_kind(self, kind: str) -> list[int]:
+        return [b.index for b in self.blocks if b.kind == kind]
 
     @property
     def head_tied(self) -> bool:
@@ -164,7 +189,8 @@ def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             kinds = {type(child) for child in module}
-            if len(kinds) == 1:
+            # Identical layers; or, in a hybrid such as Jamba, the config's layer count of two kinds.
+            if len(kinds) == 1 or len(module) == expected:
                 params = sum(p.numel() for p in module.parameters())
                 candidates.append((len(module) == expected, params, name, module))
     if not candidates:
@@ -194,11 +220,12 @@ def find_anatomy(model: nn.Module) -> Anatomy:
         linears = {n: linears[n] for n in ran + [n for n in linears if n not in ran]}
         attention = next((n for n, m in named.items() if _is_attention(n, m)), None)
         mlp = next((n for n, m in named.items() if _is_mlp(n, m)), None)
+        mixer = next((n for n, m in named.items() if _is_state_space(n, m)), None)
         attn_lin = [n for n in linears if attention and n.startswith(attention + ".")]
         if mlp is not None:
             mlp_lin = [n for n in linears if n.startswith(mlp + ".")]
-        else:  # no MLP module: its linears sit in the block itself (OPT's fc1, fc2)
-            mlp_lin = [n for n in linears if not (attention and n.startswith(attention + "."))]
+        else:  # no MLP module: its linears sit in the block itself (OPT's fc1, fc2), not in a mixer
+            mlp_lin = [n for n in linears if not any(part and n.startswith(part + ".") for part in (attention, mixer))]
         norms = [n for n, m in named.items() if "norm" in type(m).__name__.lower()]
         moe = find_moe(block, linears)
         if moe is not None:  # the MLP is the mixture; its output is a routed sum, no one down projection
@@ -206,7 +233,7 @@ def find_anatomy(model: nn.Module) -> Anatomy:
         blocks.append(BlockParts(
             index=index, module=block, linears=linears, attention_name=attention, mlp_name=mlp,
             attention_out=attn_lin[-1] if attn_lin else None, mlp_down=mlp_lin[-1] if mlp_lin else None,
-            norms=norms, moe=moe,
+            norms=norms, moe=moe, mixer_name=mixer,
         ))
     if not any(b.linears for b in blocks):
         raise UnsupportedModelError(f"The blocks of {type(model).__name__} contain no linear layers.")

@@ -87,6 +87,11 @@ class Modification:
         # linears only, so what needs them cannot be applied to the head.
         return target != HEAD or not (self.needs_input_norms or self.needs_gradients)
 
+    def lacks(self, anatomy: Anatomy, target: str) -> str | None:
+        """Where `applies_to` refuses a block for want of a part, that part ("attention heads"),
+        for the plan's note on why; None leaves the target out without a note."""
+        return None
+
     def applied(self, ctx: ModContext, targets: list[str]) -> contextlib.AbstractContextManager:
         raise NotImplementedError
 

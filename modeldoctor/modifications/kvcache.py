@@ -75,6 +75,11 @@ class KVCacheQuantization(Modification):
     def applies_to(self, anatomy, target):
         return target.isdigit() and _attention_of(anatomy, int(target)) is not None
 
+    def lacks(self, anatomy, target):
+        if self.applies_to(anatomy, target):
+            return None
+        return "attention (no keys or values to cache)"
+
     @contextlib.contextmanager
     def applied(self, ctx: ModContext, targets: list[str]) -> Iterator[None]:
         ranges = None

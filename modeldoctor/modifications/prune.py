@@ -98,6 +98,11 @@ class StructuredPrune(WeightModification):
     def applies_to(self, anatomy, target):
         return "." not in target and self._projection(anatomy, int(target)) is not None
 
+    def lacks(self, anatomy, target):
+        if "." in target or self.applies_to(anatomy, target):
+            return None
+        return "attention heads" if self.unit == "heads" else "MLP"
+
     def linears_for(self, ctx, target):
         return [f"{target}.{self._projection(ctx.anatomy, int(target))}"]
 

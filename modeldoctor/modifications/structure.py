@@ -6,6 +6,7 @@ import contextlib
 import copy
 from typing import TYPE_CHECKING, Iterator
 
+import torch
 from torch import nn
 
 from modeldoctor.modifications.base import Modification, register
@@ -28,6 +29,12 @@ class _StandIn(nn.Module):
         except AttributeError:
             return getattr(self._modules["block"], name)
 
+    @property
+    def __class__(self):
+        # isinstance(stand_in, BlockClass) holds, as for the block itself: a hybrid model (Jamba)
+        # picks each layer's mask by its class. type() still tells the stand-in apart.
+        return type(self._modules["block"])
+
 
 def cache_slot(block: nn.Module, position: int) -> int:
     """The KV-cache index the block's attention writes: the layer_idx transformers gave it
@@ -47,6 +54,21 @@ def caches_in(args: tuple, kwargs: dict) -> list[Cache]:
             value = getattr(value, "self_attention_cache", value)  # EncoderDecoderCache
             if not any(value is c for c in caches):
                 caches.append(value)
+    return caches
+
+
+# The per-layer entries of a state-space or hybrid model's cache (MambaCache, Mamba2Cache,
+# HybridMambaAttentionDynamicCache): lists, or tensors stacked on a first layer axis, indexed by
+# the mixer's layer_idx. They are not transformers Cache objects, so they are handled apart.
+STATE_ENTRIES = ("conv_states", "ssm_states", "key_cache", "value_cache")
+
+
+def state_caches_in(args: tuple, kwargs: dict) -> list:
+    """The recurrent-state caches a block call carries (cache_params, past_key_values)."""
+    caches: list = []
+    for value in (*args, *kwargs.values()):
+        if hasattr(value, "ssm_states") and not any(value is c for c in caches):
+            caches.append(value)
     return caches
 
 
@@ -86,9 +108,13 @@ class DuplicatedBlock(_StandIn):
         caches = caches_in(args, kwargs)
         for cache in caches:
             self._reserve_extra_slot(cache)
+        state_caches = state_caches_in(args, kwargs)
+        for cache in state_caches:
+            self._reserve_extra_state(cache)
         out = self.block(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-        with _slots_swapped(caches, self.slot, self.extra_slot):
+        with _slots_swapped(caches, self.slot, self.extra_slot), \
+                _states_swapped(state_caches, self.slot, self.extra_slot):
             if args:
                 return self.block(hidden, *args[1:], **kwargs)
             return self.block(**{**kwargs, "hidden_states": hidden})
@@ -109,6 +135,45 @@ class DuplicatedBlock(_StandIn):
             make = lambda: copy.deepcopy(template)  # noqa: E731
         while len(layers) <= self.extra_slot:
             layers.append(make())
+
+    def _reserve_extra_state(self, cache) -> None:
+        """Grow every per-layer entry of a state cache up to the extra slot with fresh (zero or
+        empty) states, like the block's own slot before its first token; the lists are grown
+        together, since the cache's reordering walks them in step."""
+        for name in STATE_ENTRIES:
+            entries = getattr(cache, name, None)
+            if entries is None or len(entries) > self.extra_slot:
+                continue
+            own = entries[self.slot]
+            if own.numel() and bool(own.any()):
+                raise RuntimeError("A state cache filled before a block was duplicated cannot be continued "
+                                   "with the duplicate: it has no state for the block's second run.")
+            missing = self.extra_slot + 1 - len(entries)
+            if isinstance(entries, torch.Tensor):
+                setattr(cache, name, torch.cat([entries, entries.new_zeros(missing, *entries.shape[1:])]))
+            else:
+                entries.extend(torch.zeros_like(own) for _ in range(missing))
+
+
+@contextlib.contextmanager
+def _states_swapped(caches: list, slot: int, other: int) -> Iterator[None]:
+    """The state caches' entries of `slot` and `other` exchanged for a while (list items, or rows
+    of a stacked tensor swapped in place)."""
+    def swap():
+        for cache in caches:
+            for name in STATE_ENTRIES:
+                entries = getattr(cache, name, None)
+                if entries is None:
+                    continue
+                if isinstance(entries, torch.Tensor):
+                    entries[[slot, other]] = entries[[other, slot]]
+                else:
+                    entries[slot], entries[other] = entries[other], entries[slot]
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 @contextlib.contextmanager

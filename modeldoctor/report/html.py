@@ -26,13 +26,24 @@ def _badge(severity: str) -> str:
     return f'<span class="badge" style="background:{SEVERITY_COLORS[severity]}">{severity}</span>'
 
 
+def _block_kinds(model: dict) -> str:
+    """What mixes the tokens, where it is not attention in every block."""
+    if model.get("kind") == "state-space":
+        return " (state-space: Mamba mixers, no attention)"
+    if model.get("kind") == "hybrid":
+        return (f" (hybrid: {model.get('attention_blocks')} attention + {model.get('state_space_blocks')} "
+                "state-space)")
+    return ""
+
+
 def render_html(report: CheckupReport, images: dict[str, bytes] | None = None) -> str:
     model = report.model
     ref = report.reference
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Model Doctor: "
              f"{html.escape(str(model.get('name', 'model')))}</title><style>{STYLE}</style></head><body>",
              f"<h1>Checkup of {html.escape(str(model.get('name')))}</h1>",
-             f"<p class='sub'>{html.escape(str(model.get('architecture')))}, {model.get('blocks')} blocks, "
+             f"<p class='sub'>{html.escape(str(model.get('architecture')))}, {model.get('blocks')} blocks"
+             f"{_block_kinds(model)}, "
              f"{model.get('parameters', 0) / 1e6:.1f} M parameters · {report.status} in {report.elapsed_s:.0f} s · "
              f"reference perplexity {ref.get('ppl', float('nan')):.3f} on {int(ref.get('tokens', 0))} tokens"
              + (f", knowledge probes {report.reference_knowledge():.1%}" if report.reference_knowledge() is not None

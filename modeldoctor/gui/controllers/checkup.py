@@ -32,14 +32,15 @@ class CheckupController(Controller):
             return
         plan = plan_page.plan()
         try:
-            probes, _ = build_probes(plan, self.state.session.anatomy)
+            probes, skipped = build_probes(plan, self.state.session.anatomy)
         except ModelDoctorError as exc:
             plan_page.show_summary(None, None, str(exc))
             return
         from modeldoctor.checkup.run import fewest_exact_probes
 
         measured = fewest_exact_probes(plan, probes)
-        plan_page.show_summary(len(probes), self.state.planned_duration(plan, probes, measured), measured=measured)
+        plan_page.show_summary(len(probes), self.state.planned_duration(plan, probes, measured), measured=measured,
+                               notes=skipped)
         self.window.update_steps()
 
     # ---- running -----------------------------------------------------------------------------

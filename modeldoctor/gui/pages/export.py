@@ -157,6 +157,7 @@ class ExportPage(QWidget):
         progress_row.addWidget(self.eta)
         form_box.addLayout(progress_row)
         self.status = QLabel("")
+        self.refusal: str | None = None  # why this model cannot be exported, if it cannot
         self.status.setWordWrap(True)
         form_box.addWidget(self.status)
         self.clock = JobClock(self.eta, self.status, self, eta_prefix="estimated time left ")
@@ -300,6 +301,14 @@ class ExportPage(QWidget):
         """A (new) model or checkup: list its linears and tick the suggested ones."""
         self._session = session
         self.report = report
+        # An architecture optimum-onnx cannot export (a state-space model) is said before anything runs.
+        from modeldoctor.export.onnx_export import export_refusal
+
+        refusal = export_refusal(session.model, session.anatomy.kind) if session is not None else None
+        if refusal or self.refusal:
+            self.start.setEnabled(refusal is None)
+            self.start.setToolTip(refusal or "")
+        self.refusal = refusal
         self.linears = session.anatomy.linear_targets() if session is not None else []  # the head too
         if session is not None and not self.folder.text():
             self.folder.setText(str(Path.home() / f"{session.summary.name}-onnx"))
@@ -375,8 +384,11 @@ class ExportPage(QWidget):
                                       and bool(unmeasured))
         self.block_checkup.setText(f"Also try larger blocks: check up {', '.join(every_block)}")
         self.block_checkup.setProperty("modification", ",".join(every_block))
-        self.run_checkup.setVisible(bool(missing) or (precision != "fp32" and not self.predicted
-                                                      and self._session is not None))
+        self.run_checkup.setVisible(not self.refusal and (bool(missing) or (
+            precision != "fp32" and not self.predicted and self._session is not None)))
+        if self.refusal:  # no checkup of an export format helps a model that cannot be exported
+            self.block_checkup.setVisible(False)
+            self.keep_note.setText(" ".join(notes))
         self._draw_curve()
         self._draw_prediction()
 
@@ -500,6 +512,9 @@ class ExportPage(QWidget):
 
         if self._session is None:
             self.prediction.setText("")
+            return
+        if self.refusal:
+            self.prediction.setText(f"<span style='color:#c8373b'><b>Cannot export:</b> {self.refusal}</span>")
             return
         precision = self.precision()
         size = predicted_size(self._session, self.formats())

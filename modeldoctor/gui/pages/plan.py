@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel,
@@ -239,6 +241,12 @@ class PlanPage(QWidget):
         self.drop_each.setToolTip("Each expert in turn gets no token (probed per expert).")
         self.router_bits.setToolTip("Each MoE block's router quantized alone (weight-only, per channel): routers "
                                     "are tiny, but a changed logit sends tokens to other experts.")
+        # What the chosen modifications leave out on this model, and why (head pruning on a
+        # state-space block, a linear-scope plan probing structure per block), before the run.
+        self.notes = QLabel()
+        self.notes.setWordWrap(True)
+        self.notes.hide()
+        layout.addWidget(self.notes)
         bottom = QHBoxLayout()
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -336,7 +344,9 @@ class PlanPage(QWidget):
                            context_lengths=DEFAULT_LENGTHS if self.long_context.isChecked() else ())
 
     def show_summary(self, probes: int | None, duration=None, problem: str = "",
-                     measured: int | None = None) -> None:
+                     measured: int | None = None, notes: list[str] = ()) -> None:
+        self.notes.setText("<b>Notes on this plan for this model:</b><br>" + "<br>".join(html.escape(n) for n in notes))
+        self.notes.setVisible(bool(notes) and not problem)
         if problem:
             self.summary.setText(f"<span style='color:#c8373b'>{problem}</span>")
             self.start.setEnabled(False)
