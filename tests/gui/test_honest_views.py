@@ -190,7 +190,8 @@ def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, lla
     progress = []
     window.runner.event.connect(lambda e: progress.append(e) if isinstance(e, Progress) else None)
     window.start_checkup()
-    qtbot.waitUntil(lambda: sum(not r.estimated for r in window.run_page.model.records) >= 1
+    # Paused once a few probes are measured: an ETA from one probe's rate swings with the next one.
+    qtbot.waitUntil(lambda: sum(not r.estimated for r in window.run_page.model.records) >= 3
                     and any(e.eta_s is not None for e in progress), timeout=60000)
     window.run_page.pause.click()
     paused_at = len(progress)
@@ -202,12 +203,14 @@ def test_a_pause_is_not_probe_time_and_the_plan_shows_a_range(qtbot, window, lla
     slowest = max(p.seconds for p in window.state.report.probes)
     assert slowest < 2.5, f"a probe took {slowest:.2f} s: the 3 s pause was counted"
     assert min(p.seconds for p in window.state.report.probes) >= 0, "the pause was subtracted twice"
-    # The ETA after the pause knows nothing of it: it does not jump by the 3 s (it includes the
-    # knowledge stage still to come, so it is compared with itself, not with the probes left).
+    # The ETA after the pause knows nothing of it (it includes the knowledge stage still to come,
+    # so it is compared with itself, not with the probes left). A probe charged the 3 s pause would
+    # have a rate tens of times the others' and multiply the ETA; the rates' own spread on these
+    # tiny probes (tens of milliseconds) moves it by less than double.
     before = [e.eta_s for e in progress[:paused_at] if e.eta_s is not None and e.stage == "probes"]
     after = [e.eta_s for e in progress[paused_at + 1:] if e.eta_s is not None and e.stage == "probes"]
     assert before and after and all(eta >= 0 for eta in after)
-    assert after[0] <= before[-1] + 1.0, (before[-1], after[0])
+    assert after[0] <= 2 * before[-1] + 1.0, (before[-1], after[0])
 
 
 def test_every_page_fits_a_1280x720_screen_and_recent_paths_are_whole(qtbot, window, llama_dir):
