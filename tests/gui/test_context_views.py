@@ -56,3 +56,16 @@ def test_context_length_plots_after_a_checkup(qtbot, window, llama_dir, screensh
     dialog.show()
     dialog.grab().save(str(screenshots / "tiny-probe-by-position.png"))
     dialog.close()
+
+
+def test_the_plan_pages_groups_do_not_overlap_on_a_mixture_of_experts(qtbot, window, moe_dirs):
+    """Every group of choices the Plan page shows for this model has a place of its own."""
+    from PySide6.QtWidgets import QGroupBox
+
+    load(qtbot, window, moe_dirs["mixtral"])
+    window.go(2)
+    groups = [g for g in window.plan_page.findChildren(QGroupBox) if g.isVisible()]
+    assert any(g.title().startswith("Mixture of experts") for g in groups)
+    for i, first in enumerate(groups):
+        for second in groups[i + 1:]:
+            assert not first.geometry().intersects(second.geometry()), (first.title(), second.title())

@@ -187,7 +187,7 @@ class PlanPage(QWidget):
             "estimates of each modification and a few at random are measured exactly. On: every probe is "
             "measured exactly.")
         f.addRow("Exactness:", self.exhaustive)
-        grid.addWidget(scan, 3, 0, 1, 2)
+        grid.addWidget(scan, 4, 0, 1, 2)
 
         self.moe = QGroupBox("Mixture of experts (routing)")
         m = QHBoxLayout(self.moe)
