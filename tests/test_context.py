@@ -75,7 +75,7 @@ def test_a_long_context_checkup_measures_each_length_and_says_on_what(llama_sess
     assert len(whole) == 1 and whole[0].score > 0
     assert set(context_curves(report)) == {"kv-int2", "remove"}
     titles = [f.title for f in diagnose(report)]
-    assert "Long-context probe" in titles and "rope-linear-4 (whole model)" in titles
+    assert any(t.startswith("Long-context probe: damage") for t in titles) and "rope-linear-4 (whole model)" in titles
     report.save(tmp_path)
     assert CheckupReport.load(tmp_path).context == CheckupReport.from_dict(report.to_dict()).context
     assert CheckupReport.load(tmp_path).context["lengths"] == [128, 256, 512, 768]
@@ -91,3 +91,22 @@ def test_the_planned_duration_counts_the_long_context_probe(llama_session):
     base = planned_duration(llama_session.anatomy, plan, probes, 1e-3, 1024, 0, len(probes))
     more = planned_duration(llama_session.anatomy, longer, probes, 1e-3, 1024, 0, len(probes))
     assert more.low > base.low and more.high > base.high
+
+
+def test_the_long_context_probe_applies_each_modification_once(llama_session, monkeypatch):
+    """Applying a modification can cost more than a pass (an SVD of every linear): the probe
+    applies each once and runs every length under it, against the same figures."""
+    from modeldoctor.modifications.lowrank import LowRank
+
+    data = llama_session.data(DataSpec(tokens=768, seq_len=256, calibration_tokens=128, selection_tokens=128,
+                                       batch_size=3, knowledge=False))
+    calls = []
+    original = LowRank.new_weight
+    monkeypatch.setattr(LowRank, "new_weight", lambda self, ctx, name, w: calls.append(name) or original(self, ctx, name, w))
+    plan = CheckupPlan(modifications=["svd-r25"], knowledge=False, targets=["2"], context_lengths=(128, 256, 768))
+    report = checkup(llama_session, plan, data)
+    linears = len(llama_session.anatomy.linear_names())
+    per_block = linears // llama_session.anatomy.num_blocks
+    assert len(calls) == per_block + linears  # the probe of block 2, then the whole model once
+    kl = report.context["curves"]["svd-r25"]["kl"]
+    assert len(kl) == 4 and min(kl) > 0

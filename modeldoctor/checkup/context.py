@@ -17,7 +17,9 @@ import torch
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.events import Event, Progress, Stage
-from modeldoctor.metrics.divergence import DivergenceAccumulator, RefLogProbs, next_token_logprob
+from modeldoctor.metrics.divergence import (
+    DivergenceAccumulator, RefLogProbs, ReferenceSpill, next_token_logprob, reference_fits_in_memory,
+)
 from modeldoctor.modifications.base import create, token_mask
 
 DEFAULT_LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -82,31 +84,45 @@ def run_context_sweep(session, data: EvalData, modifications: list[str], lengths
     done, began = 0, control.clock()
     with torch.inference_mode():  # a first call pays one-off set-up costs: not the length's speed
         session.model(input_ids=stream[:, :chosen[0]], use_cache=False)
+    # The original at every length first (its probabilities spilled to disk past the memory
+    # budget), then each modification applied once for all lengths: applying one can cost more
+    # than a pass (an SVD of every linear).
+    spill = None
+    references = []
     for length in chosen:
         ids = stream[:, :length]
-        mask = torch.ones_like(ids)
         control.checkpoint()
         started = time.perf_counter()
         with torch.inference_mode():
-            logits = session.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = session.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
         seconds = time.perf_counter() - started
-        reference = RefLogProbs.from_logits(logits)
-        ref_next = next_token_logprob(torch.log_softmax(logits.float(), -1), ids)
+        if spill is None and not reference_fits_in_memory(sum(chosen), logits.shape[-1]):
+            spill = ReferenceSpill(what="the long-context probe's reference")
+        references.append((RefLogProbs.from_logits(logits, spill),
+                           next_token_logprob(torch.log_softmax(logits.float(), -1), ids)))
         del logits
         result["lengths"].append(length)
         result["tokens_per_s"].append(length / seconds if seconds > 0 else float("inf"))
         done += length
-        for name, mod, targets in mods:
-            control.checkpoint()
-            ctx = session.mod_context(data, mod.needs_input_norms, control, mod.needs_gradients)
-            divergence = DivergenceAccumulator()
-            with mod.applied(ctx, targets), token_mask(ctx, mask), torch.inference_mode():
-                modified = session.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            divergence.add(reference, ref_next, modified, ids, mask)
-            figures = divergence.summary()
-            curve = result["curves"][name]
-            curve["kl"].append(figures["kl_mean"])
-            curve["by_position"].append({k: v for k, v in figures.items() if k.startswith("kl_pos_")})
-            done += length
-            spent = control.clock() - began
-            yield Progress(done, total, spent, spent / done * (total - done), stage="context")
+        spent = control.clock() - began
+        yield Progress(done, total, spent, spent / done * (total - done), stage="context")
+    for name, mod, targets in mods:
+        control.checkpoint()
+        ctx = session.mod_context(data, mod.needs_input_norms, control, mod.needs_gradients)
+        curve = result["curves"][name]
+        with mod.applied(ctx, targets):
+            for length, (reference, ref_next) in zip(chosen, references):
+                control.checkpoint()
+                ids = stream[:, :length]
+                mask = torch.ones_like(ids)
+                with token_mask(ctx, mask), torch.inference_mode():
+                    modified = session.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                divergence = DivergenceAccumulator()
+                divergence.add(reference, ref_next, modified, ids, mask)
+                del modified
+                figures = divergence.summary()
+                curve["kl"].append(figures["kl_mean"])
+                curve["by_position"].append({k: v for k, v in figures.items() if k.startswith("kl_pos_")})
+                done += length
+                spent = control.clock() - began
+                yield Progress(done, total, spent, spent / done * (total - done), stage="context")

@@ -351,7 +351,9 @@ def _long_context_finding(report: CheckupReport) -> Finding | None:
         text += (f" The model's length limit is {limit} tokens" + (", reached." if reached else
                  f"; the text allowed {context['available_tokens']} (a longer text file reaches it)."))
     grows = worst_growth >= CONTEXT_GROWTH
-    return Finding("Long-context probe", text, "mild" if grows else "healthy",
+    title = "Long-context probe: damage grows with length" if grows else \
+        "Long-context probe: damage does not grow with length"
+    return Finding(title, text, "mild" if grows else "healthy",
                    "Damage grows with length: check it at the prompt lengths you deploy." if grows else "")
 
 
