@@ -58,8 +58,7 @@ def whole_model_targets(session, mod) -> list[str] | None:
         return None
     if mod.scopes == ("model",):
         return [] if mod.applies_to(session.anatomy, "model") else None
-    blocks = [str(b.index) for b in session.anatomy.blocks if mod.applies_to(session.anatomy, str(b.index))]
-    return blocks or None
+    return mod.blocks_it_applies_to(session.anatomy) or None
 
 
 def run_context_sweep(session, data: EvalData, modifications: list[str], lengths: tuple[int, ...],

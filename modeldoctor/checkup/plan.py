@@ -134,7 +134,7 @@ def build_probes(plan: CheckupPlan, anatomy: Anatomy) -> tuple[list[ProbeSpec], 
             if mod.sweep_group is None:
                 skipped.append(f"{name} has no strength to sweep.")
                 continue
-            blocks = [str(b.index) for b in anatomy.blocks if mod.applies_to(anatomy, str(b.index))]
+            blocks = mod.blocks_it_applies_to(anatomy)
             add(name, mod.family, "sweep-model", blocks, strength=mod.sweep_strength)
             for block in blocks:
                 add(name, mod.family, "sweep-block", [block], strength=mod.sweep_strength)

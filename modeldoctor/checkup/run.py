@@ -92,7 +92,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                            seconds=control.clock() - began)
 
     if not mod.replays:
-        return _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began)
+        return _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began, temperature)
 
     # A probe that changes the embedding table (a tied head's shared table) reruns everything.
     fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
@@ -119,7 +119,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
 
     replayer = session.replayer
     want_attention = plan.attention and mod.family == "structure" and bool(session.anatomy.blocks_of_kind("attention"))
-    whole_cache = mod.family == "kvcache" and _every_block_it_applies_to(session, mod, spec)
+    whole_cache = mod.measures_cached_generation and set(spec.targets) == set(mod.blocks_it_applies_to(session.anatomy))
     if whole_cache:
         reference_cached_steps(session, ref)  # before the modification is applied
     if want_attention and ref.attention is None:  # before the modification is applied
@@ -174,25 +174,24 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                        seconds=control.clock() - began, routing=routing)
 
 
-def _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began) -> ProbeRecord:
+def _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began, temperature) -> ProbeRecord:
     """A probe of a change made before the first block (the rotary embedding): whole forward
-    passes of the evaluation batches, against the same reference."""
+    passes of the evaluation batches, against the same reference, as `measure` replays them
+    (padding masked for the modification, logits divided by the temperature)."""
     divergence = DivergenceAccumulator()
     with mod.applied(ctx, list(spec.targets)), torch.inference_mode():
         for number, batch in enumerate(data.eval_batches):
             control.checkpoint()
-            logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   use_cache=False).logits
+            with token_mask(ctx, batch.attention_mask):
+                logits = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       use_cache=False).logits
+            if temperature != 1.0:
+                logits = logits / temperature
             divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
                            batch.attention_mask)
     metrics = divergence.summary()
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, seconds=control.clock() - began)
-
-
-def _every_block_it_applies_to(session: Session, mod, spec: ProbeSpec) -> bool:
-    anatomy = session.anatomy
-    return set(spec.targets) == {str(b.index) for b in anatomy.blocks if mod.applies_to(anatomy, str(b.index))}
 
 
 GENERATION_PROMPTS = 3  # continuations of the built-in prompts generated through the cache

@@ -11,17 +11,29 @@ from modeldoctor.model import Anatomy
 
 
 @contextlib.contextmanager
-def eager_attention(model):
-    """Attention weights exist only in the eager implementation; switch to it for a while."""
-    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
-    saved = [c._attn_implementation for c in configs]
+def attention_implementation(model, rename):
+    """For a while, every config in the model that names an attention implementation names
+    rename(that name) instead (left alone where rename gives None); put back on exit."""
+    configs = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_attn_implementation") and not any(config is c for c in configs):
+            configs.append(config)
+    saved = [(config, config._attn_implementation) for config in configs]
     try:
-        for config in configs:
-            config._attn_implementation = "eager"
+        for config, original in saved:
+            chosen = rename(original)
+            if chosen is not None:
+                config._attn_implementation = chosen
         yield
     finally:
-        for config, value in zip(configs, saved):
-            config._attn_implementation = value
+        for config, original in saved:
+            config._attn_implementation = original
+
+
+def eager_attention(model):
+    """Attention weights exist only in the eager implementation; switch to it for a while."""
+    return attention_implementation(model, lambda original: "eager")
 
 
 def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -70,6 +70,12 @@ class Modification:
     # Whether a probe may replay recorded block inputs; a change made before the first block (the
     # rotary position embedding) needs whole forward passes.
     replays: bool = True
+    # Whether its whole-model probe also generates through the KV cache (it changes what the cache holds).
+    measures_cached_generation: bool = False
+
+    def blocks_it_applies_to(self, anatomy: Anatomy) -> list[str]:
+        """The block targets ("3") this modification applies to: a whole-model application."""
+        return [str(b.index) for b in anatomy.blocks if self.applies_to(anatomy, str(b.index))]
 
     def not_applicable_reason(self, anatomy: Anatomy) -> str:
         """Why applies_to is false for this model, in words (for a modification of the whole model)."""

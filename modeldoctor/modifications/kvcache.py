@@ -27,6 +27,7 @@ from modeldoctor.modifications.base import ModContext, Modification, register
 TOKEN_BLOCK = 32  # quantization blocks along a token's head dimension (llama.cpp's q8_0 / q4_0)
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 WRAPPER_PREFIX = "modeldoctor_kv:"
+WRAPPABLE = ("sdpa", "eager")  # the attention implementations a cache probe can wrap
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, block: int = TOKEN_BLOCK) -> torch.Tensor:
@@ -60,6 +61,7 @@ def quantize_fp8(x: torch.Tensor) -> torch.Tensor:
 class KVCacheQuantization(Modification):
     family = "kvcache"
     scopes = ("blocks",)
+    measures_cached_generation = True
 
     def __init__(self, name: str, which: str, bits: int | None, per_channel: bool = False) -> None:
         super().__init__(name)
@@ -148,19 +150,18 @@ def cache_ranges(model, anatomy, sequences, checkpoint=lambda: None) -> dict[int
 def attention_wrapped(model, stores: dict) -> Iterator[None]:
     """Inside, each attention module in `stores` attends to what `stores[module](key, value)`
     gives back (the others run as they are); the model's attention setting is put back on exit."""
-    configs = _attention_configs(model)
-    saved = [(c, c._attn_implementation) for c in configs]
+    from modeldoctor.metrics.attention import attention_implementation
+
+    wrapped = attention_implementation(model, lambda original: _wrapper_name(original) if original in WRAPPABLE
+                                       else None)
     try:
-        for config, original in saved:
-            config._attn_implementation = _wrapper_name(original)
-        for module, store in stores.items():
-            module._modeldoctor_kv_cache = store
-        yield
+        with wrapped:
+            for module, store in stores.items():
+                module._modeldoctor_kv_cache = store
+            yield
     finally:
         for module in stores:
             module.__dict__.pop("_modeldoctor_kv_cache", None)
-        for config, original in saved:
-            config._attn_implementation = original
 
 
 def _attention_of(anatomy, index: int):
@@ -171,16 +172,7 @@ def _attention_of(anatomy, index: int):
         return None
     module = block.module.get_submodule(block.attention_name)
     config = getattr(module, "config", None)
-    return module if getattr(config, "_attn_implementation", None) in ("sdpa", "eager") else None
-
-
-def _attention_configs(model) -> list:
-    found = []
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not any(config is c for c in found):
-            found.append(config)
-    return found
+    return module if getattr(config, "_attn_implementation", None) in WRAPPABLE else None
 
 
 def _wrapper_name(original: str) -> str:

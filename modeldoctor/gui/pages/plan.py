@@ -13,14 +13,13 @@ from PySide6.QtWidgets import (
 from modeldoctor.checkup.context import DEFAULT_LENGTHS
 from modeldoctor.checkup.plan import CheckupPlan
 from modeldoctor.gui.pages.data import format_range
+from modeldoctor.modifications.base import PRESETS
 
 BITS = (8, 6, 4, 3, 2)
 KV_FORMATS = {"int8 per token": "int8", "int4 per token": "int4", "int2 per token": "int2",
               "int8 per channel": "int8-channel", "int4 per channel": "int4-channel", "fp8 e4m3": "fp8"}
 KV_PARTS = {"keys and values": "kv", "keys only": "k", "values only": "v"}
 ROPE_METHODS = {"linear interpolation": "linear", "NTK-aware": "ntk", "YaRN": "yarn"}
-KV_SWEEP_BITS = (8, 6, 4, 3, 2)
-RANK_SWEEP = (90, 75, 50, 25, 10)
 PRUNE_KINDS = {"Wanda (|W|·‖x‖)": "wanda", "Magnitude": "mag", "2:4 semi-structured": "2of4",
                "Attention heads": "heads", "MLP channels": "channels"}
 
@@ -290,13 +289,15 @@ class PlanPage(QWidget):
                 names.append(f"prune-{kind}-{self.sparsity.value()}")
         if self.svd_on.isChecked():
             prefix = "svd-aw" if self.svd_aware.isChecked() else "svd"
-            percents = RANK_SWEEP if sweep else (self.svd_percent.value(),)
-            names += [f"{prefix}-r{p}" for p in percents]
+            if sweep:  # the rank-sweep preset, plain or activation-aware
+                names += [name.replace("svd-", prefix + "-", 1) for name in PRESETS["rank-sweep"]]
+            else:
+                names.append(f"{prefix}-r{self.svd_percent.value()}")
         if self.kv_on.isChecked():
             which = KV_PARTS[self.kv_which.currentText()]
             kind = KV_FORMATS[self.kv_format.currentText()]
             if sweep and kind != "fp8":
-                names += [f"{which}-int{b}{'-channel' if kind.endswith('-channel') else ''}" for b in KV_SWEEP_BITS]
+                names += [f"{which}-int{b}{'-channel' if kind.endswith('-channel') else ''}" for b in BITS]
             else:
                 names.append(f"{which}-{kind}")
         if self.rope_on.isChecked():
