@@ -110,3 +110,11 @@ def test_the_long_context_probe_applies_each_modification_once(llama_session, mo
     assert len(calls) == per_block + linears  # the probe of block 2, then the whole model once
     kl = report.context["curves"]["svd-r25"]["kl"]
     assert len(kl) == 4 and min(kl) > 0
+
+
+def test_a_rope_factor_under_one_is_a_clear_plan_error(tmp_path):
+    from modeldoctor.cli import main
+
+    with pytest.raises(Exception, match="1 or more"):
+        create("rope-linear-0")
+    assert main(["checkup", "sample", "--modify", "rope-yarn-0.5", "--out", str(tmp_path)]) == 2

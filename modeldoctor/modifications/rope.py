@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from modeldoctor.errors import PlanError
 from modeldoctor.modifications.base import ModContext, Modification, register
 
 METHODS = {"linear": "position interpolation (positions divided by the factor)",
@@ -77,4 +78,8 @@ class RopeScaling(Modification):
           "RoPE scaling for longer contexts, whole model: linear interpolation, NTK-aware or YaRN by a factor",
           ("rope-linear-2", "rope-ntk-2", "rope-yarn-2"))
 def _rope(match):
-    return RopeScaling(match[0], match["method"], float(match["factor"]))
+    factor = float(match["factor"])
+    if factor < 1:
+        raise PlanError(f"{match[0]}: a RoPE scaling factor stretches the positions, so it is 1 or more "
+                        f"(got {factor:g}).")
+    return RopeScaling(match[0], match["method"], factor)
