@@ -16,6 +16,7 @@ import torch
 
 from modeldoctor.checkup.replay import Replayer, Trace
 from modeldoctor.control import RunControl
+from modeldoctor.memory import release_freed_memory
 from modeldoctor.data import DataSpec, EvalData
 from modeldoctor.data.sources import build_data
 from modeldoctor.metrics.divergence import (
@@ -37,6 +38,12 @@ class _Snapshot(dict):
 
 
 GRADIENT_CHUNK = 64  # tokens per gradient sample for gradient-aware pruning
+
+
+# The knowledge probes are scored on a few probes only (the worst ones), and their text is about
+# twice the evaluation text: their states are kept at every fourth block (a quarter of the memory),
+# each scoring replaying at most three blocks more.
+KNOWLEDGE_STATE_STRIDE = 4
 
 
 @dataclass
@@ -132,9 +139,15 @@ class Session:
             trace, logits = self.replayer.trace(batch)
             if number == 0:
                 self.replayer.verify(trace, logits)
+            del logits
+            # The head again, as the probes run it (Replayer.head_parts): the same shapes give the
+            # same rounding, so an unchanged model differs from its reference by exactly 0.
+            logits = torch.cat([part for _, part in self.replayer.head_parts(trace.states[-1])])
             traces.append(trace)
             logprobs.append(RefLogProbs.from_logits(logits, spill))
-            lp = next_token_logprob(torch.log_softmax(logits.float(), dim=-1), batch.input_ids)
+            lp = torch.cat([next_token_logprob(torch.log_softmax(logits[row:row + 1].float(), dim=-1),
+                                               batch.input_ids[row:row + 1])
+                            for row in range(logits.shape[0])])  # a sequence at a time: see from_logits
             next_lp.append(lp)
             valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()
             nll_sum += float(-lp[valid].sum())
@@ -145,8 +158,10 @@ class Session:
         for number, batch in enumerate(data.knowledge_batches):
             control.checkpoint()
             trace, logits = self.replayer.trace(batch)
-            k_traces.append(trace)
+            k_traces.append(trace.thinned(KNOWLEDGE_STATE_STRIDE))
             hits += knowledge_correct(logits, batch.answer_positions, batch.answer_tokens)
+            del trace, logits
+            release_freed_memory()  # the dropped states and the logits, before the next batch
             if on_batch:
                 on_batch(len(data.eval_batches) + number + 1, total)
         import math
@@ -326,7 +341,8 @@ class Session:
         digest = hashlib.sha256()
         for name, tensor in list(self.model.state_dict(keep_vars=False).items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+            # the array's own buffer: tobytes() would copy the largest table (the embedding) once more
+            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
                           if tensor.numel() else b"")
         structure = ",".join(type(b).__name__ for b in self.anatomy.block_list)
         digest.update(structure.encode())

@@ -31,3 +31,59 @@ def test_replay_from_every_block_matches_full_forward(model_dirs, family):
     for start in range(session.anatomy.num_blocks):
         replayed = session.replayer.run_from(trace, start).logits
         torch.testing.assert_close(replayed, logits, rtol=1e-5, atol=1e-5)
+
+
+def _trace_and_verify(session):
+    from modeldoctor.data import Batch
+
+    ids = torch.randint(3, 300, (2, 24))
+    trace, logits = session.replayer.trace(Batch(ids, torch.ones_like(ids)))
+    session.replayer.verify(trace, logits)
+
+
+def test_verify_refuses_a_model_that_works_between_blocks(model_dirs):
+    from modeldoctor.errors import UnsupportedModelError
+
+    session = Session.open(model_dirs["llama"])
+    _trace_and_verify(session)  # a plain model passes
+    # Doubling block 1's input stands for work the model's own loop does between blocks: a
+    # replay from block 1's recorded input would double it again.
+    handle = session.anatomy.block_list[1].register_forward_pre_hook(
+        lambda module, args: (args[0] * 2, *args[1:]) if args else None)
+    try:
+        with pytest.raises(UnsupportedModelError, match="between its blocks"):
+            _trace_and_verify(session)
+    finally:
+        handle.remove()
+
+
+def test_verify_refuses_a_model_that_works_after_its_head(model_dirs):
+    from modeldoctor.errors import UnsupportedModelError
+
+    session = Session.open(model_dirs["llama"])
+    # Soft-capping the logits in the model's forward, after the LM head, as Gemma 2 does.
+    forward = session.model.forward
+
+    def capped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 3 * torch.tanh(out.logits / 3)
+        return out
+
+    session.model.forward = capped
+    with pytest.raises(UnsupportedModelError, match="the LM head"):
+        _trace_and_verify(session)
+
+
+def test_a_thinned_trace_replays_from_every_block(model_dirs):
+    from modeldoctor.data import Batch
+
+    session = Session.open(model_dirs["llama"])
+    ids = torch.randint(3, 300, (2, 24))
+    trace, logits = session.replayer.trace(Batch(ids, torch.ones_like(ids)))
+    thinned = trace.thinned(2)
+    assert [s is None for s in thinned.states] == [False, True, False, False]  # blocks 0, 2 and the final state
+    assert thinned.nbytes() == trace.nbytes() * 3 // 4
+    for start in range(session.anatomy.num_blocks):
+        run = session.replayer.run_from(thinned, start)
+        assert min(run.states) == start - start % 2  # from the kept state at or below it
+        torch.testing.assert_close(run.logits, logits, rtol=1e-5, atol=1e-5)

@@ -198,12 +198,14 @@ def test_block_by_block_gradients_equal_one_backward_through_the_whole_model(lla
     block's activations); the derivatives are those of one backward through the whole model."""
     import torch
 
-    from modeldoctor.checkup.estimate import _state_gradients
+    from modeldoctor.checkup.estimate import _block_gradients, _head_gradients
     from modeldoctor.model.anatomy import gradients_only_for
 
     session, batch = llama_session, data.eval_batches[0]
     trace = session.current_reference(data).traces[0]
-    grads, labels = _state_gradients(session, trace, batch.attention_mask, 2, torch.Generator().manual_seed(0))
+    leaving_last, labels = _head_gradients(session, trace, batch.attention_mask, 2, torch.Generator().manual_seed(0))
+    # keyed by the block the state enters (N: leaving the last block)
+    grads = {block + 1: leaving for block, leaving in _block_gradients(session, trace, leaving_last)}
 
     blocks = session.anatomy.block_list
     states = {}

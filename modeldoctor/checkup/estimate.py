@@ -29,10 +29,13 @@ linears.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
+from modeldoctor.memory import release_freed_memory
 from modeldoctor.model.anatomy import HEAD, gradients_only_for
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
@@ -61,47 +64,53 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     mods = {name: create(name) for name in probes}
     ctx = session.mod_context(data, any(m.needs_input_norms for m in mods.values()), control)
     sums = {(name, target): 0.0 for name, targets in probes.items() for target in targets}
+    by_block: dict[int, list[tuple[str, str]]] = {}
+    for name, target in sums:
+        by_block.setdefault(anatomy.block_of(target), []).append((name, target))
+    lowest = min(by_block, default=anatomy.num_blocks)  # the lowest block with a target (N: the head only)
     tokens = 0
     generator = torch.Generator(device=session.device).manual_seed(seed)
     for number, batch in enumerate(data.eval_batches):
         control.checkpoint()
         trace = ref.traces[number]
-        grads, _ = _state_gradients(session, trace, batch.attention_mask, samples, generator)
         valid = batch.attention_mask.bool()
-        for (name, target) in sums:
+        for name, target in by_block.get(anatomy.num_blocks, []):  # the head: its KL exactly
             control.checkpoint()
             with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), torch.inference_mode():
-                if target == HEAD:
-                    modified = session.replayer.head_logits(trace.states[-1])
-                    kl = ref.logprobs[number].kl_to(torch.log_softmax(modified.float(), dim=-1))
-                    sums[(name, target)] += float(kl[valid].sum())
-                    continue
-                block = anatomy.block_of(target)
-                delta = session.replayer.run_block(trace, block, trace.states[block]).float() - trace.states[block + 1]
-                inner = (grads[block + 1] * delta[None]).sum(-1)  # (samples, B, T)
-                sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
+                for rows, modified in session.replayer.head_parts(trace.states[-1]):
+                    kl = ref.logprobs[number].rows(rows).kl_to(torch.log_softmax(modified.float(), dim=-1))
+                    sums[(name, target)] += float(kl[valid[rows]].sum())
+        if lowest == anatomy.num_blocks:
+            tokens += int(valid.sum())
+            continue
+        leaving_last, _ = _head_gradients(session, trace, batch.attention_mask, samples, generator)
+        # Down from the last block, so that only the gradient at one block boundary is held.
+        for block, grads in _block_gradients(session, trace, leaving_last, lowest):
+            for name, target in by_block.get(block, []):
+                control.checkpoint()
+                with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), \
+                        torch.inference_mode():
+                    delta = session.replayer.run_block(trace, block, trace.states[block]).float() \
+                        - trace.states[block + 1]
+                    inner = (grads * delta[None]).sum(-1)  # (samples, B, T)
+                    sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
+            release_freed_memory()
         tokens += int(valid.sum())
-        del grads
     return {key: value / max(tokens, 1) for key, value in sums.items()}
 
 
-def _state_gradients(session, trace, mask: torch.Tensor, samples: int,
-                     generator: torch.Generator) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """(∂ log p(y)/∂h for the residual stream entering each block j ≥ 1 and leaving the last
-    (key N), (samples, B, T, H) per key in fp32; the labels y, (B, T, samples)). The labels are
-    drawn per position from the unmodified model's own distribution, so the Fisher they give is
-    the KL's Hessian. Backpropagated one block at a time from the reference trace (each block
-    rerun with gradients from the state the trace recorded entering it), so memory holds one
-    block's activations, not the whole model's: on a 1 B model a whole-model backward kept about
-    half the model's size again."""
-    anatomy, replayer = session.anatomy, session.replayer
-    last = anatomy.num_blocks
-    grads: dict[int, torch.Tensor] = {}
+def _head_gradients(session, trace, mask: torch.Tensor, samples: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂ log p(y)/∂h for the residual stream leaving the last block, (samples, B, T, H) in
+    fp32; the labels y, (B, T, samples)). The labels are drawn per position from the unmodified
+    model's own distribution, so the Fisher they give is the KL's Hessian. A sequence at a time:
+    its logits are the largest activations there are."""
+    anatomy = session.anatomy
+    final_states = trace.states[anatomy.num_blocks]
+    rows, labels = [], []
     with gradients_only_for(session.model), torch.enable_grad():
-        # The head, a sequence at a time (its logits are the largest activations there are).
-        rows, labels = [], []
-        for row in range(trace.states[last].shape[0]):
-            final = trace.states[last][row].clone().requires_grad_()
+        for row in range(final_states.shape[0]):
+            final = final_states[row].clone().requires_grad_()
             hidden = final
             for module in anatomy.tail:
                 hidden = module(hidden)
@@ -112,13 +121,26 @@ def _state_gradients(session, trace, mask: torch.Tensor, samples: int,
                                      for s in range(samples)]))
             labels.append(drawn)
             del logp, picked
-        grads[last] = torch.stack(rows, dim=1).float()
-        for index in range(last - 1, 0, -1):
+    return torch.stack(rows, dim=1).float(), torch.stack(labels)
+
+
+def _block_gradients(session, trace, leaving_last: torch.Tensor,
+                     lowest: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """(block j, the gradient with respect to the residual stream leaving block j), from the last
+    block down to block `lowest`, starting from `leaving_last` (_head_gradients). Backpropagated
+    one block at a time from the reference trace (each block rerun with gradients from the state
+    the trace recorded entering it), so memory holds one block's activations and one boundary's
+    gradient, not the whole model's (on a 1 B model a whole-model backward kept about half the
+    model's size again)."""
+    grads, samples = leaving_last, leaving_last.shape[0]
+    for index in range(session.anatomy.num_blocks - 1, lowest - 1, -1):
+        yield index, grads  # leaving block index = entering block index + 1
+        if index == lowest:
+            return
+        with gradients_only_for(session.model), torch.enable_grad():
             entering = trace.states[index].clone().requires_grad_()
-            out = replayer.run_block(trace, index, entering, track_grad=True)
-            upstream = grads[index + 1]
-            grads[index] = torch.stack([
-                torch.autograd.grad(out, entering, grad_outputs=upstream[s].to(out.dtype),
+            out = session.replayer.run_block(trace, index, entering, track_grad=True)
+            grads = torch.stack([
+                torch.autograd.grad(out, entering, grad_outputs=grads[s].to(out.dtype),
                                     retain_graph=s + 1 < samples)[0] for s in range(samples)]).float()
-            del out
-    return grads, torch.stack(labels)
+            del out, entering

@@ -31,9 +31,17 @@ class Trace:
     states: list[torch.Tensor]  # states[j]: hidden entering block j; states[N]: after the last block
     input_ids: torch.Tensor | None = None  # the batch, to recompute the embedding when a probe changes it
     attention_mask: torch.Tensor | None = None
+    handed_on: bool = True  # every block's output was, unchanged, the next block's input
 
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.states)
+        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+
+    def thinned(self, stride: int) -> "Trace":
+        """This trace keeping the states entering every `stride`-th block (and the final one)
+        only: a replay from another block starts at the kept one below it, a few blocks early."""
+        last = len(self.states) - 1
+        kept = [s if j % stride == 0 or j == last else None for j, s in enumerate(self.states)]
+        return Trace(self.calls, kept, self.input_ids, self.attention_mask, self.handed_on)
 
 
 def _trainable(value):
@@ -76,20 +84,28 @@ class Replayer:
                 states[index] = hidden
             return hook
 
-        def last_hook(module, args, output):
-            states[len(blocks)] = output[0] if isinstance(output, tuple) else output
+        outputs: list[torch.Tensor | None] = [None] * len(blocks)
+
+        def post_hook(index):
+            def hook(module, args, output):
+                outputs[index] = output[0] if isinstance(output, tuple) else output
+            return hook
 
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        handles.append(blocks[len(blocks) - 1].register_forward_hook(last_hook))
+        handles += [b.register_forward_hook(post_hook(i)) for i, b in enumerate(blocks)]
         try:
             with torch.inference_mode():
                 out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
+        states[len(blocks)] = outputs[-1]
         if any(c is None for c in calls) or any(s is None for s in states):
             raise UnsupportedModelError("Not every block ran during a forward pass; the model cannot be probed.")
-        return Trace(calls, states, batch.input_ids, batch.attention_mask), out.logits
+        # Replay feeds each block the previous one's output: work between blocks would be skipped.
+        handed_on = all(outputs[j] is states[j + 1] or torch.equal(outputs[j], states[j + 1])
+                        for j in range(len(blocks) - 1))
+        return Trace(calls, states, batch.input_ids, batch.attention_mask, handed_on), out.logits
 
     def embed(self, trace: Trace) -> torch.Tensor:
         """The state entering block 0 as the embedding is now (a probe may have changed its
@@ -117,10 +133,14 @@ class Replayer:
         return captured[0]
 
     def run_from(self, trace: Trace, start: int, hidden: torch.Tensor | None = None,
-                 keep_states: bool = True, head_mask: torch.Tensor | None = None) -> Run:
+                 keep_states: bool = True, head_mask: torch.Tensor | None = None, head: bool = True) -> Run:
         """Run blocks start..N-1, the final norm and the head, as they are now (modified or not).
-        With head_mask (B, T), logits are computed only at those positions: (n, V)."""
+        With head_mask (B, T), logits are computed only at those positions: (n, V). Without
+        `head`, the logits are left to the caller (None), e.g. to take them a sequence at a time."""
         blocks = self.anatomy.block_list
+        if hidden is None:
+            while trace.states[start] is None:  # a thinned trace: from the kept state below
+                start -= 1
         h = trace.states[start] if hidden is None else hidden
         states: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
@@ -129,7 +149,7 @@ class Replayer:
                     states[j] = h
                 h = self.run_block(trace, j, h)
             states[len(blocks)] = h
-            logits = self.head_logits(h, head_mask)
+            logits = self.head_logits(h, head_mask) if head else None
         return Run(logits, states)
 
     def head_logits(self, final: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,6 +158,18 @@ class Replayer:
             for module in self.anatomy.tail:
                 final = module(final)
             return self.anatomy.head(final if head_mask is None else final[head_mask])
+
+    def head_parts(self, final: torch.Tensor):
+        """(rows, logits of those rows) covering the batch of final states `final`: a sequence
+        at a time (a batch's logits and their log-softmax were most of a probe's memory), unless
+        something hooks the final norm or the head (an activation quantizer takes one range over
+        the whole batch), then the whole batch at once, as it would be run."""
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (*self.anatomy.tail, self.anatomy.head))
+        if hooked:
+            yield slice(None), self.head_logits(final)
+            return
+        for row in range(final.shape[0]):
+            yield slice(row, row + 1), self.head_logits(final[row:row + 1])
 
     def run_block(self, trace: Trace, index: int, hidden: torch.Tensor, track_grad: bool = False) -> torch.Tensor:
         """Block `index` as it is now, on `hidden`, called with the arguments the trace recorded.
@@ -153,12 +185,25 @@ class Replayer:
         return out[0] if isinstance(out, tuple) else out
 
     def verify(self, trace: Trace, full_logits: torch.Tensor) -> None:
-        """Replaying from block 0 must give the model's own logits, or probing is unsound."""
-        replayed = self.run_from(trace, 0, keep_states=False).logits
-        scale = float(full_logits.abs().max()) or 1.0
-        error = float((replayed - full_logits).abs().max())
-        if error > 1e-3 * scale:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__} does work after its LM head that Model Doctor cannot "
-                f"reproduce block by block (difference {error:.3g}); this architecture is not supported."
-            )
+        """Replaying must give the model's own logits, or probing is unsound. Checked without a
+        second forward pass: no work between blocks (the trace saw each block's output handed on
+        unchanged); the first block of every kind and the last block, rerun from the state the
+        trace recorded entering them, give the state it recorded leaving them; the final norm and
+        the head on the last state give the logits (of the first sequence)."""
+        blocks = self.anatomy.block_list
+        last = len(blocks) - 1
+        firsts = {}
+        for index, block in enumerate(blocks):
+            firsts.setdefault(type(block), index)
+        checks = [(f"block {index}", self.run_block(trace, index, trace.states[index]), trace.states[index + 1])
+                  for index in sorted(set(firsts.values()) | {last})]
+        checks.append(("the LM head", self.head_logits(trace.states[last + 1][:1]), full_logits[:1]))
+        for where, replayed, recorded in checks:
+            scale = float(recorded.abs().max()) or 1.0
+            error = float((replayed - recorded).abs().max())
+            if error > 1e-3 * scale or not trace.handed_on:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} does work that Model Doctor cannot reproduce block by block "
+                    f"({'between its blocks' if not trace.handed_on else f'at {where}, difference {error:.3g}'}); "
+                    "this architecture is not supported."
+                )

@@ -23,6 +23,7 @@ from modeldoctor.checkup.verdict import findings, flag_outliers, judge
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError, PlanError
+from modeldoctor.memory import release_freed_memory
 from modeldoctor.events import (
     Event, Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, ProbeStarted, Stage, run_to_end,
 )
@@ -135,12 +136,10 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
                 routes.before(batch.attention_mask)
             begin, hidden = start_for("eval", number)
             with token_mask(ctx, batch.attention_mask):  # padding stays out of per-sequence statistics
-                run = replayer.run_from(trace, begin, hidden)
+                run = replayer.run_from(trace, begin, hidden, head=False)
+                _add_divergence(divergence, replayer, ref, number, batch, run.states[max(run.states)], temperature)
             if routes is not None:
                 routes.add(number, begin)
-            logits = run.logits if temperature == 1.0 else run.logits / temperature
-            divergence.add(ref.logprobs[number], ref.next_logprob[number], logits, batch.input_ids,
-                           batch.attention_mask)
             cascade.add(trace.states, run.states, batch.attention_mask)
             if capture is not None:
                 captured["eval"].append(run.states[capture])
@@ -172,6 +171,17 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
                        seconds=control.clock() - began, routing=routing)
+
+
+def _add_divergence(divergence: DivergenceAccumulator, replayer, ref: Reference, number: int, batch,
+                    final: torch.Tensor, temperature: float) -> None:
+    """Add replayed batch `number` to `divergence`, from the states leaving its last block, the
+    head run on them as Replayer.head_parts says."""
+    for rows, logits in replayer.head_parts(final):
+        if temperature != 1.0:
+            logits = logits / temperature
+        divergence.add(ref.logprobs[number].rows(rows), ref.next_logprob[number][rows], logits,
+                       batch.input_ids[rows], batch.attention_mask[rows])
 
 
 def _measure_whole_model(session, ref, data, plan, spec, mod, ctx, control, began, temperature) -> ProbeRecord:
@@ -310,6 +320,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         # The model as it is now: after a weight-changing treatment the probes must replay the
         # treated model's own states, so the reference is rebuilt for every weights_version.
         ref = session.current_reference(data, control)
+        release_freed_memory()
         report.reference = dict(ref.figures)
         report.reference["weights_digest"] = session.weights_digest()
         routing_reference = routing_metrics.reference_routing(session, ref, data)
@@ -370,6 +381,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
                 record = dataclasses.replace(
                     record, metrics={**record.metrics, "kl_estimated": records[spec.index].score})
             records[spec.index] = record
+            release_freed_memory()  # what the probe freed, before the next one allocates
             save()
             yield ProbeResult(record)
             clock.observe(spec, cost, record.seconds)

@@ -67,14 +67,26 @@ class RefLogProbs:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, spill: ReferenceSpill | None = None) -> "RefLogProbs":
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        p = logp.exp()
-        neg_entropy = (p * logp).sum(-1)
-        if spill is not None:
-            stored = spill.tensor(tuple(p.shape))
-            stored.copy_(p)
-            p = stored
-        return cls(full=p, neg_entropy=neg_entropy, argmax=logp.argmax(-1))
+        """From logits (B, T, V) a sequence at a time, as the probes see theirs (Replayer.head_parts):
+        the log-softmax's full-vocabulary temporaries over a whole batch would be several times the
+        logits (0.5 GB on a 1 B model), and the same shapes give the same rounding, so an unchanged
+        model differs from its reference by exactly 0. Other shapes at once."""
+        rows = [slice(row, row + 1) for row in range(logits.shape[0])] if logits.dim() == 3 else [slice(None)]
+        full = (spill.tensor(tuple(logits.shape)) if spill is not None
+                else torch.empty(logits.shape, dtype=torch.float32, device=logits.device))
+        neg_entropy = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+        argmax = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        for part in rows:
+            logp = torch.log_softmax(logits[part].float(), dim=-1)
+            p = logp.exp()
+            neg_entropy[part] = (p * logp).sum(-1)
+            argmax[part] = logp.argmax(-1)
+            full[part] = p
+        return cls(full=full, neg_entropy=neg_entropy, argmax=argmax)
+
+    def rows(self, rows: slice) -> "RefLogProbs":
+        """The sequences `rows` of the batch (views, no copy)."""
+        return RefLogProbs(self.full[rows], self.neg_entropy[rows], self.argmax[rows])
 
     def kl_to(self, logq: torch.Tensor) -> torch.Tensor:
         """KL(ref || mod) per token, in nats: (B, T), from the modified model's log-probs."""

@@ -127,7 +127,8 @@ class WeightModification(Modification):
     shares_tied_table: bool = False
 
     def new_weight(self, ctx: ModContext, linear: str, weight: torch.Tensor) -> torch.Tensor:
-        """Return the modified (out, in) weight."""
+        """Return the modified (out, in) weight as a new tensor; `weight` is the live one: read
+        it, never write to it."""
         raise NotImplementedError
 
     def linears_for(self, ctx: ModContext, target: str) -> list[str]:
@@ -148,7 +149,9 @@ class WeightModification(Modification):
                 for name in names:
                     module = ctx.anatomy.linear(name)
                     view = weight_matrix(module)
-                    view.copy_(self.new_weight(ctx, name, view.detach().clone(memory_format=torch.contiguous_format)))
+                    # new_weight returns a new tensor: the live weight is its input (no third copy of
+                    # the largest linear, the head, next to the saved original and the result).
+                    view.copy_(self.new_weight(ctx, name, view.detach().contiguous()))
                     hooks.extend(self.extra_hooks(ctx, name, module))
             yield
 
