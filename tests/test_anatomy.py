@@ -87,3 +87,40 @@ def test_a_thinned_trace_replays_from_every_block(model_dirs):
         run = session.replayer.run_from(thinned, start)
         assert min(run.states) == start - start % 2  # from the kept state at or below it
         torch.testing.assert_close(run.logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_block_rerun_from_its_memo_equals_a_full_rerun(model_dirs, family):
+    """An estimate reruns a block once per changed linear, reusing what the change does not
+    reach: the output must be the block's own, bit for bit, and the untouched attention of an
+    MLP change must not run again."""
+    import contextlib
+
+    from modeldoctor.checkup.replay import BlockMemo
+    from modeldoctor.data import Batch
+    from modeldoctor.modifications.base import ModContext, create
+
+    session = Session.open(model_dirs[family])
+    ids = torch.randint(3, 300, (2, 24))
+    trace, _ = session.replayer.trace(Batch(ids, torch.ones_like(ids)))
+    memo = BlockMemo(session.replayer, trace, 1)
+    mod, ctx = create("int3-g32"), ModContext(session.model, session.anatomy)
+    part = session.anatomy.blocks[1]
+    for relative in part.linears:
+        name = f"1.{relative}"
+        with mod.applied(ctx, [name]):
+            expected = session.replayer.run_block(trace, 1, trace.states[1])
+        assert not torch.equal(expected, trace.states[2])  # the change reaches the output
+        assert torch.equal(memo.rerun(mod.applied(ctx, [name])), expected), name
+    assert torch.equal(memo.rerun(contextlib.nullcontext()), trace.states[2])
+    first_attention_linear = session.anatomy.linear(f"1.{next(iter(part.linears))}")
+    calls = []
+    handle = first_attention_linear.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        rerun = memo.rerun(mod.applied(ctx, [f"1.{part.mlp_down}"]))
+        assert not calls  # the attention returned what it returned before, without running
+        rerun_attention = memo.rerun(mod.applied(ctx, [f"1.{part.attention_out}"]))
+        assert calls  # a change inside the attention runs it
+    finally:
+        handle.remove()
+    assert not torch.equal(rerun, trace.states[2]) and not torch.equal(rerun_attention, trace.states[2])

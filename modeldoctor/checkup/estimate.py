@@ -29,6 +29,7 @@ linears.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -36,7 +37,8 @@ import torch
 from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.memory import release_freed_memory
-from modeldoctor.model.anatomy import HEAD, gradients_only_for
+from modeldoctor.model.anatomy import HEAD, gradients_only_for, is_block_target
+from modeldoctor.checkup.replay import BlockMemo
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
 LABEL_SAMPLES = 2  # labels drawn per position (one backward pass each)
@@ -86,14 +88,27 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
         leaving_last, _ = _head_gradients(session, trace, batch.attention_mask, samples, generator)
         # Down from the last block, so that only the gradient at one block boundary is held.
         for block, grads in _block_gradients(session, trace, leaving_last, lowest):
-            for name, target in by_block.get(block, []):
+            targets = by_block.get(block, [])
+            # Several targets inside the block: each reruns only what its change reaches.
+            memo = BlockMemo(session.replayer, trace, block) if any(
+                not is_block_target(target) for _, target in targets) and len(targets) > 1 else None
+
+            @contextlib.contextmanager
+            def changed(name: str, target: str) -> Iterator[None]:
+                with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask):
+                    yield
+
+            for name, target in targets:
                 control.checkpoint()
-                with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), \
-                        torch.inference_mode():
-                    delta = session.replayer.run_block(trace, block, trace.states[block]).float() \
-                        - trace.states[block + 1]
-                    inner = (grads * delta[None]).sum(-1)  # (samples, B, T)
+                with torch.inference_mode():
+                    if memo is not None:
+                        modified = memo.rerun(changed(name, target))
+                    else:
+                        with changed(name, target):
+                            modified = session.replayer.run_block(trace, block, trace.states[block])
+                    inner = (grads * (modified.float() - trace.states[block + 1])[None]).sum(-1)  # (samples, B, T)
                     sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
+            del memo
             release_freed_memory()
         tokens += int(valid.sum())
     return {key: value / max(tokens, 1) for key, value in sums.items()}
