@@ -177,3 +177,10 @@ def test_quantizing_rows_a_chunk_at_a_time_changes_no_value(monkeypatch, name):
     whole = create(name).new_weight(None, "x", weight.clone())
     monkeypatch.setattr(quantize, "CHUNK_VALUES", 3 * 200 + 17)  # 3 rows a chunk, the last one short
     assert torch.equal(create(name).new_weight(None, "x", weight.clone()), whole)
+    # written into the live weight itself, as a probe applies it (no second full-size matrix)
+    live = weight.clone()
+    create(name).rewrite(None, "x", live)
+    assert torch.equal(live, whole)
+    live = weight.t().contiguous().t()  # a transposed view, as GPT-2's Conv1D weights are seen
+    create(name).rewrite(None, "x", live)
+    assert torch.equal(live, whole)

@@ -128,8 +128,13 @@ class WeightModification(Modification):
 
     def new_weight(self, ctx: ModContext, linear: str, weight: torch.Tensor) -> torch.Tensor:
         """Return the modified (out, in) weight as a new tensor; `weight` is the live one: read
-        it, never write to it."""
+        it, never write to it (`rewrite` writes the result; the live weight as input spares a
+        third copy of the largest linear, the head, next to the saved original and the result)."""
         raise NotImplementedError
+
+    def rewrite(self, ctx: ModContext, linear: str, view: torch.Tensor) -> None:
+        """Write the modified weight into `view`, the live (out, in) weight."""
+        view.copy_(self.new_weight(ctx, linear, view.detach().contiguous()))
 
     def linears_for(self, ctx: ModContext, target: str) -> list[str]:
         return target_linears(ctx.anatomy, target)
@@ -148,10 +153,7 @@ class WeightModification(Modification):
             with torch.no_grad():
                 for name in names:
                     module = ctx.anatomy.linear(name)
-                    view = weight_matrix(module)
-                    # new_weight returns a new tensor: the live weight is its input (no third copy of
-                    # the largest linear, the head, next to the saved original and the result).
-                    view.copy_(self.new_weight(ctx, name, view.detach().contiguous()))
+                    self.rewrite(ctx, name, weight_matrix(module))
                     hooks.extend(self.extra_hooks(ctx, name, module))
             yield
 

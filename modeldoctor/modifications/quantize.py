@@ -19,13 +19,14 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
 CHUNK_VALUES = 1 << 22
 
 
-def by_row_chunks(weight: torch.Tensor, rows_function) -> torch.Tensor:
+def by_row_chunks(weight: torch.Tensor, rows_function, out: torch.Tensor | None = None) -> torch.Tensor:
     """rows_function applied to the rows of an (out, in) weight a chunk at a time (it must treat
-    each row on its own), into one result: the same values, a fraction of the peak memory."""
+    each row on its own), into one result: the same values, a fraction of the peak memory. With
+    `out` (which may be `weight` itself: each chunk is read before it is written), into that."""
     rows = max(1, CHUNK_VALUES // max(weight.shape[1], 1))
-    if weight.shape[0] <= rows:
+    if weight.shape[0] <= rows and out is None:
         return rows_function(weight)
-    result = torch.empty_like(weight)
+    result = torch.empty_like(weight) if out is None else out
     for start in range(0, weight.shape[0], rows):
         result[start:start + rows] = rows_function(weight[start:start + rows])
     return result
@@ -87,6 +88,10 @@ class RoundToNearest(WeightModification):
 
     def new_weight(self, ctx, linear, weight):
         return quantize_rtn(weight, self.bits, self.group, self.symmetric)
+
+    def rewrite(self, ctx, linear, view):
+        # Row by row into the weight itself: no second full-size matrix (the head's is the largest).
+        by_row_chunks(view, lambda rows: _quantize_rows(rows, self.bits, self.group, self.symmetric), out=view)
 
 
 @register(r"int(?P<bits>[2-8])(?:-g(?P<group>32|64|128))?(?P<asym>-asym)?",
