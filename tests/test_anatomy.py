@@ -124,3 +124,35 @@ def test_a_block_rerun_from_its_memo_equals_a_full_rerun(model_dirs, family):
     finally:
         handle.remove()
     assert not torch.equal(rerun, trace.states[2]) and not torch.equal(rerun_attention, trace.states[2])
+
+
+def test_a_memo_is_not_corrupted_by_a_block_that_changes_outputs_in_place(model_dirs):
+    """Falcon adds the attention into the MLP's output in place; a hook that does the same
+    stands for it here. A rerun reusing the attention must see its output as it was, once."""
+    import contextlib
+
+    from modeldoctor.checkup.replay import BlockMemo
+    from modeldoctor.data import Batch
+    from modeldoctor.modifications.base import ModContext, create
+
+    session = Session.open(model_dirs["llama"])
+    part = session.anatomy.blocks[1]
+    attention = session.anatomy.block_list[1].get_submodule(part.attention_out.rsplit(".", 1)[0])
+
+    def add_in_place(module, args, output):
+        (output[0] if isinstance(output, tuple) else output).add_(0.5)
+
+    handle = attention.register_forward_hook(add_in_place)
+    try:
+        ids = torch.randint(3, 300, (2, 24))
+        trace, _ = session.replayer.trace(Batch(ids, torch.ones_like(ids)))
+        memo = BlockMemo(session.replayer, trace, 1)
+        mod, ctx = create("int3-g32"), ModContext(session.model, session.anatomy)
+        down = f"1.{part.mlp_down}"
+        with mod.applied(ctx, [down]):
+            expected = session.replayer.run_block(trace, 1, trace.states[1])
+        for _ in range(2):  # and again: the record stays as it was
+            assert torch.equal(memo.rerun(mod.applied(ctx, [down])), expected)
+            assert torch.equal(memo.rerun(contextlib.nullcontext()), trace.states[2])
+    finally:
+        handle.remove()

@@ -90,8 +90,9 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
         for block, grads in _block_gradients(session, trace, leaving_last, lowest):
             targets = by_block.get(block, [])
             # Several targets inside the block: each reruns only what its change reaches.
-            memo = BlockMemo(session.replayer, trace, block) if any(
-                not is_block_target(target) for _, target in targets) and len(targets) > 1 else None
+            memo = BlockMemo(session.replayer, trace, block) if len(targets) > 1 and any(
+                not is_block_target(target) for _, target in targets) and all(
+                isinstance(mods[name], WeightModification) for name, _ in targets) else None
 
             @contextlib.contextmanager
             def changed(name: str, target: str) -> Iterator[None]:

@@ -127,8 +127,8 @@ class WeightModification(Modification):
     shares_tied_table: bool = False
 
     def new_weight(self, ctx: ModContext, linear: str, weight: torch.Tensor) -> torch.Tensor:
-        """Return the modified (out, in) weight as a new tensor; `weight` is the live one: read
-        it, never write to it (`rewrite` writes the result; the live weight as input spares a
+        """Return the modified (out, in) weight as a new tensor; `weight` is the live one (or a
+        contiguous copy, for a transposed layout): read it, never write to it (`rewrite` writes the result; the live weight as input spares a
         third copy of the largest linear, the head, next to the saved original and the result)."""
         raise NotImplementedError
 

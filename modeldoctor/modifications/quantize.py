@@ -90,6 +90,8 @@ class RoundToNearest(WeightModification):
         return quantize_rtn(weight, self.bits, self.group, self.symmetric)
 
     def rewrite(self, ctx, linear, view):
+        if type(self).new_weight is not RoundToNearest.new_weight:  # a subclass's own rule
+            return super().rewrite(ctx, linear, view)
         # Row by row into the weight itself: no second full-size matrix (the head's is the largest).
         by_row_chunks(view, lambda rows: _quantize_rows(rows, self.bits, self.group, self.symmetric), out=view)
 
