@@ -45,16 +45,26 @@ class Trace:
         return Trace(self.calls, kept, self.input_ids, self.attention_mask, self.handed_on)
 
 
-def _trainable(value):
-    """A copy of a recorded argument that autograd may save: inference-mode tensors cloned,
-    containers rebuilt."""
+def _map_tensors(value, function):
+    """`value` with function(tensor) for every tensor in it (containers rebuilt, other values as
+    they are)."""
     if isinstance(value, torch.Tensor):
-        return value.clone() if value.is_inference() else value
+        return function(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_trainable(v) for v in value)
+        return type(value)(_map_tensors(v, function) for v in value)
     if isinstance(value, dict):
-        return {k: _trainable(v) for k, v in value.items()}
+        return {k: _map_tensors(v, function) for k, v in value.items()}
     return value
+
+
+def _trainable(value):
+    """A copy of a recorded argument that autograd may save: inference-mode tensors cloned."""
+    return _map_tensors(value, lambda t: t.clone() if t.is_inference() else t)
+
+
+def _copied(value):
+    """`value` with every tensor in it copied."""
+    return _map_tensors(value, torch.Tensor.clone)
 
 
 @dataclass
@@ -288,17 +298,6 @@ def _forwards_wrapped(modules: list[torch.nn.Module], wrap):
                 del module.forward
             else:
                 module.forward = forward
-
-
-def _copied(value):
-    """`value` with every tensor in it copied (containers rebuilt, other values as they are)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_copied(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    return value
 
 
 def _signature(module: torch.nn.Module) -> tuple:

@@ -264,7 +264,7 @@ def choose_formats(session: Session, report: CheckupReport | None, precision: st
     def allowed(linear: str) -> list[str]:
         """The formats this linear may take, the most bytes saved first: those whose figure the
         checkup has for every probe covering it, and fp32."""
-        options = [f for f in linear_ladder(session, ladder, linear)
+        options = [f for f in ladder  # fp32 last; sorted below by the bytes this linear saves
                    if all(target_kl(figures, t, f) is not None for t in covering[linear])]
         if linear == HEAD and precision == "int4":  # a 4-bit head makes small models repeat themselves
             options = [f for f in options if f not in BLOCK_FORMATS or BLOCK_FORMATS[f][0] == 8

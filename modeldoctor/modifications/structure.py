@@ -113,8 +113,7 @@ class DuplicatedBlock(_StandIn):
             self._reserve_extra_state(cache)
         out = self.block(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-        with _slots_swapped(caches, self.slot, self.extra_slot), \
-                _states_swapped(state_caches, self.slot, self.extra_slot):
+        with _slots_swapped(caches, state_caches, self.slot, self.extra_slot):
             if args:
                 return self.block(hidden, *args[1:], **kwargs)
             return self.block(**{**kwargs, "hidden_states": hidden})
@@ -156,11 +155,13 @@ class DuplicatedBlock(_StandIn):
 
 
 @contextlib.contextmanager
-def _states_swapped(caches: list, slot: int, other: int) -> Iterator[None]:
-    """The state caches' entries of `slot` and `other` exchanged for a while (list items, or rows
-    of a stacked tensor swapped in place)."""
+def _slots_swapped(caches: list[Cache], state_caches: list, slot: int, other: int) -> Iterator[None]:
+    """The KV caches' layers and the state caches' entries (list items, or rows of a stacked
+    tensor swapped in place) of `slot` and `other` exchanged for a while."""
     def swap():
         for cache in caches:
+            cache.layers[slot], cache.layers[other] = cache.layers[other], cache.layers[slot]
+        for cache in state_caches:
             for name in STATE_ENTRIES:
                 entries = getattr(cache, name, None)
                 if entries is None:
@@ -169,18 +170,6 @@ def _states_swapped(caches: list, slot: int, other: int) -> Iterator[None]:
                     entries[[slot, other]] = entries[[other, slot]]
                 else:
                     entries[slot], entries[other] = entries[other], entries[slot]
-    swap()
-    try:
-        yield
-    finally:
-        swap()
-
-
-@contextlib.contextmanager
-def _slots_swapped(caches: list[Cache], slot: int, other: int) -> Iterator[None]:
-    def swap():
-        for cache in caches:
-            cache.layers[slot], cache.layers[other] = cache.layers[other], cache.layers[slot]
     swap()
     try:
         yield
