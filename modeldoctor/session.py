@@ -20,7 +20,7 @@ from modeldoctor.memory import release_freed_memory
 from modeldoctor.data import DataSpec, EvalData
 from modeldoctor.data.sources import build_data
 from modeldoctor.metrics.divergence import (
-    ReferenceSpill, RefLogProbs, knowledge_correct, next_token_logprob, reference_fits_in_memory,
+    ReferenceSpill, RefLogProbs, knowledge_correct, next_token_logprob, reference_fits_in_memory, summarise_head,
 )
 from modeldoctor.model import find_anatomy, load_model
 from modeldoctor.model.anatomy import gradients_only_for
@@ -144,10 +144,17 @@ class Session:
             # same rounding, so an unchanged model differs from its reference by exactly 0.
             logits = torch.cat([part for _, part in self.replayer.head_parts(trace.states[-1])])
             traces.append(trace)
-            logprobs.append(RefLogProbs.from_logits(logits, spill))
-            lp = torch.cat([next_token_logprob(torch.log_softmax(logits[row:row + 1].float(), dim=-1),
-                                               batch.input_ids[row:row + 1])
-                            for row in range(logits.shape[0])])  # a sequence at a time: see from_logits
+            plain = self.replayer.plain_head()
+            if plain is not None:  # and as the probes that leave it alone summarise it (kl_from_states)
+                head_input = self.replayer.head_input(trace.states[-1])
+                summary = summarise_head(head_input, *plain, batch.input_ids)
+                logprobs.append(RefLogProbs.from_logits(logits, spill, head_input, plain[0], summary))
+                lp = summary.next_logprob()
+            else:
+                logprobs.append(RefLogProbs.from_logits(logits, spill))
+                lp = torch.cat([next_token_logprob(torch.log_softmax(logits[row:row + 1].float(), dim=-1),
+                                                   batch.input_ids[row:row + 1])
+                                for row in range(logits.shape[0])])  # a sequence at a time: see from_logits
             next_lp.append(lp)
             valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()
             nll_sum += float(-lp[valid].sum())

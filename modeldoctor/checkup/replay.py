@@ -171,6 +171,23 @@ class Replayer:
                 final = module(final)
             return self.anatomy.head(final if head_mask is None else final[head_mask])
 
+    def head_input(self, final: torch.Tensor) -> torch.Tensor:
+        """The state entering the head: the final norm, as it is now, on the state leaving the
+        last block (the whole batch, as the model runs it)."""
+        with torch.inference_mode():
+            for module in self.anatomy.tail:
+                final = module(final)
+        return final
+
+    def plain_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of the head if it is a plain linear layer that nothing hooks, whose
+        logits summarise_head can take a slice of the vocabulary at a time; else None."""
+        head = self.anatomy.head
+        if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks \
+                or "forward" in vars(head):
+            return None
+        return head.weight, head.bias
+
     def head_parts(self, final: torch.Tensor):
         """(rows, logits of those rows) covering the batch of final states `final`: a sequence
         at a time (a batch's logits and their log-softmax were most of a probe's memory), unless

@@ -32,7 +32,7 @@ from modeldoctor.metrics import decoding as decoding_metrics
 from modeldoctor.metrics import routing as routing_metrics
 from modeldoctor.metrics.cascade import CascadeAccumulator
 from modeldoctor.metrics.divergence import (
-    DivergenceAccumulator, answer_positions_mask, knowledge_correct_sparse,
+    DivergenceAccumulator, answer_positions_mask, knowledge_correct_sparse, summarise_head,
 )
 from modeldoctor.modifications.base import create, expand, token_mask
 from modeldoctor.report.results import CheckupReport, ProbeRecord, ProbeSpec
@@ -97,6 +97,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
 
     # A probe that changes the embedding table (a tied head's shared table) reruns everything.
     fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
+    head_changed = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
     start = spec.block if plan.prefix_cache and not fresh_embedding else 0
     routing_reference = routing_metrics.reference_routing(session, ref, data)  # before the modification
     # A carried step would skip the routers of its earlier targets' blocks, whose routes it changed.
@@ -137,7 +138,8 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
             begin, hidden = start_for("eval", number)
             with token_mask(ctx, batch.attention_mask):  # padding stays out of per-sequence statistics
                 run = replayer.run_from(trace, begin, hidden, head=False)
-                _add_divergence(divergence, replayer, ref, number, batch, run.states[max(run.states)], temperature)
+                _add_divergence(divergence, replayer, ref, number, batch, run.states[max(run.states)], temperature,
+                                head_changed)
             if routes is not None:
                 routes.add(number, begin)
             cascade.add(trace.states, run.states, batch.attention_mask)
@@ -174,9 +176,17 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
 
 
 def _add_divergence(divergence: DivergenceAccumulator, replayer, ref: Reference, number: int, batch,
-                    final: torch.Tensor, temperature: float) -> None:
-    """Add replayed batch `number` to `divergence`, from the states leaving its last block, the
-    head run on them as Replayer.head_parts says."""
+                    final: torch.Tensor, temperature: float, head_changed: bool) -> None:
+    """Add replayed batch `number` to `divergence`, from the states leaving its last block: when
+    the probe left the reference's plain head alone, from the state entering it (summarise_head,
+    kl_from_states); else the head run on them as Replayer.head_parts says."""
+    plain = replayer.plain_head()
+    reference = ref.logprobs[number]
+    if plain is not None and reference.summary is not None and not head_changed and temperature == 1.0:
+        head_input = replayer.head_input(final)
+        divergence.add_from_states(reference, ref.next_logprob[number], head_input,
+                                   summarise_head(head_input, *plain, batch.input_ids), batch.attention_mask)
+        return
     for rows, logits in replayer.head_parts(final):
         if temperature != 1.0:
             logits = logits / temperature

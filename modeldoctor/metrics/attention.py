@@ -36,9 +36,15 @@ def eager_attention(model):
     return attention_implementation(model, lambda original: "eager")
 
 
+class _BlocksDone(Exception):
+    """Raised on reaching the final norm or the head: the maps are in, the logits are not needed."""
+
+
 def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Attention probabilities (heads, T, T) of each block's last call, for one sequence."""
+    """Attention probabilities (heads, T, T) of each block's last call, for one sequence. The
+    forward pass stops after the last block (the head would be a quarter of its work)."""
     maps: dict[int, torch.Tensor] = {}
+    called: set[int] = set()  # blocks whose attention ran (a removed block's does not)
     handles = []
     for part in anatomy.blocks:
         if part.attention_name is None:
@@ -46,19 +52,29 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int
         module = part.module.get_submodule(part.attention_name)
 
         def hook(m, args, output, index=part.index):
+            called.add(index)
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if isinstance(weights, torch.Tensor) and weights.dim() == 4:
                 maps[index] = weights[0].float()
         handles.append(module.register_forward_hook(hook))
+
+    def stop(module, args):
+        raise _BlocksDone
+
+    handles.append((anatomy.tail[0] if anatomy.tail else anatomy.head).register_forward_pre_hook(stop))
+
+    def forward(**extra) -> None:
+        with contextlib.suppress(_BlocksDone):
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False, **extra)
+
     try:
         with eager_attention(model), torch.inference_mode():
-            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
-            if len(maps) < len(handles):
+            forward()
+            if called - set(maps):
                 # Older-style attention classes (Jamba's) return weights only when asked; asking
                 # every model would break others (Bamba's Mamba layers have none to give).
                 with contextlib.suppress(RuntimeError, IndexError, TypeError, ValueError):
-                    model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
-                          output_attentions=True)
+                    forward(output_attentions=True)
     finally:
         for handle in handles:
             handle.remove()
