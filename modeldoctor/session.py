@@ -20,10 +20,11 @@ from modeldoctor.memory import release_freed_memory
 from modeldoctor.data import DataSpec, EvalData
 from modeldoctor.data.sources import build_data
 from modeldoctor.metrics.divergence import (
-    ReferenceSpill, RefLogProbs, knowledge_correct, next_token_logprob, reference_fits_in_memory, summarise_head,
+    ReferenceSpill, RefLogProbs, answer_positions_mask, knowledge_correct_sparse, next_token_logprob,
+    reference_fits_in_memory, summarise_head,
 )
 from modeldoctor.model import find_anatomy, load_model
-from modeldoctor.model.anatomy import gradients_only_for
+from modeldoctor.model.anatomy import gradients_only_for, stop_before
 from modeldoctor.model.loading import LoadedModel
 from modeldoctor.model.summary import summarize
 from modeldoctor.modifications.base import ModContext
@@ -164,10 +165,12 @@ class Session:
         k_traces, hits = [], []
         for number, batch in enumerate(data.knowledge_batches):
             control.checkpoint()
-            trace, logits = self.replayer.trace(batch)
+            trace, _ = self.replayer.trace(batch, logits=False)  # the head at the answers only
             k_traces.append(trace.thinned(KNOWLEDGE_STATE_STRIDE))
-            hits += knowledge_correct(logits, batch.answer_positions, batch.answer_tokens)
-            del trace, logits
+            mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions, batch.input_ids.device)
+            hits += knowledge_correct_sparse(self.replayer.head_logits(trace.states[-1], mask), mask,
+                                             batch.answer_positions, batch.answer_tokens)
+            del trace
             release_freed_memory()  # the dropped states and the logits, before the next batch
             if on_batch:
                 on_batch(len(data.eval_batches) + number + 1, total)
@@ -204,7 +207,7 @@ class Session:
             for batch in data.calibration_batches:
                 control.checkpoint()
                 mask_holder[0] = batch.attention_mask
-                with torch.inference_mode():
+                with torch.inference_mode(), stop_before(self.anatomy.after_blocks):  # block linears only
                     self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:

@@ -112,3 +112,13 @@ def test_attention_maps_take_one_pass_that_stops_before_the_head(llama_session):
     assert sorted(removed) == [0, 2]  # the removed block has none, and is not asked again
     assert len(attention_calls) == 2 and not head_calls
     torch.testing.assert_close(removed[0], maps[0])
+
+
+def test_the_reference_and_a_probe_work_where_autograd_is_on(llama_session, small_data_spec):
+    # The app runs the engine on worker threads, where autograd is on unless the engine turns it off.
+    data = llama_session.data(small_data_spec)
+    with torch.enable_grad():
+        ref = llama_session.current_reference(data)
+        record = measure(llama_session, ref, data, CheckupPlan(modifications=["int4"], knowledge=False),
+                         ProbeSpec(0, "int4", "quantize", "isolated", ("1",), 1), RunControl())
+    assert ref.logprobs[0].summary is not None and record.metrics["kl_mean"] > 0

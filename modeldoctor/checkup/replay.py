@@ -15,6 +15,7 @@ import torch
 from modeldoctor.data import Batch
 from modeldoctor.errors import UnsupportedModelError
 from modeldoctor.model import Anatomy
+from modeldoctor.model.anatomy import stop_before
 
 
 @dataclass
@@ -78,8 +79,10 @@ class Replayer:
         self.model = model
         self.anatomy = anatomy
 
-    def trace(self, batch: Batch) -> tuple[Trace, torch.Tensor]:
-        """Run the whole model once, recording each block's call; returns the trace and logits."""
+    def trace(self, batch: Batch, logits: bool = True) -> tuple[Trace, torch.Tensor | None]:
+        """Run the whole model once, recording each block's call; returns the trace and logits.
+        Without `logits`, the pass stops after the last block (None for the logits): the caller
+        takes the ones it needs from the final state."""
         blocks = self.anatomy.block_list
         calls: list[BlockCall | None] = [None] * len(blocks)
         states: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
@@ -104,8 +107,9 @@ class Replayer:
 
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
         handles += [b.register_forward_hook(post_hook(i)) for i, b in enumerate(blocks)]
+        out = None
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), contextlib.nullcontext() if logits else stop_before(self.anatomy.after_blocks):
                 out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:
@@ -116,7 +120,7 @@ class Replayer:
         # Replay feeds each block the previous one's output: work between blocks would be skipped.
         handed_on = all(outputs[j] is states[j + 1] or torch.equal(outputs[j], states[j + 1])
                         for j in range(len(blocks) - 1))
-        return Trace(calls, states, batch.input_ids, batch.attention_mask, handed_on), out.logits
+        return Trace(calls, states, batch.input_ids, batch.attention_mask, handed_on), out.logits if logits else None
 
     def embed(self, trace: Trace) -> torch.Tensor:
         """The state entering block 0 as the embedding is now (a probe may have changed its
@@ -124,19 +128,14 @@ class Replayer:
         scaling), stopped before any block runs."""
         captured: list[torch.Tensor] = []
 
-        class _Reached(Exception):
-            pass
-
         def hook(module, args, kwargs):
             captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Reached
 
-        handle = self.anatomy.block_list[0].register_forward_pre_hook(hook, with_kwargs=True)
+        first = self.anatomy.block_list[0]
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), stop_before(first):  # registered after: runs after the capture
                 self.model(input_ids=trace.input_ids, attention_mask=trace.attention_mask, use_cache=False)
-        except _Reached:
-            pass
         finally:
             handle.remove()
         if not captured:

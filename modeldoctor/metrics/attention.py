@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from modeldoctor.model import Anatomy
+from modeldoctor.model.anatomy import stop_before
 
 
 @contextlib.contextmanager
@@ -36,10 +37,6 @@ def eager_attention(model):
     return attention_implementation(model, lambda original: "eager")
 
 
-class _BlocksDone(Exception):
-    """Raised on reaching the final norm or the head: the maps are in, the logits are not needed."""
-
-
 def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Attention probabilities (heads, T, T) of each block's last call, for one sequence. The
     forward pass stops after the last block (the head would be a quarter of its work)."""
@@ -58,13 +55,8 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int
                 maps[index] = weights[0].float()
         handles.append(module.register_forward_hook(hook))
 
-    def stop(module, args):
-        raise _BlocksDone
-
-    handles.append((anatomy.tail[0] if anatomy.tail else anatomy.head).register_forward_pre_hook(stop))
-
     def forward(**extra) -> None:
-        with contextlib.suppress(_BlocksDone):
+        with stop_before(anatomy.after_blocks):  # the maps are in; the logits are not needed
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False, **extra)
 
     try:

@@ -75,6 +75,7 @@ class HeadSummary:
         return self.next_logit - self.lse[:, :-1]
 
 
+@torch.inference_mode()  # also on a thread where autograd is on (the app's workers)
 def summarise_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    input_ids: torch.Tensor) -> HeadSummary:
     """The HeadSummary of the logits hidden @ weight.T + bias of the whole batch (B, T, H),
@@ -101,7 +102,9 @@ def summarise_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         best = new_best
     shape = hidden.shape[:-1]
     following = input_ids[:, 1:]
-    next_logit = (hidden[:, :-1].float() * weight[following].float()).sum(-1)
+    # A sequence at a time: the gathered weight rows are as large as the hidden states.
+    next_logit = torch.stack([(hidden[row, :-1].float() * weight[following[row]].float()).sum(-1)
+                              for row in range(hidden.shape[0])])
     if bias is not None:
         next_logit = next_logit + bias[following].float()
     # Rounded as the head's own output is (a no-op in float32).
@@ -141,6 +144,7 @@ class RefLogProbs:
         if head_weight is not None:
             mean_row = torch.empty((*logits.shape[:-1], head_weight.shape[1]), dtype=torch.float32,
                                    device=logits.device)
+            head_weight = head_weight.detach().float()
         for part in rows:
             logp = torch.log_softmax(logits[part].float(), dim=-1)
             p = logp.exp()
@@ -148,7 +152,7 @@ class RefLogProbs:
             argmax[part] = logp.argmax(-1)
             full[part] = p
             if mean_row is not None:
-                mean_row[part] = p @ head_weight.float()
+                mean_row[part] = p @ head_weight
         return cls(full=full, neg_entropy=neg_entropy, argmax=argmax,
                    head_input=None if mean_row is None else head_input.float(), mean_row=mean_row, summary=summary)
 

@@ -23,6 +23,25 @@ from modeldoctor.model.moe import MoEParts, find_moe
 HEAD = "head"  # the LM head's linear name: a probe, keep and export target like any block linear
 
 
+class _Stopped(Exception):
+    """Raised by stop_before's hook: the forward pass has gone as far as it was wanted."""
+
+
+@contextlib.contextmanager
+def stop_before(module: nn.Module) -> Iterator[None]:
+    """Within it, a forward pass of the model ends quietly when it reaches `module` (what the
+    hooks before it recorded is all that is wanted)."""
+    def stop(*args):
+        raise _Stopped
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        with contextlib.suppress(_Stopped):
+            yield
+    finally:
+        handle.remove()
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2 style Conv1D (a linear with its weight stored transposed)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -157,6 +176,11 @@ class Anatomy:
             return self.blocks[index].linears[rel]
         except (ValueError, IndexError, KeyError):
             raise KeyError(f"no linear named {name}") from None
+
+    @property
+    def after_blocks(self) -> nn.Module:
+        """The first module the model runs after its last block: the final norm, or the head."""
+        return self.tail[0] if self.tail else self.head
 
     def block_of(self, target: str) -> int:
         """The first block a target's modification changes the input of; the head comes after
