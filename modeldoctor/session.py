@@ -137,7 +137,7 @@ class Session:
         total = len(data.eval_batches) + len(data.knowledge_batches)
         for number, batch in enumerate(data.eval_batches):
             control.checkpoint()
-            trace, logits = self.replayer.trace(batch)
+            trace, logits = self.replayer.trace(batch, logits=number == 0)  # the model's own, to verify once
             if number == 0:
                 self.replayer.verify(trace, logits)
             del logits
@@ -148,8 +148,8 @@ class Session:
             plain = self.replayer.plain_head()
             if plain is not None:  # and as the probes that leave it alone summarise it (kl_from_states)
                 head_input = self.replayer.head_input(trace.states[-1])
-                summary = summarise_head(head_input, *plain, batch.input_ids)
-                logprobs.append(RefLogProbs.from_logits(logits, spill, head_input, plain[0], summary))
+                summary = summarise_head(head_input, *plain, batch.input_ids, mean_row=True)
+                logprobs.append(RefLogProbs.from_logits(logits, spill, head_input, summary))
                 lp = summary.next_logprob()
             else:
                 logprobs.append(RefLogProbs.from_logits(logits, spill))
@@ -207,7 +207,7 @@ class Session:
             for batch in data.calibration_batches:
                 control.checkpoint()
                 mask_holder[0] = batch.attention_mask
-                with torch.inference_mode(), stop_before(self.anatomy.after_blocks):  # block linears only
+                with torch.inference_mode(), stop_before(self.model, self.anatomy.after_blocks):  # block linears only
                     self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:

@@ -12,6 +12,7 @@ from modeldoctor.control import RunControl
 from modeldoctor.metrics import attention as attention_metrics
 from modeldoctor.metrics import divergence
 from modeldoctor.metrics.divergence import DivergenceAccumulator, next_token_logprob, summarise_head
+from modeldoctor.model.anatomy import stop_before
 from modeldoctor.modifications.base import create
 from modeldoctor.report.results import ProbeSpec
 from modeldoctor.session import Session
@@ -26,12 +27,16 @@ def test_summarise_head_matches_the_full_log_softmax(monkeypatch, with_bias):
     weight[777] = hidden[0, 3] * 3  # one token far above the rest at one position, in a later slice
     bias = torch.randn(1000, generator=generator) if with_bias else None
     ids = torch.randint(0, 1000, (2, 9), generator=generator)
-    summary = summarise_head(hidden, weight, bias, ids)
+    summary = summarise_head(hidden, weight, bias, ids, mean_row=True)
     logits = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
-    torch.testing.assert_close(summary.lse.double(), torch.logsumexp(logits, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close((summary.best + summary.log_total).double(), torch.logsumexp(logits, -1),
+                               rtol=0, atol=1e-5)
     assert torch.equal(summary.top, logits.argmax(-1)) and int(summary.top[0, 3]) == 777
     torch.testing.assert_close(summary.next_logprob().double(),
                                next_token_logprob(torch.log_softmax(logits, -1), ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(summary.mean_row.double(), torch.softmax(logits, -1) @ weight.double(),
+                               rtol=1e-5, atol=1e-5)
+    assert summarise_head(hidden, weight, bias, ids).mean_row is None  # only when asked for
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -122,3 +127,29 @@ def test_the_reference_and_a_probe_work_where_autograd_is_on(llama_session, smal
         record = measure(llama_session, ref, data, CheckupPlan(modifications=["int4"], knowledge=False),
                          ProbeSpec(0, "int4", "quantize", "isolated", ("1",), 1), RunControl())
     assert ref.logprobs[0].summary is not None and record.metrics["kl_mean"] > 0
+
+
+def test_a_bfloat16_model_reads_the_same_with_or_without_the_logits(llama_dir, small_data_spec, monkeypatch):
+    # Its logits are rounded to bfloat16; the summary takes them in float32, so its two
+    # log-normalisers do not carry rounding noise of their own size.
+    session = Session.open(llama_dir, dtype="bfloat16")
+    data = session.data(small_data_spec)
+    ref = session.current_reference(data)
+    plan = CheckupPlan(modifications=["int2"], knowledge=False, attention=False)
+    spec = ProbeSpec(0, "int2", "quantize", "isolated", ("1",), 1)
+    fast = measure(session, ref, data, plan, spec, RunControl()).metrics
+    monkeypatch.setattr(Replayer, "plain_head", lambda self: None)
+    full = measure(session, ref, data, plan, spec, RunControl()).metrics
+    assert fast["kl_mean"] > 1e-3
+    assert fast["kl_mean"] == pytest.approx(full["kl_mean"], rel=0.05)
+
+
+def test_a_pass_cut_short_leaves_no_module_wrapped(llama_session):
+    # Asked for attentions, transformers wraps the attention modules' forwards for the pass and
+    # puts them back only if the pass ends normally.
+    anatomy = llama_session.anatomy
+    ids = torch.randint(3, 300, (1, 8))
+    with attention_metrics.eager_attention(llama_session.model), torch.inference_mode():
+        with stop_before(llama_session.model, anatomy.after_blocks):
+            llama_session.model(input_ids=ids, output_attentions=True, use_cache=False)
+    assert not [name for name, m in llama_session.model.named_modules() if "forward" in vars(m)]

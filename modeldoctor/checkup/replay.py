@@ -108,8 +108,9 @@ class Replayer:
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
         handles += [b.register_forward_hook(post_hook(i)) for i, b in enumerate(blocks)]
         out = None
+        stopper = contextlib.nullcontext() if logits else stop_before(self.model, self.anatomy.after_blocks)
         try:
-            with torch.inference_mode(), contextlib.nullcontext() if logits else stop_before(self.anatomy.after_blocks):
+            with torch.inference_mode(), stopper:
                 out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:
@@ -134,7 +135,7 @@ class Replayer:
         first = self.anatomy.block_list[0]
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            with torch.inference_mode(), stop_before(first):  # registered after: runs after the capture
+            with torch.inference_mode(), stop_before(self.model, first):  # registered after: runs after the capture
                 self.model(input_ids=trace.input_ids, attention_mask=trace.attention_mask, use_cache=False)
         finally:
             handle.remove()
@@ -165,9 +166,8 @@ class Replayer:
 
     def head_logits(self, final: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final norm and the head, as they are now, on the state leaving the last block."""
+        final = self.head_input(final)
         with torch.inference_mode():
-            for module in self.anatomy.tail:
-                final = module(final)
             return self.anatomy.head(final if head_mask is None else final[head_mask])
 
     def head_input(self, final: torch.Tensor) -> torch.Tensor:

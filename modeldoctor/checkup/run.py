@@ -74,6 +74,11 @@ class _CumulativeCarry:
         return self.states.pop((spec.modification, spec.targets[:-1]), None)
 
 
+def changes_head(session: Session, spec: ProbeSpec) -> bool:
+    """Whether the probe modifies the LM head (which comes after the last block)."""
+    return any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
+
+
 def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan, spec: ProbeSpec,
             control: RunControl, carry: _CumulativeCarry | None = None,
             keep: frozenset[str] = frozenset(), temperature: float = 1.0) -> ProbeRecord:
@@ -97,7 +102,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
 
     # A probe that changes the embedding table (a tied head's shared table) reruns everything.
     fresh_embedding = any(mod.changes_embedding(session.anatomy, t) for t in spec.targets)
-    head_changed = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
+    head_changed = changes_head(session, spec)
     start = spec.block if plan.prefix_cache and not fresh_embedding else 0
     routing_reference = routing_metrics.reference_routing(session, ref, data)  # before the modification
     # A carried step would skip the routers of its earlier targets' blocks, whose routes it changed.
@@ -243,7 +248,7 @@ def _knowledge_metrics(session: Session, ref: Reference, data: EvalData, spec: P
     hits = []
     # A modified head sees every position, as deployed (int8 dynamic takes its range over
     # them all); an unmodified one need only run at the answer positions.
-    head_modified = any(session.anatomy.block_of(t) >= session.anatomy.num_blocks for t in spec.targets)
+    head_modified = changes_head(session, spec)
     for number, batch in enumerate(data.knowledge_batches):
         control.checkpoint()
         mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions, batch.input_ids.device)

@@ -56,7 +56,7 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int
         handles.append(module.register_forward_hook(hook))
 
     def forward(**extra) -> None:
-        with stop_before(anatomy.after_blocks):  # the maps are in; the logits are not needed
+        with stop_before(model, anatomy.after_blocks):  # the maps are in; the logits are not needed
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False, **extra)
 
     try:

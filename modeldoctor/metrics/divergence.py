@@ -8,7 +8,6 @@ bound, which read 35 % low on a flat 49k-token vocabulary).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import tempfile
@@ -66,39 +65,46 @@ class HeadSummary:
     """What the divergence statistics need of a batch's logits, per token, taken without keeping
     the logits (summarise_head)."""
 
-    lse: torch.Tensor  # (B, T) log of the softmax's normaliser: log q_v = z_v - lse
+    best: torch.Tensor  # (B, T) the largest logit
+    log_total: torch.Tensor  # (B, T) log sum_v exp(z_v - best): log q_v = z_v - best - log_total
     top: torch.Tensor  # (B, T) the most likely token
     next_logit: torch.Tensor  # (B, T-1) the logit of the token that actually comes next
+    mean_row: torch.Tensor | None = None  # (B, T, H) sum_v q_v W_v, when asked for (a reference's)
 
     def next_logprob(self) -> torch.Tensor:
         """log q(actual next token) at positions 0..T-2: (B, T-1)."""
-        return self.next_logit - self.lse[:, :-1]
+        return self.next_logit - self.best[:, :-1] - self.log_total[:, :-1]
 
 
 @torch.inference_mode()  # also on a thread where autograd is on (the app's workers)
 def summarise_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   input_ids: torch.Tensor) -> HeadSummary:
+                   input_ids: torch.Tensor, mean_row: bool = False) -> HeadSummary:
     """The HeadSummary of the logits hidden @ weight.T + bias of the whole batch (B, T, H),
     computed a slice of the vocabulary at a time with a running log-sum-exp: each slice's logits
     are used while they are still in cache, and no (B, T, V) tensor is ever made (on the sample,
     the head and the statistics take 0.35 s per 1024 tokens instead of 0.64 s a sequence at a
-    time). The head runs in the model's dtype, the statistics in float32. The same function on
-    the same shapes gives the same rounding, so an unchanged model differs from its reference
-    by exactly 0."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    time). Float32 throughout, whatever the model's dtype: bfloat16 logits would put rounding
+    noise of their own size into kl_from_states. With `mean_row`, also the distribution's mean
+    weight row, from the same logits. The same function on the same shapes gives the same
+    rounding, so an unchanged model differs from its reference by exactly 0."""
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()
     rows = max(256, HEAD_CHUNK_BYTES // (4 * flat.shape[0]))
-    best = total = top = None
+    best = total = top = weighted = None
     for start in range(0, weight.shape[0], rows):
-        logits = torch.nn.functional.linear(flat, weight[start:start + rows],
-                                            None if bias is None else bias[start:start + rows]).float()
+        part = weight[start:start + rows].float()
+        logits = torch.nn.functional.linear(flat, part, None if bias is None else bias[start:start + rows].float())
         slice_best, slice_top = logits.max(-1)
+        new_best = slice_best if best is None else torch.maximum(best, slice_best)
+        exps = logits.sub_(new_best[:, None]).exp_()
         if best is None:
-            best, top = slice_best, slice_top
-            total = logits.sub_(best[:, None]).exp_().sum(-1)
-            continue
-        top = torch.where(slice_best > best, slice_top + start, top)
-        new_best = torch.maximum(best, slice_best)
-        total = total.mul_((best - new_best).exp_()).add_(logits.sub_(new_best[:, None]).exp_().sum(-1))
+            top, total = slice_top, exps.sum(-1)
+            weighted = exps @ part if mean_row else None
+        else:
+            top = torch.where(slice_best > best, slice_top + start, top)
+            rescale = (best - new_best).exp_()
+            total = total.mul_(rescale).add_(exps.sum(-1))
+            if mean_row:
+                weighted = weighted.mul_(rescale[:, None]).add_(exps @ part)
         best = new_best
     shape = hidden.shape[:-1]
     following = input_ids[:, 1:]
@@ -107,8 +113,8 @@ def summarise_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                               for row in range(hidden.shape[0])])
     if bias is not None:
         next_logit = next_logit + bias[following].float()
-    # Rounded as the head's own output is (a no-op in float32).
-    return HeadSummary((best + total.log()).view(shape), top.view(shape), next_logit.to(hidden.dtype).float())
+    return HeadSummary(best.view(shape), total.log().view(shape), top.view(shape), next_logit,
+                       None if weighted is None else (weighted / total[:, None]).view(hidden.shape))
 
 
 @dataclass
@@ -118,43 +124,33 @@ class RefLogProbs:
     full: torch.Tensor  # (B, T, V) float32 probabilities
     neg_entropy: torch.Tensor  # (B, T): sum p log p, so KL = neg_entropy - sum p log q
     argmax: torch.Tensor  # (B, T)
-    # Where the head is a plain linear (Replayer.plain_head): the state entering it, the
-    # probability-weighted mean of its weight rows sum_v p_v W_v, and its HeadSummary. A probe
-    # that leaves the head alone then gets KL without the full distributions (kl_from_states).
-    head_input: torch.Tensor | None = None  # (B, T, H)
-    mean_row: torch.Tensor | None = None  # (B, T, H)
+    # Where the head is a plain linear (Replayer.plain_head): the state entering it and its
+    # HeadSummary with the mean weight row. A probe that leaves the head alone then gets KL
+    # without the full distributions (kl_from_states).
+    head_input: torch.Tensor | None = None  # (B, T, H), in the model's dtype
     summary: HeadSummary | None = None
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, spill: ReferenceSpill | None = None,
-                    head_input: torch.Tensor | None = None, head_weight: torch.Tensor | None = None,
-                    summary: HeadSummary | None = None) -> "RefLogProbs":
+                    head_input: torch.Tensor | None = None, summary: HeadSummary | None = None) -> "RefLogProbs":
         """From logits (B, T, V) a sequence at a time, as the probes see theirs (Replayer.head_parts):
         the log-softmax's full-vocabulary temporaries over a whole batch would be several times the
         logits (0.5 GB on a 1 B model), and the same shapes give the same rounding, so an unchanged
         model differs from its reference by exactly 0. Other shapes at once. For a plain linear
-        head, also what kl_from_states needs: the state entering the head, its weight, and the
-        HeadSummary of these logits."""
+        head, also what kl_from_states needs: the state entering the head and the HeadSummary
+        (with its mean row) of these logits."""
         rows = [slice(row, row + 1) for row in range(logits.shape[0])] if logits.dim() == 3 else [slice(None)]
         full = (spill.tensor(tuple(logits.shape)) if spill is not None
                 else torch.empty(logits.shape, dtype=torch.float32, device=logits.device))
         neg_entropy = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
         argmax = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
-        mean_row = None
-        if head_weight is not None:
-            mean_row = torch.empty((*logits.shape[:-1], head_weight.shape[1]), dtype=torch.float32,
-                                   device=logits.device)
-            head_weight = head_weight.detach().float()
         for part in rows:
             logp = torch.log_softmax(logits[part].float(), dim=-1)
             p = logp.exp()
             neg_entropy[part] = (p * logp).sum(-1)
             argmax[part] = logp.argmax(-1)
             full[part] = p
-            if mean_row is not None:
-                mean_row[part] = p @ head_weight
-        return cls(full=full, neg_entropy=neg_entropy, argmax=argmax,
-                   head_input=None if mean_row is None else head_input.float(), mean_row=mean_row, summary=summary)
+        return cls(full=full, neg_entropy=neg_entropy, argmax=argmax, head_input=head_input, summary=summary)
 
     def rows(self, rows: slice) -> "RefLogProbs":
         """The sequences `rows` of the batch (views, no copy)."""
@@ -168,9 +164,11 @@ class RefLogProbs:
         """KL(ref || mod) per token, (B, T), for a modified model whose state entering the same
         head is `head_input`: with log p_v = z_v - lse and z_v = h . W_v + b_v,
         KL = sum_v p_v (log p_v - log q_v) = (h_ref - h) . sum_v p_v W_v + (lse_mod - lse_ref).
-        The difference of the states is taken first, so small changes keep their precision."""
-        return (((self.head_input - head_input.float()) * self.mean_row).sum(-1)
-                + (summary.lse - self.summary.lse)).clamp(min=0)
+        Differences are taken before sums (of the states; of the largest logits and of the
+        log-totals apart), so small changes keep their precision."""
+        reference = self.summary
+        return (((self.head_input.float() - head_input.float()) * reference.mean_row).sum(-1)
+                + (summary.best - reference.best) + (summary.log_total - reference.log_total)).clamp(min=0)
 
 
 def next_token_logprob(logp: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -28,18 +28,27 @@ class _Stopped(Exception):
 
 
 @contextlib.contextmanager
-def stop_before(module: nn.Module) -> Iterator[None]:
-    """Within it, a forward pass of the model ends quietly when it reaches `module` (what the
-    hooks before it recorded is all that is wanted)."""
+def stop_before(model: nn.Module, module: nn.Module) -> Iterator[None]:
+    """Within it, a forward pass of `model` ends quietly when it reaches `module` (what the hooks
+    before it recorded is all that is wanted). A pass cut short skips transformers' own clean-up
+    (asked for attentions, it wraps modules' forwards and puts them back at the end), so every
+    module's forward is put back as it was."""
     def stop(*args):
         raise _Stopped
 
+    forwards = {m: vars(m).get("forward") for m in model.modules()}
     handle = module.register_forward_pre_hook(stop)
     try:
         with contextlib.suppress(_Stopped):
             yield
     finally:
         handle.remove()
+        for each, forward in forwards.items():
+            if vars(each).get("forward") is not forward:
+                if forward is None:
+                    del each.forward
+                else:
+                    each.forward = forward
 
 
 def is_linear(module: nn.Module) -> bool:
