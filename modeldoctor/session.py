@@ -42,9 +42,19 @@ GRADIENT_CHUNK = 64  # tokens per gradient sample for gradient-aware pruning
 
 
 # The knowledge probes are scored on a few probes only (the worst ones), and their text is about
-# twice the evaluation text: their states are kept at every fourth block (a quarter of the memory),
-# each scoring replaying at most three blocks more.
-KNOWLEDGE_STATE_STRIDE = 4
+# twice the evaluation text: their states are kept at every block while that takes at most this
+# much memory (the sample: 0.16 GB), else at every second, third, ... block, whichever fits (a
+# 1.1 B model: every third), each scoring then replaying up to that many blocks less one more.
+KNOWLEDGE_STATE_BYTES = 192 << 20
+
+
+def knowledge_state_stride(blocks: int, bytes_per_state: int) -> int:
+    """The smallest stride whose kept states (every stride-th block's and the final one) fit
+    KNOWLEDGE_STATE_BYTES; the states of every block from the first, if none does."""
+    for stride in range(1, blocks + 1):
+        if (-(-blocks // stride) + 1) * bytes_per_state <= KNOWLEDGE_STATE_BYTES:
+            return stride
+    return blocks
 
 
 @dataclass
@@ -163,10 +173,13 @@ class Session:
             if on_batch:
                 on_batch(number + 1, total)
         k_traces, hits = [], []
+        per_state = sum(b.input_ids.numel() for b in data.knowledge_batches) * self.anatomy.hidden_size \
+            * next(self.model.parameters()).element_size()
+        stride = knowledge_state_stride(self.anatomy.num_blocks, per_state)
         for number, batch in enumerate(data.knowledge_batches):
             control.checkpoint()
             trace, _ = self.replayer.trace(batch, logits=False)  # the head at the answers only
-            k_traces.append(trace.thinned(KNOWLEDGE_STATE_STRIDE))
+            k_traces.append(trace.thinned(stride))
             mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions, batch.input_ids.device)
             hits += knowledge_correct_sparse(self.replayer.head_logits(trace.states[-1], mask), mask,
                                              batch.answer_positions, batch.answer_tokens)

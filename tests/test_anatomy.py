@@ -156,3 +156,12 @@ def test_a_memo_is_not_corrupted_by_a_block_that_changes_outputs_in_place(model_
             assert torch.equal(memo.rerun(contextlib.nullcontext()), trace.states[2])
     finally:
         handle.remove()
+
+
+def test_knowledge_states_are_thinned_only_as_far_as_memory_asks():
+    from modeldoctor.session import knowledge_state_stride
+
+    megabyte = 1 << 20
+    assert knowledge_state_stride(30, int(5.2 * megabyte)) == 1  # the sample: 31 states, 0.16 GB
+    assert knowledge_state_stride(22, int(18.6 * megabyte)) == 3  # a 1.1 B model: 9 of 23 states
+    assert knowledge_state_stride(4, 1 << 40) == 4  # none fits: the first block's and the last

@@ -153,3 +153,22 @@ def test_a_pass_cut_short_leaves_no_module_wrapped(llama_session):
         with stop_before(llama_session.model, anatomy.after_blocks):
             llama_session.model(input_ids=ids, output_attentions=True, use_cache=False)
     assert not [name for name, m in llama_session.model.named_modules() if "forward" in vars(m)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("modification", ["remove", "duplicate"])
+def test_a_structural_probe_replays_its_attention_maps_from_its_block(model_dirs, small_data_spec, family,
+                                                                      modification):
+    from modeldoctor.checkup.run import _modified_attention, _reference_attention
+
+    session = Session.open(model_dirs[family])
+    data = session.data(small_data_spec)
+    ref = session.current_reference(data)
+    _reference_attention(session, ref, data)
+    with create(modification).applied(session.mod_context(data), ["1"]):
+        replayed = _modified_attention(session, ref, 1)
+        whole = attention_metrics.attention_maps(session.model, session.anatomy, ref.extras["attention_trace"].input_ids)
+    assert sorted(replayed) == sorted(whole) and sorted(whole) == ([0, 2] if modification == "remove" else [0, 1, 2])
+    for block in whole:
+        torch.testing.assert_close(replayed[block], whole[block], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole[2], ref.attention[2])  # the change reached the later blocks' maps

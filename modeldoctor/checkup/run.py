@@ -21,7 +21,7 @@ from modeldoctor.checkup.plan import CheckupPlan, build_probes
 from modeldoctor.checkup.timing import ProbeClock, knowledge_stage_probes, probe_cost
 from modeldoctor.checkup.verdict import findings, flag_outliers, judge
 from modeldoctor.control import RunControl
-from modeldoctor.data import EvalData
+from modeldoctor.data import Batch, EvalData
 from modeldoctor.errors import CancelledError, ModelDoctorError, PlanError
 from modeldoctor.memory import release_freed_memory
 from modeldoctor.events import (
@@ -130,8 +130,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     if whole_cache:
         reference_cached_steps(session, ref)  # before the modification is applied
     if want_attention and ref.attention is None:  # before the modification is applied
-        ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
-        ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)
+        _reference_attention(session, ref, data)
     with mod.applied(ctx, list(spec.targets)), routing_metrics.compared(session.anatomy, routing_reference) as routes:
         divergence = DivergenceAccumulator()
         cascade = CascadeAccumulator(session.anatomy.num_blocks)
@@ -168,8 +167,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         attention = {}
         if want_attention:
             control.checkpoint()
-            ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
-            modified = attention_metrics.attention_maps(session.model, session.anatomy, ids)
+            modified = _modified_attention(session, ref, spec.block if plan.prefix_cache and not fresh_embedding else 0)
             attention = attention_metrics.disruption(ref.attention, modified, session.anatomy.num_blocks)
         if whole_cache:
             metrics.update(_cached_generation(session, ref, control))  # the whole model: generation too
@@ -178,6 +176,25 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
                        seconds=control.clock() - began, routing=routing)
+
+
+def _reference_attention(session: Session, ref: Reference, data: EvalData) -> None:
+    """The unmodified model's attention maps on the start of the evaluation text, and a trace of
+    that pass taken with eager attention (whose masks the maps need), for _modified_attention."""
+    ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
+    ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)
+    with attention_metrics.eager_attention(session.model):
+        ref.extras["attention_trace"], _ = session.replayer.trace(Batch(ids, torch.ones_like(ids)), logits=False)
+
+
+def _modified_attention(session: Session, ref: Reference, start: int) -> dict[int, torch.Tensor]:
+    """The attention maps of the model as modified now: the blocks from `start` on replayed from
+    the reference's attention trace (the blocks before it are the reference's own)."""
+    trace = ref.extras["attention_trace"]
+    replayed = attention_metrics.attention_maps(
+        session.model, session.anatomy, trace.input_ids,
+        lambda: session.replayer.run_from(trace, start, keep_states=False, head=False))
+    return {**{block: m for block, m in ref.attention.items() if block < start}, **replayed}
 
 
 def _add_divergence(divergence: DivergenceAccumulator, replayer, ref: Reference, number: int, batch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,9 +38,13 @@ def eager_attention(model):
     return attention_implementation(model, lambda original: "eager")
 
 
-def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor,
+                   run: Callable[[], object] | None = None) -> dict[int, torch.Tensor]:
     """Attention probabilities (heads, T, T) of each block's last call, for one sequence. The
-    forward pass stops after the last block (the head would be a quarter of its work)."""
+    forward pass stops after the last block (the head would be a quarter of its work). With
+    `run`, which runs some of the blocks on the sequence (a replay from a block onward), the
+    maps of the blocks it ran; should an attention that ran give none without being asked,
+    the whole model's maps instead."""
     maps: dict[int, torch.Tensor] = {}
     called: set[int] = set()  # blocks whose attention ran (a removed block's does not)
     handles = []
@@ -61,7 +66,9 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor) -> dict[int
 
     try:
         with eager_attention(model), torch.inference_mode():
-            forward()
+            (run or forward)()
+            if called - set(maps) and run is not None:
+                return attention_maps(model, anatomy, input_ids)
             if called - set(maps):
                 # Older-style attention classes (Jamba's) return weights only when asked; asking
                 # every model would break others (Bamba's Mamba layers have none to give).
