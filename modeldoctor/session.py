@@ -43,18 +43,20 @@ GRADIENT_CHUNK = 64  # tokens per gradient sample for gradient-aware pruning
 
 # The knowledge probes are scored on a few probes only (the worst ones), and their text is about
 # twice the evaluation text: their states are kept at every block while that takes at most this
-# much memory (the sample: 0.16 GB), else at every second, third, ... block, whichever fits (a
-# 1.1 B model: every third), each scoring then replaying up to that many blocks less one more.
+# much memory (the sample: 0.16 GB), else at every second or third block, whichever fits (a 1.1 B
+# model: every third), and at every fourth at the least; a scoring replays up to stride - 1
+# blocks more.
 KNOWLEDGE_STATE_BYTES = 192 << 20
+KNOWLEDGE_STATE_STRIDE_MAX = 4
 
 
 def knowledge_state_stride(blocks: int, bytes_per_state: int) -> int:
-    """The smallest stride whose kept states (every stride-th block's and the final one) fit
-    KNOWLEDGE_STATE_BYTES; the states of every block from the first, if none does."""
-    for stride in range(1, blocks + 1):
+    """The smallest stride (at most KNOWLEDGE_STATE_STRIDE_MAX) whose kept states, every
+    stride-th block's and the final one, fit KNOWLEDGE_STATE_BYTES."""
+    for stride in range(1, KNOWLEDGE_STATE_STRIDE_MAX):
         if (-(-blocks // stride) + 1) * bytes_per_state <= KNOWLEDGE_STATE_BYTES:
             return stride
-    return blocks
+    return KNOWLEDGE_STATE_STRIDE_MAX
 
 
 @dataclass
@@ -172,13 +174,14 @@ class Session:
             nll_count += int(valid.sum())
             if on_batch:
                 on_batch(number + 1, total)
-        k_traces, hits = [], []
-        per_state = sum(b.input_ids.numel() for b in data.knowledge_batches) * self.anatomy.hidden_size \
-            * next(self.model.parameters()).element_size()
-        stride = knowledge_state_stride(self.anatomy.num_blocks, per_state)
+        k_traces, hits, stride = [], [], None
+        knowledge_tokens = sum(b.input_ids.numel() for b in data.knowledge_batches)
         for number, batch in enumerate(data.knowledge_batches):
             control.checkpoint()
             trace, _ = self.replayer.trace(batch, logits=False)  # the head at the answers only
+            if stride is None:  # from the states as they are (a Mamba's stay float32 in a bfloat16 model)
+                widest = max(s.shape[-1] * s.element_size() for s in trace.states)
+                stride = knowledge_state_stride(self.anatomy.num_blocks, knowledge_tokens * widest)
             k_traces.append(trace.thinned(stride))
             mask = answer_positions_mask(tuple(batch.input_ids.shape), batch.answer_positions, batch.input_ids.device)
             hits += knowledge_correct_sparse(self.replayer.head_logits(trace.states[-1], mask), mask,

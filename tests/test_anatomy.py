@@ -161,7 +161,11 @@ def test_a_memo_is_not_corrupted_by_a_block_that_changes_outputs_in_place(model_
 def test_knowledge_states_are_thinned_only_as_far_as_memory_asks():
     from modeldoctor.session import knowledge_state_stride
 
-    megabyte = 1 << 20
+    megabyte, budget = 1 << 20, 192 << 20
     assert knowledge_state_stride(30, int(5.2 * megabyte)) == 1  # the sample: 31 states, 0.16 GB
     assert knowledge_state_stride(22, int(18.6 * megabyte)) == 3  # a 1.1 B model: 9 of 23 states
-    assert knowledge_state_stride(4, 1 << 40) == 4  # none fits: the first block's and the last
+    # Four blocks: five states at stride 1, three (blocks 0, 2 and the final one) at stride 2.
+    assert knowledge_state_stride(4, budget // 5) == 1 and knowledge_state_stride(4, budget // 5 + 1) == 2
+    assert knowledge_state_stride(7, budget // 5) == 2 and knowledge_state_stride(7, budget // 4) == 3
+    assert knowledge_state_stride(7, budget // 4 + 1) == 4
+    assert knowledge_state_stride(80, 40 * megabyte) == 4  # never fewer than every fourth block

@@ -165,10 +165,16 @@ def test_a_structural_probe_replays_its_attention_maps_from_its_block(model_dirs
     data = session.data(small_data_spec)
     ref = session.current_reference(data)
     _reference_attention(session, ref, data)
+    first_block_calls = []
     with create(modification).applied(session.mod_context(data), ["1"]):
-        replayed = _modified_attention(session, ref, 1)
+        handle = session.anatomy.block_list[0].register_forward_pre_hook(lambda *a: first_block_calls.append(1))
+        try:
+            replayed = _modified_attention(session, ref, 1)
+        finally:
+            handle.remove()
         whole = attention_metrics.attention_maps(session.model, session.anatomy, ref.extras["attention_trace"].input_ids)
     assert sorted(replayed) == sorted(whole) and sorted(whole) == ([0, 2] if modification == "remove" else [0, 1, 2])
     for block in whole:
         torch.testing.assert_close(replayed[block], whole[block], rtol=1e-5, atol=1e-6)
     assert not torch.equal(whole[2], ref.attention[2])  # the change reached the later blocks' maps
+    assert not first_block_calls  # replayed from block 1: block 0's map is the reference's

@@ -129,7 +129,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
     whole_cache = mod.measures_cached_generation and set(spec.targets) == set(mod.blocks_it_applies_to(session.anatomy))
     if whole_cache:
         reference_cached_steps(session, ref)  # before the modification is applied
-    if want_attention and ref.attention is None:  # before the modification is applied
+    if want_attention and "attention_trace" not in ref.extras:  # before the modification is applied
         _reference_attention(session, ref, data)
     with mod.applied(ctx, list(spec.targets)), routing_metrics.compared(session.anatomy, routing_reference) as routes:
         divergence = DivergenceAccumulator()
@@ -182,9 +182,10 @@ def _reference_attention(session: Session, ref: Reference, data: EvalData) -> No
     """The unmodified model's attention maps on the start of the evaluation text, and a trace of
     that pass taken with eager attention (whose masks the maps need), for _modified_attention."""
     ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
-    ref.attention = attention_metrics.attention_maps(session.model, session.anatomy, ids)
+    maps = attention_metrics.attention_maps(session.model, session.anatomy, ids)
     with attention_metrics.eager_attention(session.model):
-        ref.extras["attention_trace"], _ = session.replayer.trace(Batch(ids, torch.ones_like(ids)), logits=False)
+        trace, _ = session.replayer.trace(Batch(ids, torch.ones_like(ids)), logits=False)
+    ref.attention, ref.extras["attention_trace"] = maps, trace  # both or neither
 
 
 def _modified_attention(session: Session, ref: Reference, start: int) -> dict[int, torch.Tensor]:
