@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QTextBrowser, QVBoxLayout, QWidget,
 )
 
+from modeldoctor.gui.plots import LabelAxis
 from modeldoctor.metrics.divergence import position_bucket_key, position_curve
 from modeldoctor.report.results import ProbeRecord
 
@@ -108,8 +109,16 @@ class ProbeDetailsDialog(QDialog):
         table.verticalHeader().hide()
         return table
 
+    @staticmethod
+    def _block_plot(blocks: int) -> pg.PlotWidget:
+        """A plot over blocks 0..blocks-1, labelled at whole blocks only."""
+        axis = LabelAxis(orientation="bottom")
+        plot = pg.PlotWidget(axisItems={"bottom": axis})
+        axis.set_labels([str(block) for block in range(blocks)])
+        return plot
+
     def _cascade_plot(self) -> pg.PlotWidget:
-        plot = pg.PlotWidget()
+        plot = self._block_plot(len(self.record.cascade["rel_error"]))
         plot.addLegend()
         plot.setLabel("bottom", "block output")
         plot.setLabel("left", "drift from the reference")
@@ -133,7 +142,7 @@ class ProbeDetailsDialog(QDialog):
         return plot
 
     def _attention_plot(self) -> pg.PlotWidget:
-        plot = pg.PlotWidget()
+        plot = self._block_plot(len(self.record.attention["js"]))
         plot.addLegend()
         plot.setLabel("bottom", "block")
         plot.setLabel("left", "attention change")

@@ -104,3 +104,5 @@ def test_probe_details_show_no_attention_where_a_hybrid_has_none(qtbot, ssm_dirs
     plot = dialog.tabs.currentWidget()
     assert plot.plotItem.titleLabel.text == "no attention map in blocks 0, 2 (removed, or without attention)"
     dialog.grab().save(str(screenshots / "ssm-hybrid-probe-attention.png"))
+    ticks = [value for value, _ in plot.getAxis("bottom")._tickLevels[0]]
+    assert ticks == [0, 1, 2, 3]  # whole blocks only, not 0.5, 1.5, ...
