@@ -182,10 +182,11 @@ def _reference_attention(session: Session, ref: Reference, data: EvalData) -> No
     """The unmodified model's attention maps on the start of the evaluation text, and a trace of
     that pass taken with eager attention (whose masks the maps need), for _modified_attention."""
     ids = data.eval_batches[0].input_ids[:1, :ATTENTION_TOKENS]
-    maps = attention_metrics.attention_maps(session.model, session.anatomy, ids)
-    with attention_metrics.eager_attention(session.model):
-        trace, _ = session.replayer.trace(Batch(ids, torch.ones_like(ids)), logits=False)
-    ref.attention, ref.extras["attention_trace"] = maps, trace  # both or neither
+    traced = []  # one pass gives both: the maps are taken while it is traced
+    maps = attention_metrics.attention_maps(
+        session.model, session.anatomy, ids,
+        lambda: traced.append(session.replayer.trace(Batch(ids, torch.ones_like(ids)), logits=False)[0]))
+    ref.attention, ref.extras["attention_trace"] = maps, traced[0]  # both or neither
 
 
 def _modified_attention(session: Session, ref: Reference, start: int) -> dict[int, torch.Tensor]:

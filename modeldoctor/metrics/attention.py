@@ -42,9 +42,9 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor,
                    run: Callable[[], object] | None = None) -> dict[int, torch.Tensor]:
     """Attention probabilities (heads, T, T) of each block's last call, for one sequence. The
     forward pass stops after the last block (the head would be a quarter of its work). With
-    `run`, which runs some of the blocks on the sequence (a replay from a block onward), the
-    maps of the blocks it ran; should an attention that ran give none without being asked,
-    the whole model's maps instead."""
+    `run`, which runs some of the blocks on the sequence instead (a replay from a block onward,
+    a traced pass), the maps of the blocks it ran; should an attention that ran give none
+    without being asked, the whole model's maps instead."""
     maps: dict[int, torch.Tensor] = {}
     called: set[int] = set()  # blocks whose attention ran (a removed block's does not)
     handles = []
@@ -67,11 +67,10 @@ def attention_maps(model, anatomy: Anatomy, input_ids: torch.Tensor,
     try:
         with eager_attention(model), torch.inference_mode():
             (run or forward)()
-            if called - set(maps) and run is not None:
-                return attention_maps(model, anatomy, input_ids)
             if called - set(maps):
-                # Older-style attention classes (Jamba's) return weights only when asked; asking
-                # every model would break others (Bamba's Mamba layers have none to give).
+                # Older-style attention classes (Jamba's) return weights only when asked: the whole
+                # model's pass, asking (a replay cannot ask; asking every model would break others:
+                # Bamba's Mamba layers have none to give).
                 with contextlib.suppress(RuntimeError, IndexError, TypeError, ValueError):
                     forward(output_attentions=True)
     finally:

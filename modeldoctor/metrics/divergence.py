@@ -83,8 +83,8 @@ def summarise_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     computed a slice of the vocabulary at a time with a running log-sum-exp: each slice's logits
     are used while they are still in cache, and no (B, T, V) tensor is ever made (on the sample,
     the head and the statistics take 0.36 s per 1024 tokens instead of 0.58 s a sequence at a
-    time: benchmarks/head_statistics.py). Float32 throughout, whatever the model's dtype: bfloat16 logits would put rounding
-    noise of their own size into kl_from_states. With `mean_row`, also the distribution's mean
+    time: benchmarks/head_statistics.py). Float32 throughout, whatever the model's dtype:
+    bfloat16 logits would put rounding noise of their own size into kl_from_states. With `mean_row`, also the distribution's mean
     weight row, from the same logits. The same function on the same shapes gives the same
     rounding, so an unchanged model differs from its reference by exactly 0."""
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
