@@ -11,7 +11,7 @@
 
 The sample's weights come from a Q4_1 GGUF, so its int4 figures flatter int4 (its linears lie
 on a 16-level grid per 32-block). Usage: python benchmarks/fast_checkup.py [--tokens 1024]
-[--skip-exhaustive]
+[--skip-exhaustive] [--save DIR] (DIR gets each checkup's checkup.json and .csv, for a closer look)
 """
 
 from __future__ import annotations
@@ -44,7 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--skip-exhaustive", action="store_true", help="only the two-stage runs")
+    parser.add_argument("--save", type=Path, help="a folder for each checkup's report")
     args = parser.parse_args()
+
+    def keep(report, name: str) -> None:
+        if args.save:
+            report.save(args.save / name)
 
     from modeldoctor.checkup.plan import CheckupPlan
     from modeldoctor.data import DataSpec
@@ -56,6 +61,7 @@ def main() -> None:
     # 1. linear scope, three families
     plan = CheckupPlan(modifications=FAMILIES, scope="linears")
     fast, fast_s, _ = timed_checkup(plan, spec)
+    keep(fast, "two-stage")
     measured = sum(not p.estimated for p in fast.probes)
     say(f"\n1. Linear scope, {', '.join(FAMILIES)}: {len(fast.probes)} probes")
     say(f"two-stage:  {fast_s:7.1f} s wall, {measured} probes measured exactly, "
@@ -67,6 +73,7 @@ def main() -> None:
             f"measured {miss['measured']:.4f}, ×{miss['ratio']:.2f})")
     if not args.skip_exhaustive:
         slow, slow_s, _ = timed_checkup(CheckupPlan(modifications=FAMILIES, scope="linears", exhaustive=True), spec)
+        keep(slow, "exhaustive")
         say(f"exhaustive: {slow_s:7.1f} s wall, {len(slow.probes)} probes measured exactly")
         say(f"speed-up: {slow_s / fast_s:.1f}x (targets: two-stage <= 90 s, >= 20x)")
         say(f"\n  {'modification':<14} {'top-10 same':>11} {'Spearman, final':>16} {'Spearman, estimates':>20}")
@@ -90,6 +97,7 @@ def main() -> None:
     # 2. the README's default checkup
     default = CheckupPlan()
     report, default_s, session = timed_checkup(default, spec)
+    keep(report, "default")
     measured = sum(not p.estimated for p in report.probes)
     say(f"\n2. Default checkup ({', '.join(default.modifications)}, block scope): {default_s:.1f} s wall, "
         f"{len(report.probes)} probes, {measured} measured exactly (target <= 180 s)")

@@ -5,31 +5,44 @@ The estimates are figures the user sees (drawn as estimated), so like every figu
 the evaluation text; they fit nothing and choose nothing about the model, only the order in
 which stage 2 measures probes exactly.
 
-For a target in block i, the block is run once with the modification applied (from the
-states the unmodified model fed it), which gives Δh, the change of the residual stream
-leaving the block, exactly: attention mixing a value error into later positions and any
-non-linearity inside the block included. The rest of the model is then taken to second order,
-by the Fisher of the output distribution, kept diagonal in the token position:
+The change Δ a target makes is taken exactly at a point after which nothing mixes positions
+before the block's output, and the rest of the model is taken to second order there, by the
+Fisher of the output distribution, kept diagonal in the token position:
 
-    KL ≈ ½ · Σ_t E_y[(g_t · Δh_t)²] / tokens,   g_t = ∂ log p(y) / ∂h_t,
+    KL ≈ ½ · Σ_t E_y[(g_t · Δ_t)²] / tokens,   g_t = ∂ log p(y) / ∂(the point's output at t),
 
 with the labels y drawn from the unmodified model's own distribution, so that E_y[g gᵀ] is the
-true Fisher (the KL's Hessian), not the empirical Fisher of the text's labels. The cross terms
-between positions in the later blocks are what is left out, so the figures run low (by
-1.0-2.1x on the sample); that is why they are estimates and the second stage measures the top
-of the ranking exactly. The LM head has no later blocks: its KL is computed exactly.
+true Fisher (the KL's Hessian), not the empirical Fisher of the text's labels. The points:
 
-Measured on the sample (int3-g32, 24 linears, against exact probes): the same formula taken at
-each linear's own output (ModelOpt's auto_quantize point) ranked them with Spearman 0.62,
-because it misses the attention mixing of v_proj errors (underestimated 3-4x); at the block
-output, as here, 0.945; running two or three blocks before taking the expansion gained
-little (0.954, 0.958) for 1.5-2x the time. benchmarks/fast_checkup.py has the figures over all
-linears.
+- an MLP linear, or the attention's output projection: its own output (Δ = the linear, changed,
+  on the input it had; one matrix product);
+- any other linear of the token mixer (query, key, value; a state-space mixer's): the mixer's
+  output (Δ = the mixer rerun, changed, on its recorded input), so that attention mixing a value
+  error into later positions is exact;
+- a whole block, and a linear in a mixture-of-experts block (an expert sees only the tokens
+  routed to it): the block's output (the block rerun, changed, from the state the unmodified
+  model fed it).
+
+The gradients at all the points of a block come from the one backward pass through it that the
+block-by-block backward makes anyway. The cross terms between positions in the later blocks
+are what is left out, so the figures mostly run low (measured / estimated 0.55-3.6 on the
+sample, median 1.2; value and output projections lowest); that is why they are estimates and the second stage measures the top of
+the ranking exactly. The LM head has no later blocks: its KL is computed exactly.
+
+Measured on the sample (benchmarks/fast_checkup.py; all 211 linears of int8-dynamic,
+int4-g32-asym and int3-g32 against exact probes): these points rank the linears as the block's
+output for every linear does (Spearman 0.985, 0.973, 0.955 against 0.985, 0.973, 0.954) in
+two thirds of the time (19.9 s against 31.8 s). Earlier, on 24 int3 linears: every linear's own
+output (ModelOpt's auto_quantize point, value projections included) ranked them with Spearman
+0.62 only, because it misses the attention mixing of value errors (underestimated 3-4x);
+running two or three blocks before taking the expansion gained little (0.954, 0.958 against
+0.945) for 1.5-2x the time.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -38,12 +51,13 @@ from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.memory import release_freed_memory
 from modeldoctor.model.anatomy import HEAD, gradients_only_for, is_block_target
-from modeldoctor.checkup.replay import BlockMemo
+from modeldoctor.checkup.replay import BlockMemo, _map_tensors
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
 LABEL_SAMPLES = 2  # labels drawn per position (one backward pass each)
-ESTIMATOR = ("block-output Fisher: ½·Σₜ(∇ₜ log p(y)·Δhₜ)² per token, Δh the modified block's exact "
-             "change, labels drawn from the model; the head's KL exact")
+ESTIMATOR = ("Fisher, diagonal in position: ½·Σₜ(∇ₜ log p(y)·Δₜ)² per token, Δ the exact change at the "
+             "linear's output (MLP, attention output) or its token mixer's (query, key, value), labels drawn "
+             "from the model; the head's KL exact")
 
 
 def estimable(mod: Modification) -> bool:
@@ -57,7 +71,7 @@ def estimable(mod: Modification) -> bool:
 
 
 def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], control: RunControl | None = None,
-                samples: int = LABEL_SAMPLES, seed: int = 0) -> dict[tuple[str, str], float]:
+                samples: int = LABEL_SAMPLES, seed: int = 0, local: bool = True) -> dict[tuple[str, str], float]:
     """Estimated mean KL (nats per token) of each (modification, target) in `probes`
     (modification -> block indices or linear names) on the evaluation batches of `data`,
     replaying the reference `ref`'s traces of them."""
@@ -86,20 +100,35 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
             tokens += int(valid.sum())
             continue
         leaving_last, _ = _head_gradients(session, trace, batch.attention_mask, samples, generator)
-        # Down from the last block, so that only the gradient at one block boundary is held.
-        for block, grads in _block_gradients(session, trace, leaving_last, lowest):
+        points = {block: _expansion_points(anatomy, block, [t for _, t in targets]) if local else {}
+                  for block, targets in by_block.items()}
+        # Down from the last block, so that only the gradients of one block are held.
+        for block, grads, taken in _block_gradients(session, trace, leaving_last, lowest, points):
             targets = by_block.get(block, [])
+            here = points.get(block, {})
+            # a point's output is per token (OPT's MLP runs on the batch flattened to (B·T, H))
+            taken = {p: point for p, point in taken.items() if point.output.shape[:-1].numel() == valid.numel()}
+            at_point = [(n, t) for n, t in targets if here.get(t) in taken]
+            whole = [(n, t) for n, t in targets if here.get(t) not in taken]
+            for name, target in at_point:
+                control.checkpoint()
+                point = taken[here[target]]
+                with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), torch.inference_mode():
+                    changed_output = _first_tensor(point.module(*point.args, **point.kwargs))
+                    inner = (point.grads * (changed_output.float() - point.output)[None]).sum(-1)
+                    inner = inner.reshape(samples, *valid.shape)
+                    sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
             # Several targets inside the block: each reruns only what its change reaches.
-            memo = BlockMemo(session.replayer, trace, block) if len(targets) > 1 and any(
-                not is_block_target(target) for _, target in targets) and all(
-                isinstance(mods[name], WeightModification) for name, _ in targets) else None
+            memo = BlockMemo(session.replayer, trace, block) if len(whole) > 1 and any(
+                not is_block_target(target) for _, target in whole) and all(
+                isinstance(mods[name], WeightModification) for name, _ in whole) else None
 
             @contextlib.contextmanager
             def changed(name: str, target: str) -> Iterator[None]:
                 with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask):
                     yield
 
-            for name, target in targets:
+            for name, target in whole:
                 control.checkpoint()
                 with torch.inference_mode():
                     if memo is not None:
@@ -109,7 +138,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
                             modified = session.replayer.run_block(trace, block, trace.states[block])
                     inner = (grads * (modified.float() - trace.states[block + 1])[None]).sum(-1)  # (samples, B, T)
                     sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
-            del memo
+            del memo, taken
             release_freed_memory()
         tokens += int(valid.sum())
     return {key: value / max(tokens, 1) for key, value in sums.items()}
@@ -140,23 +169,91 @@ def _head_gradients(session, trace, mask: torch.Tensor, samples: int,
     return torch.stack(rows, dim=1).float(), torch.stack(labels)
 
 
-def _block_gradients(session, trace, leaving_last: torch.Tensor,
-                     lowest: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-    """(block j, the gradient with respect to the residual stream leaving block j), from the last
-    block down to block `lowest`, starting from `leaving_last` (_head_gradients). Backpropagated
-    one block at a time from the reference trace (each block rerun with gradients from the state
-    the trace recorded entering it), so memory holds one block's activations and one boundary's
-    gradient, not the whole model's (on a 1 B model a whole-model backward kept about half the
-    model's size again)."""
+@dataclass
+class _Point:
+    """Where a linear's change is expanded: the module whose output it is taken at (the linear
+    itself, or the token mixer holding it), its recorded call, and the gradients at its output."""
+
+    module: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor  # fp32
+    grads: torch.Tensor  # (samples, *output.shape), fp32
+
+
+def _expansion_points(anatomy, block: int, targets: list[str]) -> dict[str, str]:
+    """target -> the block-relative name of the module at whose output its change is taken:
+    a linear inside the token mixer (attention or state-space), the mixer, since it mixes a
+    change into other positions; any other linear (the MLP's, the attention's output
+    projection), itself, since nothing between it and the block's output mixes positions. None for a whole block, and for a mixture of experts
+    (an expert sees only the tokens routed to it): those take the block's output."""
+    parts = anatomy.blocks[block] if block < anatomy.num_blocks else None
+    if parts is None or parts.moe is not None:
+        return {}
+    points = {}
+    for target in targets:
+        if is_block_target(target):
+            continue
+        relative = target.split(".", 1)[1]
+        mixer = next((m for m in (parts.attention_name, parts.mixer_name) if m and relative.startswith(m + ".")), None)
+        points[target] = relative if relative == parts.attention_out else mixer or relative
+    return points
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0,
+                     points: dict[int, dict[str, str]] | None = None
+                     ) -> Iterator[tuple[int, torch.Tensor, dict[str, _Point]]]:
+    """(block j, the gradient with respect to the residual stream leaving block j, the expansion
+    points inside block j that `points` names for it), from the last block down to block
+    `lowest`, starting from `leaving_last` (_head_gradients). Backpropagated one block at a time
+    from the reference trace (each block rerun with gradients from the state the trace recorded
+    entering it), so memory holds one block's activations and gradients, not the whole model's
+    (on a 1 B model a whole-model backward kept about half the model's size again). A point
+    whose module ran other than once, or whose output the block changed in place afterwards, is
+    left out (its targets take the block's output)."""
     grads, samples = leaving_last, leaving_last.shape[0]
+    points = points or {}
     for index in range(session.anatomy.num_blocks - 1, lowest - 1, -1):
-        yield index, grads  # leaving block index = entering block index + 1
-        if index == lowest:
+        names = sorted(set(points.get(index, {}).values()))
+        if index == lowest and not names:
+            yield index, grads, {}
             return
-        with gradients_only_for(session.model), torch.enable_grad():
-            entering = trace.states[index].clone().requires_grad_()
-            out = session.replayer.run_block(trace, index, entering, track_grad=True)
-            grads = torch.stack([
-                torch.autograd.grad(out, entering, grad_outputs=grads[s].to(out.dtype),
-                                    retain_graph=s + 1 < samples)[0] for s in range(samples)]).float()
-            del out, entering
+        block = session.anatomy.block_list[index]
+        calls: dict[str, list] = {name: [] for name in names}
+
+        def recorder(name):
+            def hook(module, args, kwargs, output):
+                tensor = _first_tensor(output)
+                calls[name].append((module, args, kwargs, tensor, tensor._version))
+            return hook
+
+        handles = [block.get_submodule(name).register_forward_hook(recorder(name), with_kwargs=True) for name in names]
+        try:
+            with gradients_only_for(session.model), torch.enable_grad():
+                entering = trace.states[index].clone().requires_grad_()
+                out = session.replayer.run_block(trace, index, entering, track_grad=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        usable = [name for name in names if len(calls[name]) == 1 and isinstance(calls[name][0][3], torch.Tensor)
+                  and calls[name][0][3].requires_grad and calls[name][0][3]._version == calls[name][0][4]]
+        wrt = [entering] + [calls[name][0][3] for name in usable]
+        with torch.enable_grad():
+            per_sample = [torch.autograd.grad(out, wrt, grad_outputs=grads[s].to(out.dtype),
+                                              retain_graph=s + 1 < samples, allow_unused=True)
+                          for s in range(samples)]
+        detached = lambda value: _map_tensors(value, torch.Tensor.detach)  # noqa: E731
+        taken = {}
+        for number, name in enumerate(usable, 1):
+            module, args, kwargs, output, _ = calls[name][0]
+            gradients = [g[number] if g[number] is not None else torch.zeros_like(output) for g in per_sample]
+            taken[name] = _Point(module, detached(args), detached(kwargs), output.detach().float(),
+                                 torch.stack(gradients).float())
+        del calls, out, wrt
+        yield index, grads, taken
+        grads = torch.stack([g[0] for g in per_sample]).float()
+        del per_sample, entering, taken

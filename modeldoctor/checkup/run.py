@@ -401,9 +401,21 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         clock = ProbeClock()
         later = _knowledge_stage_costs(session, data, plan, probes)
         measured: dict[tuple, ProbeRecord] = {}
-        if len(exact) < len(probes):  # estimated or resumed probes are done already
-            yield Progress(len(probes) - len(exact), len(probes), time.monotonic() - began, None)
-        for number, (spec, cost) in enumerate(zip(exact, costs), 1):
+        total = len(probes)  # grows when settling adds probes to measure again, so `done` never goes back
+        if len(exact) < total:  # estimated or resumed probes are done already
+            yield Progress(total - len(exact), total, time.monotonic() - began, None)
+        number = 0
+        while True:
+            if number == len(exact):
+                more = _to_settle(plan, estimated, records)
+                if not more:
+                    break
+                yield LogMessage(_settling_note(plan, estimated, records, more))
+                exact += more
+                costs += [probe_cost(session.anatomy, p, plan.prefix_cache) for p in more]
+                total += len(more)
+            spec, cost = exact[number], costs[number]
+            number += 1
             control.checkpoint()
             yield ProbeStarted(spec)
             key = probe_key(spec)
@@ -420,7 +432,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
             yield ProbeResult(record)
             clock.observe(spec, cost, record.seconds)
             eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])) + later)
-            yield Progress(len(probes) - len(exact) + number, len(probes), time.monotonic() - began, eta,
+            yield Progress(total - len(exact) + number, total, time.monotonic() - began, eta,
                            eta_range=(spread.low, spread.high) if spread else None)
         if later:
             yield from _score_worst_knowledge(session, ref, data, plan, records, control, save)
@@ -541,6 +553,47 @@ def _to_verify(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int,
         rest = ranked[len(top):]
         chosen += top + picker.sample(rest, min(plan.control_sample, len(rest)))
     return chosen
+
+
+def _to_settle(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord]) -> list[ProbeSpec]:
+    """Probes still only estimated that could, by the estimator's own record, belong among the
+    verify_top highest or bleed: per modification, each verified probe says by how much the
+    estimate ran low there (measured / estimated); every estimate that, scaled by the largest
+    such ratio, reaches the verify_top-th highest figure or the threshold is measured too (the
+    threshold only as far as the plan verifies near it: times verify_fraction where that is
+    above 1). Called again after those are measured, until it adds nothing, so the top of the
+    ranking and the verdicts near the threshold rest on measured figures. On the sample the
+    estimate ran up to 3.0x low (a value projection), and the first round alone missed 3 of
+    the int4 top 10 and judged one int3 value projection not bleeding that bleeds."""
+    more: list[ProbeSpec] = []
+    groups: dict[str, list[ProbeSpec]] = {}
+    for spec in estimated:
+        groups.setdefault(spec.modification, []).append(spec)
+    for specs in groups.values():
+        ratios = [records[p.index].score / records[p.index].metrics["kl_estimated"] for p in specs
+                  if not records[p.index].estimated and records[p.index].metrics.get("kl_estimated", 0) > 0]
+        if not ratios:
+            continue
+        scores = sorted((records[p.index].score for p in specs), reverse=True)
+        cutoff = plan.threshold * max(1.0, plan.verify_fraction)
+        if plan.verify_top:
+            cutoff = min(cutoff, scores[min(plan.verify_top, len(scores)) - 1])
+        low_by = max(1.0, max(ratios))
+        more += [p for p in specs if records[p.index].estimated and records[p.index].score * low_by >= cutoff]
+    return sorted(more, key=lambda p: -records[p.index].score)
+
+
+def _settling_note(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord],
+                   more: list[ProbeSpec]) -> str:
+    def ratio(spec: ProbeSpec) -> float:
+        return records[spec.index].score / records[spec.index].metrics["kl_estimated"]
+
+    verified = [p for p in estimated if not records[p.index].estimated
+                and records[p.index].metrics.get("kl_estimated", 0) > 0]
+    worst = max(verified, key=ratio)
+    return (f"Some measured probes ran above their estimates (at most {ratio(worst):.1f}×, {worst.modification} on "
+            f"{worst.target}); measuring {len(more)} more whose estimates, scaled by their modification's largest such "
+            f"ratio, could reach its top {plan.verify_top} or the threshold.")
 
 
 def _verification_note(plan: CheckupPlan, estimated: list[ProbeSpec], verify: list[ProbeSpec]) -> str:
