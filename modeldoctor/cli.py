@@ -179,6 +179,7 @@ def cmd_checkup(args) -> int:
                 if event.stage != bar.unit:  # the knowledge stage after the probes: a bar of its own
                     bar.close()
                     bar = _ProgressBar(event.total, args.quiet, unit=event.stage)
+                bar.set_total(event.total)  # settling adds probes to measure again
                 bar.update(event.done, event.eta_s, event.eta_range)
             elif isinstance(event, Failed):
                 if bar is not None:
@@ -676,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="rows in the ranked table")
     p.add_argument("--exhaustive", action="store_true",
                    help="measure every probe exactly (default: estimate the isolated quantization probes all at "
-                        "once, then measure the top of each and a random control exactly)")
+                        "once, then measure the top of each and a random control exactly, then any estimate that could still "
+                        "reach the top or the threshold given how far the measured ones ran above their estimates)")
     p.add_argument("--verify-top", type=int, default=10,
                    help="two stages: at least this many highest estimates per modification are measured exactly")
     p.add_argument("--knowledge-on", choices=("worst", "bleeding", "all"), default="worst",

@@ -14,14 +14,14 @@ Fisher of the output distribution, kept diagonal in the token position:
 with the labels y drawn from the unmodified model's own distribution, so that E_y[g gᵀ] is the
 true Fisher (the KL's Hessian), not the empirical Fisher of the text's labels. The points:
 
-- an MLP linear, or the attention's output projection: its own output (Δ = the linear, changed,
-  on the input it had; one matrix product);
-- any other linear of the token mixer (query, key, value; a state-space mixer's): the mixer's
-  output (Δ = the mixer rerun, changed, on its recorded input), so that attention mixing a value
-  error into later positions is exact;
-- a whole block, and a linear in a mixture-of-experts block (an expert sees only the tokens
-  routed to it): the block's output (the block rerun, changed, from the state the unmodified
-  model fed it).
+- an MLP linear: its own output (Δ = the linear, changed, on the input it had; one matrix
+  product);
+- a linear of the token mixer (attention's query, key, value and output projections; a
+  state-space mixer's): the mixer's output (Δ = the mixer rerun, changed, on its recorded
+  input), so that attention mixing a value error into later positions is exact;
+- a whole block, a linear in a mixture-of-experts block (an expert sees only the tokens routed
+  to it) and any other linear: the block's output (the block rerun, changed, from the state the
+  unmodified model fed it).
 
 The gradients at all the points of a block come from the one backward pass through it that the
 block-by-block backward makes anyway. The cross terms between positions in the later blocks
@@ -55,9 +55,9 @@ from modeldoctor.checkup.replay import BlockMemo, _map_tensors
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
 LABEL_SAMPLES = 2  # labels drawn per position (one backward pass each)
-ESTIMATOR = ("Fisher, diagonal in position: ½·Σₜ(∇ₜ log p(y)·Δₜ)² per token, Δ the exact change at the "
-             "linear's output (MLP, attention output) or its token mixer's (query, key, value), labels drawn "
-             "from the model; the head's KL exact")
+ESTIMATOR = ("Fisher, diagonal in position: ½·Σₜ(∇ₜ log p(y)·Δₜ)² per token, Δ the exact change at an MLP "
+             "linear's output, at the token mixer's output for the mixer's linears, else at the block's "
+             "output; labels drawn from the model; the head's KL exact")
 
 
 def estimable(mod: Modification) -> bool:
@@ -182,11 +182,12 @@ class _Point:
 
 
 def _expansion_points(anatomy, block: int, targets: list[str]) -> dict[str, str]:
-    """target -> the block-relative name of the module at whose output its change is taken:
-    a linear inside the token mixer (attention or state-space), the mixer, since it mixes a
-    change into other positions; any other linear (the MLP's, the attention's output
-    projection), itself, since nothing between it and the block's output mixes positions. None for a whole block, and for a mixture of experts
-    (an expert sees only the tokens routed to it): those take the block's output."""
+    """target -> the block-relative name of the module at whose output its change is taken: for
+    a linear of the token mixer (attention or state-space), the mixer, since it mixes a change
+    into other positions; for an MLP linear, itself, since nothing between it and the block's
+    output mixes positions. Other targets are left out and take the block's output: a whole
+    block, a linear that is in neither (an unrecognised mixer's, say), and every linear of a
+    mixture-of-experts block (an expert sees only the tokens routed to it)."""
     parts = anatomy.blocks[block] if block < anatomy.num_blocks else None
     if parts is None or parts.moe is not None:
         return {}
@@ -196,7 +197,10 @@ def _expansion_points(anatomy, block: int, targets: list[str]) -> dict[str, str]
             continue
         relative = target.split(".", 1)[1]
         mixer = next((m for m in (parts.attention_name, parts.mixer_name) if m and relative.startswith(m + ".")), None)
-        points[target] = relative if relative == parts.attention_out else mixer or relative
+        if mixer:
+            points[target] = mixer
+        elif parts.mlp_name and relative.startswith(parts.mlp_name + "."):
+            points[target] = relative
     return points
 
 
@@ -213,8 +217,10 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
     from the reference trace (each block rerun with gradients from the state the trace recorded
     entering it), so memory holds one block's activations and gradients, not the whole model's
     (on a 1 B model a whole-model backward kept about half the model's size again). A point
-    whose module ran other than once, or whose output the block changed in place afterwards, is
-    left out (its targets take the block's output)."""
+    whose module ran other than once, whose inputs or output were changed in place after it
+    ran, or whose output does not reach the block's, is left out (its targets take the block's
+    output). The gradients at the points are written a sample at a time into one tensor per
+    point, so a sample's raw gradients are the only copy held beside them."""
     grads, samples = leaving_last, leaving_last.shape[0]
     points = points or {}
     for index in range(session.anatomy.num_blocks - 1, lowest - 1, -1):
@@ -224,36 +230,68 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
             return
         block = session.anatomy.block_list[index]
         calls: dict[str, list] = {name: [] for name in names}
+        inputs: dict[str, list] = {name: [] for name in names}
 
-        def recorder(name):
-            def hook(module, args, kwargs, output):
-                tensor = _first_tensor(output)
-                calls[name].append((module, args, kwargs, tensor, tensor._version))
+        def before(name):
+            def hook(module, args, kwargs):
+                inputs[name].append(_versions((args, kwargs)))
             return hook
 
-        handles = [block.get_submodule(name).register_forward_hook(recorder(name), with_kwargs=True) for name in names]
+        def after(name):
+            def hook(module, args, kwargs, output):
+                tensor = _first_tensor(output)
+                calls[name].append((module, args, kwargs, tensor, getattr(tensor, "_version", None)))
+            return hook
+
+        handles = []
         try:
+            for name in names:
+                module = block.get_submodule(name)
+                handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
+                handles.append(module.register_forward_hook(after(name), with_kwargs=True))
             with gradients_only_for(session.model), torch.enable_grad():
                 entering = trace.states[index].clone().requires_grad_()
                 out = session.replayer.run_block(trace, index, entering, track_grad=True)
         finally:
             for handle in handles:
                 handle.remove()
+        # A point is usable if its module ran once and nothing changed its inputs or its output
+        # in place afterwards (Falcon adds the attention into the MLP's output): its recorded
+        # call then replays what the block computed.
         usable = [name for name in names if len(calls[name]) == 1 and isinstance(calls[name][0][3], torch.Tensor)
-                  and calls[name][0][3].requires_grad and calls[name][0][3]._version == calls[name][0][4]]
-        wrt = [entering] + [calls[name][0][3] for name in usable]
+                  and calls[name][0][3].requires_grad and calls[name][0][3]._version == calls[name][0][4]
+                  and _versions(calls[name][0][1:3]) == inputs[name][0]]
+        outputs = [calls[name][0][3] for name in usable]
+        following = torch.empty_like(grads)
+        at_points = [torch.empty((samples, *o.shape), dtype=torch.float32, device=o.device) for o in outputs]
+        unreached: set[int] = set()
         with torch.enable_grad():
-            per_sample = [torch.autograd.grad(out, wrt, grad_outputs=grads[s].to(out.dtype),
-                                              retain_graph=s + 1 < samples, allow_unused=True)
-                          for s in range(samples)]
+            for s in range(samples):
+                found = torch.autograd.grad(out, [entering] + outputs, grad_outputs=grads[s].to(out.dtype),
+                                            retain_graph=s + 1 < samples, allow_unused=True)
+                following[s] = found[0]
+                for number, gradient in enumerate(found[1:]):
+                    if gradient is None:  # the output does not reach the block's: no figure from it
+                        unreached.add(number)
+                    else:
+                        at_points[number][s] = gradient
+                del found
+        del out, entering
         detached = lambda value: _map_tensors(value, torch.Tensor.detach)  # noqa: E731
         taken = {}
-        for number, name in enumerate(usable, 1):
+        for number, name in enumerate(usable):
+            if number in unreached:
+                continue
             module, args, kwargs, output, _ = calls[name][0]
-            gradients = [g[number] if g[number] is not None else torch.zeros_like(output) for g in per_sample]
-            taken[name] = _Point(module, detached(args), detached(kwargs), output.detach().float(),
-                                 torch.stack(gradients).float())
-        del calls, out, wrt
+            taken[name] = _Point(module, detached(args), detached(kwargs), output.detach().float(), at_points[number])
+        del calls, outputs, at_points
         yield index, grads, taken
-        grads = torch.stack([g[0] for g in per_sample]).float()
-        del per_sample, entering, taken
+        del taken
+        grads = following
+
+
+def _versions(value) -> list[int]:
+    """The version counters of the tensors in `value` (they move when a tensor is changed in place)."""
+    found: list[int] = []
+    _map_tensors(value, lambda t: found.append(t._version))
+    return found

@@ -407,13 +407,16 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         number = 0
         while True:
             if number == len(exact):
-                more = _to_settle(plan, estimated, records)
+                more, why = _to_settle(plan, estimated, records)
                 if not more:
                     break
-                yield LogMessage(_settling_note(plan, estimated, records, more))
+                yield LogMessage(_settling_note(plan, why))
                 exact += more
                 costs += [probe_cost(session.anatomy, p, plan.prefix_cache) for p in more]
                 total += len(more)
+                eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])) + later)
+                yield Progress(total - len(exact) + number, total, time.monotonic() - began, eta,
+                               eta_range=(spread.low, spread.high) if spread else None)
             spec, cost = exact[number], costs[number]
             number += 1
             control.checkpoint()
@@ -555,45 +558,55 @@ def _to_verify(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int,
     return chosen
 
 
-def _to_settle(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord]) -> list[ProbeSpec]:
+def _to_settle(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord]
+               ) -> tuple[list[ProbeSpec], list[tuple[str, float, str, int]]]:
     """Probes still only estimated that could, by the estimator's own record, belong among the
-    verify_top highest or bleed: per modification, each verified probe says by how much the
-    estimate ran low there (measured / estimated); every estimate that, scaled by the largest
-    such ratio, reaches the verify_top-th highest figure or the threshold is measured too (the
-    threshold only as far as the plan verifies near it: times verify_fraction where that is
-    above 1). Called again after those are measured, until it adds nothing, so the top of the
+    verify_top highest or bleed, and why: (the probes, highest estimate first; per modification
+    that adds some, (modification, the ratio, the probe it was seen on, how many)).
+
+    Per modification, each verified probe says by how much the estimate ran low there (measured
+    / estimated); every estimate that, scaled by the largest such ratio, reaches the
+    verify_top-th highest figure or the threshold is measured too (the threshold only as far as
+    the plan verifies near it: times verify_fraction where that is above 1). Only probes
+    estimated at a tenth of that cutoff or more give a ratio: a tiny estimate of a random
+    control against a tiny measured figure says little, and would send everything to be
+    measured. Called again after those are measured, until it adds nothing, so the top of the
     ranking and the verdicts near the threshold rest on measured figures. On the sample the
-    estimate ran up to 3.0x low (a value projection), and the first round alone missed 3 of
-    the int4 top 10 and judged one int3 value projection not bleeding that bleeds."""
+    estimate ran up to 3.6x low (a key projection), and the first round alone missed 3 of the
+    int4 top 10 and judged one int3 value projection not bleeding that bleeds."""
     more: list[ProbeSpec] = []
+    why = []
     groups: dict[str, list[ProbeSpec]] = {}
     for spec in estimated:
         groups.setdefault(spec.modification, []).append(spec)
-    for specs in groups.values():
-        ratios = [records[p.index].score / records[p.index].metrics["kl_estimated"] for p in specs
-                  if not records[p.index].estimated and records[p.index].metrics.get("kl_estimated", 0) > 0]
-        if not ratios:
-            continue
+    for name, specs in groups.items():
         scores = sorted((records[p.index].score for p in specs), reverse=True)
         cutoff = plan.threshold * max(1.0, plan.verify_fraction)
         if plan.verify_top:
             cutoff = min(cutoff, scores[min(plan.verify_top, len(scores)) - 1])
-        low_by = max(1.0, max(ratios))
-        more += [p for p in specs if records[p.index].estimated and records[p.index].score * low_by >= cutoff]
-    return sorted(more, key=lambda p: -records[p.index].score)
+        ratios = [(records[p.index].score / records[p.index].metrics["kl_estimated"], p) for p in specs
+                  if not records[p.index].estimated and records[p.index].metrics.get("kl_estimated", 0) >= cutoff / 10
+                  and records[p.index].metrics["kl_estimated"] > 0]
+        if not ratios:
+            continue
+        ratio, seen_on = max(ratios, key=lambda pair: pair[0])
+        low_by = max(1.0, ratio)
+        added = [p for p in specs if records[p.index].estimated and records[p.index].score * low_by >= cutoff]
+        if added:
+            more += added
+            why.append((name, ratio, seen_on.target, len(added)))
+    return sorted(more, key=lambda p: -records[p.index].score), why
 
 
-def _settling_note(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord],
-                   more: list[ProbeSpec]) -> str:
-    def ratio(spec: ProbeSpec) -> float:
-        return records[spec.index].score / records[spec.index].metrics["kl_estimated"]
-
-    verified = [p for p in estimated if not records[p.index].estimated
-                and records[p.index].metrics.get("kl_estimated", 0) > 0]
-    worst = max(verified, key=ratio)
-    return (f"Some measured probes ran above their estimates (at most {ratio(worst):.1f}×, {worst.modification} on "
-            f"{worst.target}); measuring {len(more)} more whose estimates, scaled by their modification's largest such "
-            f"ratio, could reach its top {plan.verify_top} or the threshold.")
+def _settling_note(plan: CheckupPlan, why: list[tuple[str, float, str, int]]) -> str:
+    parts = []
+    for name, ratio, target, added in why:
+        seen = (f"measured up to {ratio:.1f}× its estimate ({target})" if ratio > 1
+                else "measured at or below the estimates")
+        parts.append(f"{name}: {added} more ({seen})")
+    return ("Measuring the probes whose estimates, scaled by how far their modification's measured probes ran "
+            f"above their estimates, could still reach its top {plan.verify_top} or the threshold: "
+            + "; ".join(parts) + ".")
 
 
 def _verification_note(plan: CheckupPlan, estimated: list[ProbeSpec], verify: list[ProbeSpec]) -> str:

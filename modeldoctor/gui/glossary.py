@@ -24,7 +24,9 @@ TERMS = {
                       "the most.",
     "estimated / measured": "Quantization probes are first estimated all at once from one backward pass (a "
                             "second-order estimate, drawn pale). The highest estimates and a few random ones are "
-                            "then measured exactly (solid). Measure everything with the Plan page's Exactness box.",
+                            "then measured exactly (solid), then any estimate that could still reach the top or the "
+                            "threshold, given how far the measured ones ran above their estimates. Measure "
+                            "everything with the Plan page's Exactness box.",
     "low rank (SVD)": "Each linear replaced by the product of two thin matrices that keep only its strongest "
                       "directions (a truncated singular value decomposition). It saves memory only below about "
                       "half the rank. Activation-aware SVD weighs each input by how large it runs on real text "
