@@ -321,3 +321,36 @@ def test_estimates_at_each_linears_point_agree_with_the_block_output(family, tmp
         assert at_points[key] == pytest.approx(value, rel=0.1, abs=1e-9), key
     if not session.anatomy.moe_blocks:  # an expert sees only its tokens: MoE blocks are rerun whole
         assert not any(track is False for track in reruns)
+
+
+def test_a_point_changed_in_place_after_it_ran_takes_the_block_output(llama_session, data, monkeypatch):
+    """As Falcon adds the attention into the MLP's output in place: the recorded output of the
+    down projection is no longer what it returned, so its estimate takes the block's output
+    (the same figure as with no points at all), and the other linears keep their points."""
+    from modeldoctor.checkup.replay import Replayer
+
+    session = llama_session
+    mlp = session.anatomy.block_list[1].mlp
+    forward = mlp.forward
+
+    def forward_then_add(*args, **kwargs):
+        out = forward(*args, **kwargs)  # the down projection's own output tensor
+        return out.add_(0.0)
+
+    monkeypatch.setattr(mlp, "forward", forward_then_add)
+    ref = session.current_reference(data)
+    targets = ["1.mlp.down_proj", "1.mlp.up_proj", "2.mlp.up_proj"]
+    whole = estimate_kl(session, ref, data, {"int8": targets}, local=False)
+    reruns = []
+    run_block = Replayer.run_block
+
+    def counted(self, trace, index, hidden, track_grad=False):
+        if not track_grad:
+            reruns.append(index)
+        return run_block(self, trace, index, hidden, track_grad)
+
+    monkeypatch.setattr(Replayer, "run_block", counted)
+    points = estimate_kl(session, ref, data, {"int8": targets})
+    assert points[("int8", "1.mlp.down_proj")] == pytest.approx(whole[("int8", "1.mlp.down_proj")], rel=1e-5)
+    assert reruns and set(reruns) == {1}  # the fallback, in block 1 only
+    assert points[("int8", "2.mlp.up_proj")] == pytest.approx(whole[("int8", "2.mlp.up_proj")], rel=0.1)

@@ -219,8 +219,8 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
     (on a 1 B model a whole-model backward kept about half the model's size again). A point
     whose module ran other than once, whose inputs or output were changed in place after it
     ran, or whose output does not reach the block's, is left out (its targets take the block's
-    output). The gradients at the points are written a sample at a time into one tensor per
-    point, so a sample's raw gradients are the only copy held beside them."""
+    output). The gradients at the points are copied into one tensor per point as the backward
+    pass produces them, so they are never held twice."""
     grads, samples = leaving_last, leaving_last.shape[0]
     points = points or {}
     for index in range(session.anatomy.num_blocks - 1, lowest - 1, -1):
@@ -264,18 +264,27 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
         outputs = [calls[name][0][3] for name in usable]
         following = torch.empty_like(grads)
         at_points = [torch.empty((samples, *o.shape), dtype=torch.float32, device=o.device) for o in outputs]
-        unreached: set[int] = set()
-        with torch.enable_grad():
-            for s in range(samples):
-                found = torch.autograd.grad(out, [entering] + outputs, grad_outputs=grads[s].to(out.dtype),
-                                            retain_graph=s + 1 < samples, allow_unused=True)
-                following[s] = found[0]
-                for number, gradient in enumerate(found[1:]):
-                    if gradient is None:  # the output does not reach the block's: no figure from it
-                        unreached.add(number)
-                    else:
-                        at_points[number][s] = gradient
-                del found
+        reached = [0] * len(outputs)
+        sample = 0
+
+        def catcher(number):
+            # copied out as the backward pass produces it, which then frees it: the points'
+            # gradients are never all held twice
+            def hook(gradient):
+                at_points[number][sample] = gradient
+                reached[number] += 1
+            return hook
+
+        grad_hooks = [output.register_hook(catcher(number)) for number, output in enumerate(outputs)]
+        try:
+            with torch.enable_grad():
+                for sample in range(samples):
+                    following[sample] = torch.autograd.grad(out, entering, grad_outputs=grads[sample].to(out.dtype),
+                                                            retain_graph=sample + 1 < samples)[0]
+        finally:
+            for handle in grad_hooks:
+                handle.remove()
+        unreached = {number for number, count in enumerate(reached) if count < samples}  # not on the way out
         del out, entering
         detached = lambda value: _map_tensors(value, torch.Tensor.detach)  # noqa: E731
         taken = {}
