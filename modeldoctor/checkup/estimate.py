@@ -114,10 +114,13 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
                 control.checkpoint()
                 point = taken[here[target]]
                 with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), torch.inference_mode():
-                    changed_output = _first_tensor(point.module(*point.args, **point.kwargs))
-                    inner = (point.grads * (changed_output.float() - point.output)[None]).sum(-1)
-                    inner = inner.reshape(samples, *valid.shape)
-                    sums[(name, target)] += 0.5 * float(inner.square()[:, valid].sum()) / samples
+                    change = _first_tensor(point.module(*point.args, **point.kwargs)).float()
+                    if _storages(change) & _storages((point.output, point.args, point.kwargs)):
+                        change = change.clone()  # a module that hands back what it was given
+                    change.sub_(point.output)  # in place, and a sample at a time below: the widest
+                    for sample in range(samples):  # MLP outputs hold no more copies than they must
+                        inner = (point.grads[sample] * change).sum(-1).reshape(valid.shape)
+                        sums[(name, target)] += 0.5 * float(inner.square()[valid].sum()) / samples
             # Several targets inside the block: each reruns only what its change reaches.
             memo = BlockMemo(session.replayer, trace, block) if len(whole) > 1 and any(
                 not is_block_target(target) for _, target in whole) and all(
@@ -178,7 +181,7 @@ class _Point:
     args: tuple
     kwargs: dict
     output: torch.Tensor  # fp32
-    grads: torch.Tensor  # (samples, *output.shape), fp32
+    grads: torch.Tensor  # (samples, *output.shape), bfloat16
 
 
 def _expansion_points(anatomy, block: int, targets: list[str]) -> dict[str, str]:
@@ -263,7 +266,9 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
                   and _versions(calls[name][0][1:3]) == inputs[name][0]]
         outputs = [calls[name][0][3] for name in usable]
         following = torch.empty_like(grads)
-        at_points = [torch.empty((samples, *o.shape), dtype=torch.float32, device=o.device) for o in outputs]
+        # bfloat16: rounding a gradient by 0.4 % moves an estimate that is good to a factor of two
+        # by nothing that shows, and on a 1 B model these are the estimate's largest buffers
+        at_points = [torch.empty((samples, *o.shape), dtype=torch.bfloat16, device=o.device) for o in outputs]
         reached = [0] * len(outputs)
         sample = 0
 
@@ -297,6 +302,13 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
         yield index, grads, taken
         del taken
         grads = following
+
+
+def _storages(value) -> set[int]:
+    """Where the tensors in `value` keep their data."""
+    found: set[int] = set()
+    _map_tensors(value, lambda t: found.add(t.untyped_storage().data_ptr()))
+    return found
 
 
 def _versions(value) -> list[int]:
