@@ -318,3 +318,20 @@ def test_diagnosis_names_the_safest_blocks_and_reads_kl_plainly():
     reading = kl_plain_reading(report, 0.01)
     assert reading is not None and "5% of next-token top choices change" in reading and "3 measured" in reading
     assert kl_plain_reading(report, 10.0) is None  # nothing measured near it: no made-up reading
+
+
+def test_outliers_are_judged_among_all_figures_estimates_included():
+    """A two-stage checkup measures mostly the top of the ranking: judged among those alone, a
+    measured probe well above its peers' typical figure would not stand out. Estimates count
+    for the median and the spread, and an estimate that stands out is flagged as an estimated
+    outlier."""
+    from dataclasses import replace
+
+    measured = [_record(i, kl) for i, kl in enumerate([0.006, 0.007, 0.0065, 0.008])]
+    typical = [0.001 + 0.00005 * (i % 5) for i in range(20)]
+    estimated = [replace(_record(4 + i, kl), basis="estimated", reason="estimated")
+                 for i, kl in enumerate(typical + [0.0045])]
+    flagged = flag_outliers(measured + estimated, threshold=0.01, k=5)
+    assert [r.bleeding for r in flagged] == [True] * 4 + [False] * 20 + [True]
+    assert flagged[0].reason.startswith("outlier") and flagged[-1].reason.startswith("estimated outlier")
+    assert not any(r.bleeding for r in flag_outliers(measured, threshold=0.01, k=5))  # among themselves: none

@@ -106,7 +106,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
         for block, grads, taken in _block_gradients(session, trace, leaving_last, lowest, points):
             targets = by_block.get(block, [])
             here = points.get(block, {})
-            # a point's output is per token (OPT's MLP runs on the batch flattened to (B·T, H))
+            # a point's output is per token (a module may run on the batch flattened to (B·T, H))
             taken = {p: point for p, point in taken.items() if point.output.shape[:-1].numel() == valid.numel()}
             at_point = [(n, t) for n, t in targets if here.get(t) in taken]
             whole = [(n, t) for n, t in targets if here.get(t) not in taken]
@@ -121,6 +121,7 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
                     for sample in range(samples):  # MLP outputs hold no more copies than they must
                         inner = (point.grads[sample] * change).sum(-1).reshape(valid.shape)
                         sums[(name, target)] += 0.5 * float(inner.square()[valid].sum()) / samples
+                    point = change = inner = None
             # Several targets inside the block: each reruns only what its change reaches.
             memo = BlockMemo(session.replayer, trace, block) if len(whole) > 1 and any(
                 not is_block_target(target) for _, target in whole) and all(
@@ -180,7 +181,7 @@ class _Point:
     module: torch.nn.Module
     args: tuple
     kwargs: dict
-    output: torch.Tensor  # fp32
+    output: torch.Tensor  # fp32: the module rerun unchanged, in inference mode
     grads: torch.Tensor  # (samples, *output.shape), bfloat16
 
 
@@ -276,8 +277,9 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
             # copied out as the backward pass produces it, which then frees it: the points'
             # gradients are never all held twice
             def hook(gradient):
-                at_points[number][sample] = gradient
-                reached[number] += 1
+                if gradient is not None:  # None: no gradient flows here (then the point is not used)
+                    at_points[number][sample] = gradient
+                    reached[number] += 1
             return hook
 
         grad_hooks = [output.register_hook(catcher(number)) for number, output in enumerate(outputs)]
@@ -296,8 +298,13 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
         for number, name in enumerate(usable):
             if number in unreached:
                 continue
-            module, args, kwargs, output, _ = calls[name][0]
-            taken[name] = _Point(module, detached(args), detached(kwargs), output.detach().float(), at_points[number])
+            module, args, kwargs = calls[name][0][:3]
+            args, kwargs = detached(args), detached(kwargs)
+            # The unchanged output rerun as the changed one will be (inference mode; a kernel may
+            # differ from the one that tracked gradients), so that no change reads exactly 0.
+            with torch.inference_mode():
+                unchanged = _first_tensor(module(*args, **kwargs)).float()
+            taken[name] = _Point(module, args, kwargs, unchanged, at_points[number])
         del calls, outputs, at_points
         yield index, grads, taken
         del taken

@@ -572,7 +572,7 @@ def _to_settle(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int,
     control against a tiny measured figure says little, and would send everything to be
     measured. Called again after those are measured, until it adds nothing, so the top of the
     ranking and the verdicts near the threshold rest on measured figures. On the sample the
-    estimate ran up to 3.6x low (a key projection), and the first round alone missed 3 of the
+    estimate ran up to 3.6x low (an int3 key projection), and the first round alone missed 3 of the
     int4 top 10 and judged one int3 value projection not bleeding that bleeds."""
     more: list[ProbeSpec] = []
     why = []
