@@ -3,7 +3,8 @@
 1. Linear scope, int8-dynamic, int4-g32-asym and int3-g32, 1024 evaluation tokens: wall time of
    the two-stage checkup and of the exhaustive one (each on a freshly loaded model, so both pay
    for their reference pass), the speed-up, and per modification the top-10 overlap and the
-   Spearman correlation over every linear against the exhaustive figures.
+   Spearman correlation over every linear against the exhaustive figures, and the bleeding
+   verdicts that differ from the exhaustive checkup's.
 2. The checkup that the README's set-up command runs (block scope, int8-dynamic, int4,
    prune-wanda-50, remove; 1024 tokens; knowledge probes on): its wall time.
 3. Block-scope exact probes: the seconds of an exact int4 probe of a block against the seconds of
@@ -93,6 +94,12 @@ def main() -> None:
             if missed:
                 say(f"    missed by the two-stage top 10: {', '.join(sorted(missed, key=exact.get, reverse=True))}")
         say("  (targets: the same top 10, Spearman >= 0.9 over every linear)")
+        verdicts = {(p.spec.modification, p.spec.targets[0]): p.bleeding for p in slow.probes}
+        differ = [p for p in fast.probes if p.bleeding != verdicts[(p.spec.modification, p.spec.targets[0])]]
+        say(f"  bleeding verdicts that differ from the exhaustive checkup's: {len(differ)} of {len(fast.probes)} "
+            f"({sum(verdicts.values())} bleed there)" + "".join(
+                f"\n    {p.spec.modification} {p.spec.targets[0]}: {'bleeding' if p.bleeding else 'healthy'} here, "
+                f"{p.basis} {p.score:.4f}" for p in differ))
 
     # 2. the README's default checkup
     default = CheckupPlan()
