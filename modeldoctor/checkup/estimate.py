@@ -29,10 +29,10 @@ are what is left out, so the figures mostly run low (measured / estimated 0.55-3
 sample, median 1.2; value and output projections lowest); that is why they are estimates and the second stage measures the top of
 the ranking exactly. The LM head has no later blocks: its KL is computed exactly.
 
-Measured on the sample (benchmarks/fast_checkup.py; all 211 linears of int8-dynamic,
+Measured on the sample (benchmarks/estimate_points.py; all 211 linears of int8-dynamic,
 int4-g32-asym and int3-g32 against exact probes): these points rank the linears as the block's
 output for every linear does (Spearman 0.985, 0.973, 0.955 against 0.985, 0.973, 0.954) in
-two thirds of the time (19.9 s against 31.8 s). Earlier, on 24 int3 linears: every linear's own
+two thirds of the time (22.8 s against 34.1 s). Earlier, on 24 int3 linears: every linear's own
 output (ModelOpt's auto_quantize point, value projections included) ranked them with Spearman
 0.62 only, because it misses the attention mixing of value errors (underestimated 3-4x);
 running two or three blocks before taking the expansion gained little (0.954, 0.958 against
