@@ -167,10 +167,15 @@ def cmd_checkup(args) -> int:
     events = run_checkup(session, plan, data, control, resume=resume, autosave=out)
     try:
         for event in events:
-            if isinstance(event, Stage):
-                print(f"{event.name.capitalize()}: {event.detail}", file=sys.stderr)
-            elif isinstance(event, LogMessage):
-                print(("warning: " if event.level == "warning" else "") + event.message, file=sys.stderr)
+            if isinstance(event, (Stage, LogMessage)):
+                if isinstance(event, Stage):
+                    line = f"{event.name.capitalize()}: {event.detail}"
+                else:
+                    line = ("warning: " if event.level == "warning" else "") + event.message
+                if bar is not None:
+                    bar.write(line)  # on a line of its own, above the bar
+                else:
+                    print(line, file=sys.stderr)
             elif isinstance(event, PlanReady):
                 bar = _ProgressBar(len(event.probes), args.quiet)
             elif isinstance(event, ProbeResult) and bar is not None:

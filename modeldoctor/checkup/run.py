@@ -601,7 +601,8 @@ def _to_settle(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int,
 def _settling_note(plan: CheckupPlan, why: list[tuple[str, float, str, int]]) -> str:
     parts = []
     for name, ratio, target, added in why:
-        seen = (f"measured up to {ratio:.1f}× its estimate ({target})" if ratio > 1
+        where = f"block {target}" if target.isdigit() else target
+        seen = (f"measured up to {ratio:.1f}× the estimate, on {where}" if ratio > 1
                 else "measured at or below the estimates")
         parts.append(f"{name}: {added} more ({seen})")
     return ("Measuring the probes whose estimates, scaled by how far their modification's measured probes ran "
