@@ -165,17 +165,19 @@ def cmd_checkup(args) -> int:
 
     previous = signal.signal(signal.SIGINT, first_interrupt)
     events = run_checkup(session, plan, data, control, resume=resume, autosave=out)
+
+    def say(line: str) -> None:
+        if bar is not None:
+            bar.write(line)  # on a line of its own, above the bar
+        else:
+            print(line, file=sys.stderr)
+
     try:
         for event in events:
-            if isinstance(event, (Stage, LogMessage)):
-                if isinstance(event, Stage):
-                    line = f"{event.name.capitalize()}: {event.detail}"
-                else:
-                    line = ("warning: " if event.level == "warning" else "") + event.message
-                if bar is not None:
-                    bar.write(line)  # on a line of its own, above the bar
-                else:
-                    print(line, file=sys.stderr)
+            if isinstance(event, Stage):
+                say(f"{event.name.capitalize()}: {event.detail}")
+            elif isinstance(event, LogMessage):
+                say(("warning: " if event.level == "warning" else "") + event.message)
             elif isinstance(event, PlanReady):
                 bar = _ProgressBar(len(event.probes), args.quiet)
             elif isinstance(event, ProbeResult) and bar is not None:

@@ -51,7 +51,7 @@ from modeldoctor.control import RunControl
 from modeldoctor.data import EvalData
 from modeldoctor.memory import release_freed_memory
 from modeldoctor.model.anatomy import HEAD, gradients_only_for, is_block_target
-from modeldoctor.checkup.replay import BlockMemo, _map_tensors
+from modeldoctor.checkup.replay import BlockMemo, first_output, map_tensors
 from modeldoctor.modifications.base import Modification, WeightModification, create, token_mask
 
 LABEL_SAMPLES = 2  # labels drawn per position (one backward pass each)
@@ -86,6 +86,8 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
     lowest = min(by_block, default=anatomy.num_blocks)  # the lowest block with a target (N: the head only)
     tokens = 0
     generator = torch.Generator(device=session.device).manual_seed(seed)
+    points = {block: _expansion_points(anatomy, block, [t for _, t in targets]) if local else {}
+              for block, targets in by_block.items()}
     for number, batch in enumerate(data.eval_batches):
         control.checkpoint()
         trace = ref.traces[number]
@@ -100,21 +102,17 @@ def estimate_kl(session, ref, data: EvalData, probes: dict[str, list[str]], cont
             tokens += int(valid.sum())
             continue
         leaving_last, _ = _head_gradients(session, trace, batch.attention_mask, samples, generator)
-        points = {block: _expansion_points(anatomy, block, [t for _, t in targets]) if local else {}
-                  for block, targets in by_block.items()}
         # Down from the last block, so that only the gradients of one block are held.
         for block, grads, taken in _block_gradients(session, trace, leaving_last, lowest, points):
             targets = by_block.get(block, [])
             here = points.get(block, {})
-            # a point's output is per token (a module may run on the batch flattened to (B·T, H))
-            taken = {p: point for p, point in taken.items() if point.output.shape[:-1].numel() == valid.numel()}
             at_point = [(n, t) for n, t in targets if here.get(t) in taken]
             whole = [(n, t) for n, t in targets if here.get(t) not in taken]
             for name, target in at_point:
                 control.checkpoint()
                 point = taken[here[target]]
                 with mods[name].applied(ctx, [target]), token_mask(ctx, batch.attention_mask), torch.inference_mode():
-                    change = _first_tensor(point.module(*point.args, **point.kwargs)).float()
+                    change = first_output(point.module(*point.args, **point.kwargs)).float()
                     if _storages(change) & _storages((point.output, point.args, point.kwargs)):
                         change = change.clone()  # a module that hands back what it was given
                     change.sub_(point.output)  # in place, and a sample at a time below: the widest
@@ -208,10 +206,6 @@ def _expansion_points(anatomy, block: int, targets: list[str]) -> dict[str, str]
     return points
 
 
-def _first_tensor(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0,
                      points: dict[int, dict[str, str]] | None = None
                      ) -> Iterator[tuple[int, torch.Tensor, dict[str, _Point]]]:
@@ -221,8 +215,8 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
     from the reference trace (each block rerun with gradients from the state the trace recorded
     entering it), so memory holds one block's activations and gradients, not the whole model's
     (on a 1 B model a whole-model backward kept about half the model's size again). A point
-    whose module ran other than once, whose inputs or output were changed in place after it
-    ran, or whose output does not reach the block's, is left out (its targets take the block's
+    whose module ran other than once or not per token, whose inputs or output were changed in
+    place after it ran, or whose output does not reach the block's, is left out (its targets take the block's
     output). The gradients at the points are copied into one tensor per point as the backward
     pass produces them, so they are never held twice."""
     grads, samples = leaving_last, leaving_last.shape[0]
@@ -243,7 +237,7 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
 
         def after(name):
             def hook(module, args, kwargs, output):
-                tensor = _first_tensor(output)
+                tensor = first_output(output)
                 calls[name].append((module, args, kwargs, tensor, getattr(tensor, "_version", None)))
             return hook
 
@@ -259,11 +253,13 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
         finally:
             for handle in handles:
                 handle.remove()
-        # A point is usable if its module ran once and nothing changed its inputs or its output
-        # in place afterwards (Falcon adds the attention into the MLP's output): its recorded
-        # call then replays what the block computed.
+        # A point is usable if its module ran once, per token (a module may run on the batch
+        # flattened to (B·T, H)), and nothing changed its inputs or its output in place afterwards
+        # (Falcon adds the attention into the MLP's output): its recorded call then replays what
+        # the block computed.
         usable = [name for name in names if len(calls[name]) == 1 and isinstance(calls[name][0][3], torch.Tensor)
                   and calls[name][0][3].requires_grad and calls[name][0][3]._version == calls[name][0][4]
+                  and calls[name][0][3].shape[:-1] == out.shape[:-1]
                   and _versions(calls[name][0][1:3]) == inputs[name][0]]
         outputs = [calls[name][0][3] for name in usable]
         following = torch.empty_like(grads)
@@ -293,7 +289,7 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
                 handle.remove()
         unreached = {number for number, count in enumerate(reached) if count < samples}  # not on the way out
         del out, entering
-        detached = lambda value: _map_tensors(value, torch.Tensor.detach)  # noqa: E731
+        detached = lambda value: map_tensors(value, torch.Tensor.detach)  # noqa: E731
         taken = {}
         for number, name in enumerate(usable):
             if number in unreached:
@@ -303,7 +299,7 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
             # The unchanged output rerun as the changed one will be (inference mode; a kernel may
             # differ from the one that tracked gradients), so that no change reads exactly 0.
             with torch.inference_mode():
-                unchanged = _first_tensor(module(*args, **kwargs)).float()
+                unchanged = first_output(module(*args, **kwargs)).float()
             taken[name] = _Point(module, args, kwargs, unchanged, at_points[number])
         del calls, outputs, at_points
         yield index, grads, taken
@@ -314,12 +310,12 @@ def _block_gradients(session, trace, leaving_last: torch.Tensor, lowest: int = 0
 def _storages(value) -> set[int]:
     """Where the tensors in `value` keep their data."""
     found: set[int] = set()
-    _map_tensors(value, lambda t: found.add(t.untyped_storage().data_ptr()))
+    map_tensors(value, lambda t: found.add(t.untyped_storage().data_ptr()))
     return found
 
 
 def _versions(value) -> list[int]:
     """The version counters of the tensors in `value` (they move when a tensor is changed in place)."""
     found: list[int] = []
-    _map_tensors(value, lambda t: found.append(t._version))
+    map_tensors(value, lambda t: found.append(t._version))
     return found

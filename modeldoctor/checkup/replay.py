@@ -46,26 +46,32 @@ class Trace:
         return Trace(self.calls, kept, self.input_ids, self.attention_mask, self.handed_on)
 
 
-def _map_tensors(value, function):
+def map_tensors(value, function):
     """`value` with function(tensor) for every tensor in it (containers rebuilt, other values as
     they are)."""
     if isinstance(value, torch.Tensor):
         return function(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, function) for v in value)
+        return type(value)(map_tensors(v, function) for v in value)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, function) for k, v in value.items()}
+        return {k: map_tensors(v, function) for k, v in value.items()}
     return value
+
+
+def first_output(output):
+    """A module's main result: the first element when it returns a tuple (hidden states, then
+    extras such as attention weights)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _trainable(value):
     """A copy of a recorded argument that autograd may save: inference-mode tensors cloned."""
-    return _map_tensors(value, lambda t: t.clone() if t.is_inference() else t)
+    return map_tensors(value, lambda t: t.clone() if t.is_inference() else t)
 
 
 def _copied(value):
     """`value` with every tensor in it copied."""
-    return _map_tensors(value, torch.Tensor.clone)
+    return map_tensors(value, torch.Tensor.clone)
 
 
 @dataclass
@@ -102,7 +108,7 @@ class Replayer:
 
         def post_hook(index):
             def hook(module, args, output):
-                outputs[index] = output[0] if isinstance(output, tuple) else output
+                outputs[index] = first_output(output)
             return hook
 
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
@@ -210,7 +216,7 @@ class Replayer:
                 out = block(*args, hidden_states=hidden, **kwargs)
             else:
                 out = block(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return first_output(out)
 
     def verify(self, trace: Trace, full_logits: torch.Tensor) -> None:
         """Replaying must give the model's own logits, or probing is unsound. Checked without a

@@ -405,6 +405,12 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         if len(exact) < total:  # estimated or resumed probes are done already
             yield Progress(total - len(exact), total, time.monotonic() - began, None)
         number = 0
+
+        def progress() -> Progress:
+            eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])) + later)
+            return Progress(total - len(exact) + number, total, time.monotonic() - began, eta,
+                            eta_range=(spread.low, spread.high) if spread else None)
+
         while True:
             if number == len(exact):
                 more, why = _to_settle(plan, estimated, records)
@@ -414,9 +420,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
                 exact += more
                 costs += [probe_cost(session.anatomy, p, plan.prefix_cache) for p in more]
                 total += len(more)
-                eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])) + later)
-                yield Progress(total - len(exact) + number, total, time.monotonic() - began, eta,
-                               eta_range=(spread.low, spread.high) if spread else None)
+                yield progress()
             spec, cost = exact[number], costs[number]
             number += 1
             control.checkpoint()
@@ -434,9 +438,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
             save()
             yield ProbeResult(record)
             clock.observe(spec, cost, record.seconds)
-            eta, spread = clock.remaining(list(zip(exact[number:], costs[number:])) + later)
-            yield Progress(total - len(exact) + number, total, time.monotonic() - began, eta,
-                           eta_range=(spread.low, spread.high) if spread else None)
+            yield progress()
         if later:
             yield from _score_worst_knowledge(session, ref, data, plan, records, control, save)
         if plan.context_lengths:
