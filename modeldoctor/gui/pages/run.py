@@ -245,7 +245,8 @@ class RunPage(QWidget):
         self.basis_note.setText(
             f"{guessed} of {shown} bars are estimates (pale, dashed outline: a second-order estimate from one "
             f"backward pass); solid bars are measured exactly. The highest estimates and a random few are "
-            f"measured next and replace their estimates.")
+            f"measured next and replace their estimates, then any estimate that could still reach the top or the "
+            f"threshold, given how far the measured ones ran above theirs.")
         expected = sum(1 for _ in bars.values)
         self.bars.setTitle(f"{self.model.selected}: mean KL per layer" if self.model.selected else "")
         self.bars.update_bars(bars, total=max(expected, self._expected_bars()))
