@@ -4,7 +4,8 @@
    the two-stage checkup and of the exhaustive one (each on a freshly loaded model, so both pay
    for their reference pass), the speed-up, and per modification the top-10 overlap and the
    Spearman correlation over every linear against the exhaustive figures, and the bleeding
-   verdicts that differ from the exhaustive checkup's.
+   verdicts that differ from the exhaustive checkup's; and the floor that the issue's verify rule
+   puts under any two-stage run: the exhaustive run's own seconds on the probes that rule measures.
 2. The checkup that the README's set-up command runs (block scope, int8-dynamic, int4,
    prune-wanda-50, remove; 1024 tokens; knowledge probes on): its wall time.
 3. Block-scope exact probes: the seconds of an exact int4 probe of a block against the seconds of
@@ -39,6 +40,22 @@ def timed_checkup(plan, spec):
     began = time.perf_counter()
     report = checkup(session, plan, session.data(spec))
     return report, time.perf_counter() - began, session
+
+
+def first_round_floor(plan, fast, slow) -> tuple[list, float]:
+    """The probes the issue's verify rule measures in stage 2 before any settling (chosen again
+    from the two-stage report's estimates, as the run chose them) and the seconds the exhaustive
+    run spent on those same probes: what any two-stage run under that rule takes at the least."""
+    import dataclasses
+
+    from modeldoctor.checkup.run import _to_verify
+
+    estimated = [p.spec for p in fast.probes if p.metrics.get("kl_estimated") is not None or p.estimated]
+    guesses = {p.spec.index: dataclasses.replace(p, metrics={"kl_mean": p.metrics.get("kl_estimated", p.score)},
+                                                 basis="estimated") for p in fast.probes}
+    first = _to_verify(plan, estimated, guesses)
+    seconds = {p.spec.index: p.seconds for p in slow.probes}
+    return first, sum(seconds[p.index] for p in first)
 
 
 def main() -> None:
@@ -100,6 +117,11 @@ def main() -> None:
             f"({sum(verdicts.values())} bleed there)" + "".join(
                 f"\n    {p.spec.modification} {p.spec.targets[0]}: {'bleeding' if p.bleeding else 'healthy'} here, "
                 f"{p.basis} {p.score:.4f}" for p in differ))
+        first, floor = first_round_floor(plan, fast, slow)
+        say(f"  floor under the issue's verify rule: its first round here is {len(first)} probes (at half the "
+            f"threshold or more, the top {plan.verify_top}, {plan.control_sample} controls per family), which took "
+            f"{floor:.1f} s in the exhaustive run itself; a two-stage checkup that measures them takes longer than "
+            f"that before any estimate, reference or settling, so its speed-up stays below {slow_s / floor:.1f}x")
 
     # 2. the README's default checkup
     default = CheckupPlan()
