@@ -29,6 +29,18 @@ def test_estimated_bars_are_pale_until_their_measurement_replaces_them(qtbot, wi
     page.end("completed")
 
 
+def test_progress_says_when_settling_adds_steps_beyond_the_probes(qtbot, window):
+    page = window.run_page
+    page.begin(0.01)
+    page.set_total(44)
+    page.progress_update(30, 44, 12.0)
+    assert page.progress.format() == "probe 30 / 44"
+    page.progress_update(44, 49, 5.0)  # settling: 5 estimated probes are measured as well
+    assert page.progress.format() == "step 44 / 49: 44 probes, 5 re-checked estimates"
+    assert page.progress.maximum() == 49 and page.progress.value() == 44
+    page.end("completed")
+
+
 def test_cancelled_checkup_is_kept_and_resumed(qtbot, window, llama_dir, monkeypatch):
     from modeldoctor.checkup import run as checkup_run
 

@@ -156,8 +156,13 @@ class RunPage(QWidget):
                         eta_range: tuple[float, float] | None = None, stage: str = "probes") -> None:
         self.progress.setRange(0, total)
         self.progress.setValue(done)
-        self.progress.setFormat(f"probe {done} / {total}" if stage == "probes"
-                                else f"knowledge probes on the worst: {done} / {total}")
+        if stage != "probes":
+            self.progress.setFormat(f"knowledge probes on the worst: {done} / {total}")
+        elif total > self.total_probes > 0:  # settling measures estimated probes again: one step each
+            self.progress.setFormat(f"step {done} / {total}: {self.total_probes} probes, "
+                                    f"{total - self.total_probes} re-checked estimates")
+        else:
+            self.progress.setFormat(f"probe {done} / {total}")
         if done >= total:
             text = "finishing …"
         elif eta_range is not None:
