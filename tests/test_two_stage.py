@@ -167,6 +167,8 @@ def test_knowledge_probes_are_scored_on_the_worst_bleeding_probes_by_default(lla
         records = [r for r in report.probes if r.spec.modification == name]
         worst = sorted((r for r in records if r.bleeding), key=lambda r: -r.score)[:2]
         assert {r.spec for r in records if "knowledge_accuracy" in r.metrics} == {r.spec for r in worst}
+        # the knowledge scoring's time is part of the probe's and said apart (what the benchmarks subtract)
+        assert all((0 < r.knowledge_seconds < r.seconds) == ("knowledge_accuracy" in r.metrics) for r in records)
     stages = [e for e in events if isinstance(e, Progress) and e.stage == "knowledge"]
     assert stages and stages[-1].done == stages[-1].total == sum("knowledge_accuracy" in r.metrics
                                                                  for r in report.probes)
@@ -174,6 +176,7 @@ def test_knowledge_probes_are_scored_on_the_worst_bleeding_probes_by_default(lla
     every = checkup(llama_session, plan, data)
     for record in every.probes:
         assert ("knowledge_accuracy" in record.metrics) == record.bleeding
+        assert (0 < record.knowledge_seconds < record.seconds) == record.bleeding
     scored_later = {r.spec: r.metrics["knowledge_accuracy"] for r in report.probes if "knowledge_accuracy" in r.metrics}
     assert all(r.metrics["knowledge_accuracy"] == scored_later[r.spec] for r in every.probes if r.spec in scored_later)
     plan.knowledge_on = "all"

@@ -160,10 +160,13 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         knowledge = plan.knowledge and data.knowledge_batches and (
             plan.knowledge_on == "all"
             or (plan.knowledge_on == "bleeding" and judge(metrics, mod.family, plan.threshold)[0]))
+        knowledge_seconds = 0.0
         if knowledge:
+            knowledge_began = control.clock()
             metrics.update(_knowledge_metrics(session, ref, data, spec, ctx, control,
                                               lambda number: start_for("knowledge", number),
                                               captured["knowledge"] if capture is not None else None, capture))
+            knowledge_seconds = control.clock() - knowledge_began
         attention = {}
         if want_attention:
             control.checkpoint()
@@ -175,7 +178,7 @@ def measure(session: Session, ref: Reference, data: EvalData, plan: CheckupPlan,
         carry.keep(spec, capture, captured)
     bleeding, level, reason = judge(metrics, mod.family, plan.threshold)
     return ProbeRecord(spec, metrics, bleeding, level, reason, cascade=cascade.result(), attention=attention,
-                       seconds=control.clock() - began, routing=routing)
+                       seconds=control.clock() - began, knowledge_seconds=knowledge_seconds, routing=routing)
 
 
 def _reference_attention(session: Session, ref: Reference, data: EvalData) -> None:
@@ -492,8 +495,10 @@ def _score_worst_knowledge(session, ref, data, plan, records, control, save) -> 
         started = control.clock()
         extra = score_knowledge(session, ref, data, plan, spec, control)
         record = records[spec.index]
+        spent_here = control.clock() - started
         records[spec.index] = dataclasses.replace(record, metrics={**record.metrics, **extra},
-                                                  seconds=record.seconds + control.clock() - started)
+                                                  seconds=record.seconds + spent_here,
+                                                  knowledge_seconds=record.knowledge_seconds + spent_here)
         save()
         yield ProbeResult(records[spec.index])
         spent = control.clock() - began

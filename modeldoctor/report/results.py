@@ -59,6 +59,7 @@ class ProbeRecord:
     samples: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     basis: str = "measured"  # measured (an exact probe) | estimated (the first stage's estimate)
+    knowledge_seconds: float = 0.0  # of `seconds`, what scoring its knowledge probes took
     # Mixtures of experts: per MoE block ("blocks"), the routing flip rate and the load per expert,
     # original and modified (fractions of the tokens); see metrics/routing.py.
     routing: dict[str, list] = field(default_factory=dict)

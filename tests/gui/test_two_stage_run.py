@@ -38,6 +38,10 @@ def test_progress_says_when_settling_adds_steps_beyond_the_probes(qtbot, window)
     page.progress_update(44, 49, 5.0)  # settling: 5 estimated probes are measured as well
     assert page.progress.format() == "step 44 / 49: 44 probes, 5 re-checked estimates"
     assert page.progress.maximum() == 49 and page.progress.value() == 44
+    page.progress_update(1, 3, 4.0, stage="knowledge")
+    assert page.progress.format() == "knowledge probes on the worst: 1 / 3"
+    page.progress_update(2, 6, 4.0, stage="context")
+    assert page.progress.format() == "long-context probes: 2 / 6"
     page.end("completed")
 
 

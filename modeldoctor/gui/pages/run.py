@@ -156,8 +156,10 @@ class RunPage(QWidget):
                         eta_range: tuple[float, float] | None = None, stage: str = "probes") -> None:
         self.progress.setRange(0, total)
         self.progress.setValue(done)
-        if stage != "probes":
+        if stage == "knowledge":
             self.progress.setFormat(f"knowledge probes on the worst: {done} / {total}")
+        elif stage == "context":
+            self.progress.setFormat(f"long-context probes: {done} / {total}")
         elif total > self.total_probes > 0:  # settling measures estimated probes again: one step each
             self.progress.setFormat(f"step {done} / {total}: {self.total_probes} probes, "
                                     f"{total - self.total_probes} re-checked estimates")
