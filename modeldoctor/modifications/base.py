@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-from modeldoctor.errors import PlanError
+from modeldoctor.errors import PlanError, ResourceError
 from modeldoctor.model import Anatomy
 from modeldoctor.model.anatomy import HEAD, is_block_target, weight_matrix
 
@@ -160,7 +161,8 @@ class WeightModification(Modification):
 
 @contextlib.contextmanager
 def preserved_weights(anatomy: Anatomy, linears: list[str], untie_head: bool = True) -> Iterator[None]:
-    """Copy weights and biases of the named linears, and write them back bit-exact on exit.
+    """Copy weights and biases of the named linears, and write them back bit-exact on exit (a
+    large one's copy waits in a temporary file: _SavedTensor).
 
     With `untie_head`, a head tied to the token embedding gets a private copy of the shared
     weight for the duration: an export that quantizes the head's MatMul into its own copy
@@ -169,26 +171,91 @@ def preserved_weights(anatomy: Anatomy, linears: list[str], untie_head: bool = T
     Without it, changes go through the shared tensor (the export's shared table)."""
     saved = []
     untied = []
-    for name in dict.fromkeys(linears):
-        module = anatomy.linear(name)
-        if name == HEAD and anatomy.head_tied and untie_head:
-            shared = module.weight
-            module.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-            untied.append((module, shared))
-            params = (getattr(module, "bias", None),)
-        else:
-            params = (module.weight, getattr(module, "bias", None))
-        for param in params:
-            if param is not None:
-                saved.append((param, param.detach().clone()))
     try:
+        for name in dict.fromkeys(linears):
+            module = anatomy.linear(name)
+            if name == HEAD and anatomy.head_tied and untie_head:
+                shared = module.weight
+                module.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+                untied.append((module, shared))
+                params = (getattr(module, "bias", None),)
+            else:
+                params = (module.weight, getattr(module, "bias", None))
+            for param in params:
+                if param is not None:
+                    saved.append((param, _SavedTensor(param.detach())))
         yield
     finally:
+        failed = None
         with torch.no_grad():
             for param, original in saved:
-                param.copy_(original)
+                try:
+                    original.restore(param)
+                except OSError as exc:  # the others are still put back
+                    failed = exc
         for module, shared in untied:
             module.weight = shared
+        if failed is not None:
+            raise ResourceError(f"The original weights could not be read back from their temporary file "
+                                f"({failed}); the model in memory is no longer the original: load it again.")
+
+
+# A saved original larger than this waits in a temporary file (the operating system's page
+# cache, which it may write out), not in the process's memory: on a 1.1 B model the LM head's
+# copy was a probe's largest allocation (0.24 GiB of a 4.4 GiB model).
+SAVED_IN_FILE_BYTES = 64 << 20
+_FILE_CHUNK_BYTES = 8 << 20
+
+
+class _SavedTensor:
+    """A bit-exact copy of a tensor's values, to write back into it: in memory, or for a large
+    tensor on the CPU in an unnamed temporary file (removed when closed; in memory instead if the
+    file cannot be written, e.g. the disk is full)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.copy: torch.Tensor | None = None
+        self.file = None
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and size > SAVED_IN_FILE_BYTES:
+            try:
+                self.file = tempfile.TemporaryFile(prefix="modeldoctor-original-")
+                self.file.write(memoryview(_as_bytes(tensor).numpy()))
+                self.file.flush()
+                return
+            except OSError:
+                if self.file is not None:
+                    self.file.close()
+                self.file = None
+        self.copy = tensor.clone()
+
+    def restore(self, param: torch.Tensor) -> None:
+        """Write the saved values back into `param` (a chunk at a time from the file)."""
+        if self.copy is not None:
+            param.copy_(self.copy)
+            return
+        live = param.detach()
+        whole = None
+        if not (live.is_contiguous() and live.shape == self.shape and live.dtype == self.dtype):
+            whole = torch.empty(self.shape, dtype=self.dtype)  # read whole, then copied as copy_ would
+        target = _as_bytes(live if whole is None else whole)
+        try:
+            self.file.seek(0)
+            buffer = bytearray(_FILE_CHUNK_BYTES)
+            for start in range(0, target.numel(), _FILE_CHUNK_BYTES):
+                count = self.file.readinto(buffer)
+                if count != min(_FILE_CHUNK_BYTES, target.numel() - start):
+                    raise OSError("the saved weights file was cut short")
+                target[start:start + count].copy_(torch.frombuffer(buffer, dtype=torch.uint8, count=count))
+        finally:
+            self.file.close()
+        if whole is not None:
+            param.copy_(whole)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as a flat uint8 view (any dtype, bfloat16 included)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 @contextlib.contextmanager
