@@ -56,9 +56,9 @@ def test_restore_after_exception(llama_session):
 
 def test_large_originals_wait_in_a_file_and_come_back_bit_exact(llama_session, monkeypatch):
     """Past SAVED_IN_FILE_BYTES a saved original goes to a temporary file, not memory (on a 1 B
-    model the head's copy was a probe's largest allocation); it comes back bit-exact, in memory
-    instead when the file cannot be written, and a file that cannot be read back is a clear
-    error after everything else is put back."""
+    model the head's copy was a probe's largest allocation); it comes back bit-exact, a chunk at
+    a time, in memory instead when the file cannot be written, and a file that cannot be read
+    back is a clear error after everything else is put back."""
     from modeldoctor.errors import ResourceError
     from modeldoctor.modifications import base
 
@@ -66,52 +66,43 @@ def test_large_originals_wait_in_a_file_and_come_back_bit_exact(llama_session, m
     before = session.weights_digest()
     ids = torch.arange(3, 40)[None]
     reference = session.model(input_ids=ids).logits
-    made = []
+    made = []  # (saved, the tensor it saved)
     original_init = base._SavedTensor.__init__
 
     def recording(self, tensor):
         original_init(self, tensor)
-        made.append(self)
+        made.append((self, tensor))
 
     monkeypatch.setattr(base._SavedTensor, "__init__", recording)
     monkeypatch.setattr(base, "SAVED_IN_FILE_BYTES", 0)
+    monkeypatch.setattr(base, "_FILE_CHUNK_BYTES", 1000)  # several chunks a tensor, the last one shorter
+    assert any(t.numel() * t.element_size() % 1000 for t in session.model.parameters())
     targets = ["0", "1", "head"]
     with create("int2").applied(session.mod_context(), targets):
         assert not torch.equal(session.model(input_ids=ids).logits, reference)
-    assert made and all(saved.copy is None and saved.file.closed for saved in made)
+        assert made and all(saved.copy is None and saved.file is not None for saved, _ in made)
+    assert all(saved.file is None for saved, _ in made)  # removed once read back
     assert session.weights_digest() == before
     torch.testing.assert_close(session.model(input_ids=ids).logits, reference, rtol=0, atol=0)
 
     made.clear()  # no file to be had (a full disk): the copies stay in memory
-    monkeypatch.setattr(base.tempfile, "TemporaryFile", lambda **kwargs: (_ for _ in ()).throw(OSError("full")))
-    with create("int2").applied(session.mod_context(), targets):
-        pass
-    assert made and all(saved.copy is not None for saved in made)
+    with monkeypatch.context() as patched:
+        patched.setattr(base.tempfile, "TemporaryFile", lambda **kwargs: (_ for _ in ()).throw(OSError("full")))
+        with create("int2").applied(session.mod_context(), targets):
+            pass
+    assert made and all(saved.copy is not None for saved, _ in made)
     assert session.weights_digest() == before
 
-    monkeypatch.undo()
-    monkeypatch.setattr(base, "SAVED_IN_FILE_BYTES", 0)
-    first = []
-    real_restore = base._SavedTensor.restore
-
-    def cut_short_once(self, param):
-        if not first:
-            first.append(param)
-            self.file.close()
-            raise OSError("the saved weights file was cut short")
-        real_restore(self, param)
-
-    monkeypatch.setattr(base._SavedTensor, "restore", cut_short_once)
+    made.clear()  # a file cut short: the others are put back, and the user is told to reload
     originals = {name: p.detach().clone() for name, p in session.model.named_parameters()}
     with pytest.raises(ResourceError, match="load it again"):
         with create("int2").applied(session.mod_context(), ["0", "1"]):
-            pass
+            made[0][0].file.truncate(10)
     params = dict(session.model.named_parameters())
-    failed = next(name for name, p in params.items() if p is first[0])
-    assert not torch.equal(params[failed], originals[failed])  # still quantized: the user is told to reload
+    failed = next(name for name, p in params.items() if p.data_ptr() == made[0][1].data_ptr())
+    assert not torch.equal(params[failed], originals[failed])  # still quantized
     assert all(torch.equal(p, originals[name]) for name, p in params.items() if name != failed)
-    session.model.load_state_dict(Session.open(session.loaded.path).model.state_dict())
-    assert session.weights_digest() == before
+    assert all(saved.file is None for saved, _ in made)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -187,47 +188,61 @@ def preserved_weights(anatomy: Anatomy, linears: list[str], untie_head: bool = T
         yield
     finally:
         failed = None
-        with torch.no_grad():
-            for param, original in saved:
-                try:
-                    original.restore(param)
-                except OSError as exc:  # the others are still put back
-                    failed = exc
-        for module, shared in untied:
-            module.weight = shared
-        if failed is not None:
+        try:
+            with torch.no_grad():
+                for param, original in saved:
+                    try:
+                        original.restore(param)
+                    except Exception as exc:  # noqa: BLE001 - the others are still put back, then it is raised
+                        failed = failed or exc
+        finally:
+            for _, original in saved:
+                original.close()
+            for module, shared in untied:
+                module.weight = shared
+        if isinstance(failed, OSError):
             raise ResourceError(f"The original weights could not be read back from their temporary file "
                                 f"({failed}); the model in memory is no longer the original: load it again.")
+        if failed is not None:
+            raise failed
 
 
 # A saved original larger than this waits in a temporary file (the operating system's page
-# cache, which it may write out), not in the process's memory: on a 1.1 B model the LM head's
-# copy was a probe's largest allocation (0.24 GiB of a 4.4 GiB model).
+# cache, which it may write out and reclaim; on a RAM disk this saves nothing), not in the
+# process's memory: on a 1.1 B model the LM head's copy was a probe's largest allocation
+# (0.24 GiB of a 4.4 GiB model), and a whole-model change of a large model would otherwise hold
+# every linear twice.
 SAVED_IN_FILE_BYTES = 64 << 20
 _FILE_CHUNK_BYTES = 8 << 20
 
 
 class _SavedTensor:
     """A bit-exact copy of a tensor's values, to write back into it: in memory, or for a large
-    tensor on the CPU in an unnamed temporary file (removed when closed; in memory instead if the
-    file cannot be written, e.g. the disk is full)."""
+    tensor on the CPU in an unnamed temporary file (removed when closed; in memory instead when
+    the disk lacks the room or the file cannot be written)."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.copy: torch.Tensor | None = None
         self.file = None
         self.shape, self.dtype = tensor.shape, tensor.dtype
         size = tensor.numel() * tensor.element_size()
-        if tensor.device.type == "cpu" and tensor.is_contiguous() and size > SAVED_IN_FILE_BYTES:
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and size > SAVED_IN_FILE_BYTES \
+                and shutil.disk_usage(tempfile.gettempdir()).free > 2 * size:
             try:
                 self.file = tempfile.TemporaryFile(prefix="modeldoctor-original-")
                 self.file.write(memoryview(_as_bytes(tensor).numpy()))
                 self.file.flush()
                 return
             except OSError:
-                if self.file is not None:
-                    self.file.close()
-                self.file = None
+                self.close()
         self.copy = tensor.clone()
+
+    def close(self) -> None:
+        """Remove the file, if any (a flush that fails here has nothing left to lose)."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
 
     def restore(self, param: torch.Tensor) -> None:
         """Write the saved values back into `param` (a chunk at a time from the file)."""
@@ -248,7 +263,7 @@ class _SavedTensor:
                     raise OSError("the saved weights file was cut short")
                 target[start:start + count].copy_(torch.frombuffer(buffer, dtype=torch.uint8, count=count))
         finally:
-            self.file.close()
+            self.close()
         if whole is not None:
             param.copy_(whole)
 
