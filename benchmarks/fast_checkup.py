@@ -42,21 +42,15 @@ def timed_checkup(plan, spec):
     return report, time.perf_counter() - began, session
 
 
-def first_round_floor(plan, fast, slow) -> tuple[list, float]:
-    """The probes the issue's verify rule measures in stage 2 before any settling (chosen again
-    from the two-stage report's estimates, as the run chose them) and the seconds the exhaustive
-    run spent measuring those same probes (its knowledge scoring left out): what any two-stage
-    run under that rule spends on them at the least."""
-    import dataclasses
+def first_round_floor(plan, fast, slow) -> tuple[int, float]:
+    """How many probes the issue's verify rule measures in stage 2 before any settling (chosen
+    again from the two-stage report's estimates, as the run chose them) and the seconds the
+    exhaustive run spent measuring those same probes (its knowledge scoring left out): what any
+    two-stage run under that rule spends on them at the least."""
+    from verify_rules import replay
 
-    from modeldoctor.checkup.run import _to_verify
-
-    estimated = [p.spec for p in fast.probes if "kl_estimated" in p.metrics or p.estimated]
-    guesses = {p.spec.index: dataclasses.replace(p, metrics={"kl_mean": p.metrics.get("kl_estimated", p.score)},
-                                                 basis="estimated") for p in fast.probes}
-    first = _to_verify(plan, estimated, guesses)
-    seconds = {p.spec.index: p.seconds - p.knowledge_seconds for p in slow.probes}
-    return first, sum(seconds[p.index] for p in first)
+    first, _, seconds, _, _ = replay(plan, fast, slow, settle=False)
+    return first, seconds
 
 
 def main() -> None:
@@ -119,7 +113,7 @@ def main() -> None:
                 f"\n    {p.spec.modification} {p.spec.targets[0]}: {'bleeding' if p.bleeding else 'healthy'} here, "
                 f"{p.basis} {p.score:.4f}" for p in differ))
         first, floor = first_round_floor(plan, fast, slow)
-        say(f"  floor under the issue's verify rule: its first round here is {len(first)} probes (at half the "
+        say(f"  floor under the issue's verify rule: its first round here is {first} probes (at half the "
             f"threshold or more, the top {plan.verify_top}, {plan.control_sample} controls per modification), which "
             f"took {floor:.1f} s to measure in the exhaustive run itself; a two-stage checkup that measures them "
             f"spends that before any reference, estimate, settling or knowledge scoring, so its speed-up stays "

@@ -545,6 +545,14 @@ def _estimate(session, ref, data, plan, estimated, records, control) -> Iterator
         yield ProbeResult(records[spec.index])
 
 
+def _per_modification(specs: list[ProbeSpec]) -> dict[str, list[ProbeSpec]]:
+    """The probes grouped by modification, each group in the order given."""
+    groups: dict[str, list[ProbeSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.modification, []).append(spec)
+    return groups
+
+
 def _to_verify(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int, ProbeRecord]) -> list[ProbeSpec]:
     """Stage 2's probes: per modification, those estimated at or above verify_fraction of the
     threshold, at least the verify_top highest, and control_sample of the rest at random (so
@@ -552,11 +560,8 @@ def _to_verify(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int,
     import random
 
     chosen: list[ProbeSpec] = []
-    groups: dict[str, list[ProbeSpec]] = {}
-    for spec in estimated:
-        groups.setdefault(spec.modification, []).append(spec)
     picker = random.Random(0)
-    for name, specs in groups.items():
+    for name, specs in _per_modification(estimated).items():
         ranked = sorted(specs, key=lambda p: -records[p.index].score)
         top = [p for i, p in enumerate(ranked)
                if i < plan.verify_top or records[p.index].score >= plan.verify_fraction * plan.threshold]
@@ -583,10 +588,7 @@ def _to_settle(plan: CheckupPlan, estimated: list[ProbeSpec], records: dict[int,
     int4 top 10 and judged one int3 value projection not bleeding that bleeds."""
     more: list[ProbeSpec] = []
     why = []
-    groups: dict[str, list[ProbeSpec]] = {}
-    for spec in estimated:
-        groups.setdefault(spec.modification, []).append(spec)
-    for name, specs in groups.items():
+    for name, specs in _per_modification(estimated).items():
         scores = sorted((records[p.index].score for p in specs), reverse=True)
         cutoff = plan.threshold * max(1.0, plan.verify_fraction)
         if plan.verify_top:

@@ -219,7 +219,9 @@ _FILE_CHUNK_BYTES = 8 << 20
 class _SavedTensor:
     """A bit-exact copy of a tensor's values, to write back into it: in memory, or for a large
     tensor on the CPU in an unnamed temporary file (removed when closed; in memory instead when
-    the disk lacks the room or the file cannot be written)."""
+    the disk lacks the room or the file cannot be written). Written once and read back once as a
+    stream, not memory-mapped like ReferenceSpill's tensors (which the probes read again and
+    again): mapped pages once written count as the process's own memory until unmapped."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.copy: torch.Tensor | None = None
