@@ -34,3 +34,8 @@ class CancelledError(ModelDoctorError):
 
 class ResourceError(ModelDoctorError):
     """Not enough disk space or memory for the requested job."""
+
+
+class ModelNotRestoredError(ResourceError):
+    """A modified weight could not be put back (its saved original could not be read): the model
+    in memory is no longer the one loaded, and must be loaded again (its files were never written)."""

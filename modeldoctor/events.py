@@ -69,6 +69,7 @@ class LogMessage:
 class Failed:
     message: str
     details: str = ""
+    model_restored: bool = True  # False: the model in memory could not be put back and must be loaded again
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,21 @@ def test_cancel_inside_a_probe_restores_model(llama_session, small_data_spec, mo
     assert llama_session.weights_digest() == before
 
 
+def test_a_failed_run_says_whether_the_model_was_restored(llama_session, small_data_spec, monkeypatch):
+    from modeldoctor.checkup import run as checkup_run
+    from modeldoctor.errors import ModelNotRestoredError, PlanError
+    from modeldoctor.events import Failed
+
+    data = llama_session.data(small_data_spec)
+    plan = CheckupPlan(modifications=["int2"], knowledge=False)
+    for error, restored in ((PlanError("no such block"), True), (ModelNotRestoredError("load it again"), False)):
+        def broken(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(checkup_run, "measure", broken)
+        failed = [e for e in run_checkup(llama_session, plan, data) if isinstance(e, Failed)]
+        assert len(failed) == 1 and failed[0].model_restored is restored
+
+
 def test_closing_the_generator_mid_probe_restores_model(llama_session, small_data_spec):
     before = llama_session.weights_digest()
     events = run_checkup(llama_session, CheckupPlan(modifications=["int2"]), llama_session.data(small_data_spec))

@@ -59,7 +59,7 @@ def test_large_originals_wait_in_a_file_and_come_back_bit_exact(llama_session, m
     model the head's copy was a probe's largest allocation); it comes back bit-exact, a chunk at
     a time, in memory instead when the file cannot be written, and a file that cannot be read
     back is a clear error after everything else is put back."""
-    from modeldoctor.errors import ResourceError
+    from modeldoctor.errors import ModelNotRestoredError
     from modeldoctor.modifications import base
 
     session = llama_session
@@ -95,7 +95,7 @@ def test_large_originals_wait_in_a_file_and_come_back_bit_exact(llama_session, m
 
     made.clear()  # a file cut short: the others are put back, and the user is told to reload
     originals = {name: p.detach().clone() for name, p in session.model.named_parameters()}
-    with pytest.raises(ResourceError, match="load it again"):
+    with pytest.raises(ModelNotRestoredError, match="load it again"):
         with create("int2").applied(session.mod_context(), ["0", "1"]):
             made[0][0].file.truncate(10)
     params = dict(session.model.named_parameters())

@@ -22,7 +22,7 @@ from modeldoctor.checkup.timing import ProbeClock, knowledge_stage_probes, probe
 from modeldoctor.checkup.verdict import findings, flag_outliers, judge
 from modeldoctor.control import RunControl
 from modeldoctor.data import Batch, EvalData
-from modeldoctor.errors import CancelledError, ModelDoctorError, PlanError
+from modeldoctor.errors import CancelledError, ModelDoctorError, ModelNotRestoredError, PlanError
 from modeldoctor.memory import release_freed_memory
 from modeldoctor.events import (
     Event, Failed, Finished, LogMessage, PlanReady, Progress, ProbeResult, ProbeStarted, Stage, run_to_end,
@@ -455,7 +455,7 @@ def run_checkup(session: Session, plan: CheckupPlan, data: EvalData, control: Ru
         yield Finished("cancelled", str(exc), report)
     except ModelDoctorError as exc:
         save("failed", force=True)
-        yield Failed(str(exc))
+        yield Failed(str(exc), model_restored=not isinstance(exc, ModelNotRestoredError))
         yield Finished("failed", str(exc), report)
     except Exception as exc:  # an engine bug must reach the user as a message, not kill the app
         save("failed", force=True)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from modeldoctor.errors import PlanError, ResourceError
+from modeldoctor.errors import ModelNotRestoredError, PlanError
 from modeldoctor.model import Anatomy
 from modeldoctor.model.anatomy import HEAD, is_block_target, weight_matrix
 
@@ -201,7 +201,7 @@ def preserved_weights(anatomy: Anatomy, linears: list[str], untie_head: bool = T
             for module, shared in untied:
                 module.weight = shared
         if isinstance(failed, OSError):
-            raise ResourceError(f"The original weights could not be read back from their temporary file "
+            raise ModelNotRestoredError(f"The original weights could not be read back from their temporary file "
                                 f"({failed}); the model in memory is no longer the original: load it again.")
         if failed is not None:
             raise failed

@@ -45,6 +45,17 @@ def test_progress_says_when_settling_adds_steps_beyond_the_probes(qtbot, window)
     page.end("completed")
 
 
+def test_a_failure_that_left_the_model_changed_does_not_say_it_is_unchanged(qtbot, window):
+    page = window.run_page
+    page.begin(0.01)
+    page.fail("The original weights could not be read back; load it again.", model_restored=False)
+    assert "load it again" in page.problem.text() and "files were not touched" in page.problem.text()
+    assert "Nothing about the model was changed" not in page.problem.text()
+    page.begin(0.01)
+    page.fail("The text is empty.")
+    assert "Nothing about the model was changed" in page.problem.text()
+
+
 def test_cancelled_checkup_is_kept_and_resumed(qtbot, window, llama_dir, monkeypatch):
     from modeldoctor.checkup import run as checkup_run
 

@@ -152,7 +152,7 @@ class CheckupController(Controller):
         if event.details == "cancelled":  # cancelled before the first probe (e.g. while reading the text)
             self.page.end("cancelled")
         else:
-            self.page.fail(event.message)
+            self.page.fail(event.message, event.model_restored)
             self.status(f"Checkup failed: {event.message}")
             self.window.update_steps()
         return False

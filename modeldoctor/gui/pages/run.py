@@ -197,15 +197,18 @@ class RunPage(QWidget):
             self.eta.setText(f"cancelled after {format_duration(elapsed)}: {len(kept)} measured probes kept "
                              "(partial)")
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, model_restored: bool = True) -> None:
         """Every widget says the run stopped, why, and what to do; nothing looks busy."""
         self.end("failed")
         self.progress.setRange(0, max(self.total_probes, 1))
         self.progress.setFormat("failed")
         self.eta.setText("Failed")
         self.resume.hide()
-        self.problem.setText(f"The checkup failed: {message} Nothing about the model was changed. Fix the cause "
-                             "(Evaluation data or Plan step) and press Start checkup again.")
+        if model_restored:
+            self.problem.setText(f"The checkup failed: {message} Nothing about the model was changed. Fix the "
+                                 "cause (Evaluation data or Plan step) and press Start checkup again.")
+        else:  # the message says what to do: load the model again (its files were never written)
+            self.problem.setText(f"The checkup failed: {message} Your model's files were not touched.")
         self.problem.show()
         self.append_log(f"failed: {message}")
 
